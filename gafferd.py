@@ -1,0 +1,5235 @@
+#!/usr/bin/env python3
+"""gafferd: a process supervisor in one file, controlled over HTTP/JSON.
+
+Usage::
+
+    python3 gafferd.py [-c CONFIG] [-p PLUGINS_DIR] [-v | -vv] [--daemon]
+                       [--pidfile FILE] [--bind ADDR] [--certfile F]
+                       [--keyfile F] [--backlog N] [--check] [--version]
+                       [config]
+
+gafferd starts the programs named in an INI file, keeps them running,
+and lets you start, stop, scale and watch them with curl.  It speaks
+the HTTP API of gaffer 0.4.4 (``GET /`` still says ``"version":
+"0.4.4"``), with that version's known defects fixed, and needs nothing
+but the Python standard library (CPython 3.8 and newer).
+
+Contents (``grep -n '^# §' gafferd.py`` prints this outline)
+    § 1  constants and small helpers    limits, sizes, JSON, time formats
+    § 2  errors                         ConfigError, ApiError, HttpError
+    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
+    § 4  process policy (pure)          flapping, output rings, /proc stats
+    § 5  events (pure)                  pattern matching and the event bus
+    § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
+    § 7  event loop (I/O)               selector, timers, signals, children
+    § 8  processes (I/O)                spawning, pipes, reaping, the manager
+    § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, webhooks
+    § 10 plugins                        Plugin, discovery, sites, routes
+    § 11 HTTP API                       the route table and its handlers
+    § 12 HTTP server (I/O)              listeners, connections, streaming
+    § 13 console output and log files   -v/-vv, rotating log files
+    § 14 daemon and command line        signals, reload, pidfile, main()
+
+Architecture
+    One thread runs one ``Loop`` (§7): a ``selectors`` selector over child
+    pipes, HTTP sockets and a socketpair that ``signal.set_wakeup_fd``
+    writes signal numbers to.  The loop sleeps until the next timer or
+    I/O event; it never polls on a tick.  Signal handlers do nothing but
+    wake the loop; the signal number read from the socketpair is looked
+    up in a table (§14).  SIGCHLD reaps every child with
+    ``waitpid(-1, WNOHANG)``.  The ``Manager`` (§8) owns templates and
+    processes and publishes events on an ``EventBus`` (§5), which
+    delivers them on a later loop iteration, never re-entrantly.  The
+    HTTP server (§12) parses requests with the sans-IO parser of §6 and
+    dispatches them through the route table of §11, whose handlers are
+    thin calls into the manager.  Webhooks (§9), console output and log
+    files (§13) and plugins (§10) are "applications": objects with
+    ``start(loop, manager)``, ``stop()`` and ``restart()``.
+
+Error boundaries (everywhere else exceptions travel)
+    * a loop callback (§7): logged with its traceback, the loop goes on;
+    * an HTTP dispatch (§12): a client mistake is an ``ApiError`` and a
+      JSON reply, a bug is a logged traceback and a 500;
+    * a plugin call (§10): logged with the plugin's name, plugin skipped;
+    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2.
+
+Loop API offered to plugins (``start(loop, manager)``)
+    loop.time()                          monotonic clock, seconds
+    loop.call_soon(cb, *args)            run cb on the next iteration
+    loop.call_later(delay, cb, *args)    -> handle with .cancel()
+    loop.call_at(when, cb, *args)        -> handle with .cancel()
+    loop.cancel(handle)                  same as handle.cancel()
+    loop.add_reader(fd, cb, *args)       cb(*args) when fd is readable
+    loop.remove_reader(fd)
+    loop.add_writer(fd, cb, *args)       cb(*args) when fd is writable
+    loop.remove_writer(fd)
+    loop.watch_child(pid, cb)            cb(pid, exit_status, term_signal)
+                                         when a child you started exits;
+                                         the daemon reaps every child, so
+                                         never call Popen.wait() yourself.
+    http_request(loop, method, url, body=b"", headers=None, timeout=20.0,
+                 callback=None)          non-blocking HTTP(S) client;
+                                         callback(status, body, error)
+
+Manager API: see ``Manager`` (§8) and SPEC section 10.4; plugin API:
+see ``Plugin`` (§10).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import configparser
+import ctypes
+import ctypes.util
+import difflib
+import email.utils
+import errno
+import fcntl
+import grp
+import hashlib
+import heapq
+import hmac
+import http
+import importlib
+import importlib.util
+import ipaddress
+import itertools
+import json
+import logging
+import mimetypes
+import os
+import pwd
+import random
+import re
+import selectors
+import shlex
+import signal
+import socket
+import ssl
+import stat
+import string
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import types
+import urllib.parse
+
+__version__ = "0.4.4"        # the API contract version that clients compare
+GAFFERD_VERSION = "1.0.0"    # this implementation's own version
+
+log = logging.getLogger("gafferd")
+
+
+# § 1 constants and small helpers ------------------------------------------
+# Owns the numbers that bound every buffer and the tiny pure helpers used
+# by all later sections.  Uses nothing but the standard library.
+
+DEFAULT_BIND = "127.0.0.1:5000"
+DEFAULT_PORT = 8000                  # SPEC 2.3: "host" without a port
+DEFAULT_BACKLOG = 128
+DEFAULT_GRACEFUL_TIMEOUT = 10.0
+DEFAULT_OUTPUT_BUFFER = 64 * 1024    # ring buffer per output label
+DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_KEEPALIVE = 60.0
+DEFAULT_MAX_CONNECTIONS = 1024
+MAX_REQUEST_LINE = 8 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
+READ_CHUNK = 256 * 1024              # child pipes and sockets read size
+STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
+STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
+SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
+SAMPLE_INTERVAL = 0.1                # stats feeds, SPEC 9.3
+HEARTBEAT_DEFAULT = 60.0             # heartbeat=true
+WEBHOOK_TIMEOUT = 20.0
+WEBHOOK_ATTEMPTS = 3
+WEBHOOK_QUEUE = 1000
+SHUTDOWN_DRAIN = 3.0                 # webhooks get this long at shutdown
+RECENT_PROCESSES = 10                # exited processes kept for _log
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2,
+               "MB": 1024 ** 2, "G": 1024 ** 3, "GB": 1024 ** 3}
+
+
+def parse_bool(value) -> bool:
+    """configparser's boolean words (SPEC 2.1), or a JSON bool/0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return False
+    raise ValueError("%r is not a boolean (use true/false, yes/no, on/off, 1/0)"
+                     % (value,))
+
+
+def parse_int(value, minimum=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError("%r is not an integer" % (value,))
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("%r is not an integer" % (value,)) from None
+    if minimum is not None and number < minimum:
+        raise ValueError("%r must be at least %d" % (value, minimum))
+    return number
+
+
+def parse_float(value, minimum=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("%r is not a number" % (value,))
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("%r is not a number" % (value,)) from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError("%r is not a finite number" % (value,))
+    if minimum is not None and number < minimum:
+        raise ValueError("%r must be at least %s" % (value, minimum))
+    return number
+
+
+def parse_size(value) -> int:
+    """Bytes, or a number with a K/KB/M/MB/G/GB suffix (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = re.match(r"^\s*(\d+)\s*([A-Za-z]*)\s*$", str(value))
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError("%r is not a size (bytes, or with KB, MB or GB)" % (value,))
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_list(value) -> list:
+    """A comma-separated INI value, or a JSON list, as a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def human_size(n: int) -> str:
+    """SPEC 9.1: the largest power-of-1024 unit <= n, floored (4534272 -> 4M)."""
+    for power, letter in reversed(list(enumerate("KMGTPEZY", 1))):
+        unit = 1024 ** power
+        if n >= unit:
+            return "%d%s" % (n // unit, letter)
+    return "%dB" % n
+
+
+def format_ctime(seconds: float) -> str:
+    """Total CPU time as M:SS.cc (SPEC 9.1 re-implementation)."""
+    centis = int(round(seconds * 100))
+    return "%d:%02d.%02d" % (centis // 6000, centis // 100 % 60, centis % 100)
+
+
+def json_dumps(obj) -> bytes:
+    return json.dumps(obj, default=_json_default).encode("utf-8")
+
+
+def _json_default(obj):
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError("not JSON serialisable: %r" % (obj,))
+
+
+def http_date(epoch: float) -> str:
+    return email.utils.formatdate(epoch, usegmt=True)
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# § 2 errors ---------------------------------------------------------------
+# Each error carries what its boundary needs to report it: a ConfigError
+# knows its file, section and key; an ApiError and an HttpError know the
+# HTTP status and JSON error code they become.
+
+
+def _config_where(path, section, key):
+    text = path or "<config>"
+    if section is not None:
+        text += ": [%s]" % section
+        if key:
+            text += " " + key
+    elif key:
+        text += ": " + key
+    return text
+
+
+class ConfigError(Exception):
+    """A mistake in a config file, reported as one line (exit status 2).
+
+    ``str()`` gives ``gaffer.ini: [process:web] numprocesses: 'two' is not
+    an integer``.
+    """
+
+    def __init__(self, path, section, key, message):
+        super().__init__(message)
+        self.path, self.section, self.key, self.message = path, section, key, message
+
+    def __str__(self):
+        return "%s: %s" % (_config_where(self.path, self.section, self.key), self.message)
+
+
+class ConfigErrors(Exception):
+    """Several ConfigErrors found in one pass, each reported on its line."""
+
+    def __init__(self, errors):
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = list(errors)
+
+
+class ApiError(Exception):
+    """A client mistake: becomes ``{"error": code, "message": ...}``."""
+
+    def __init__(self, status, code, message=None, headers=None):
+        super().__init__(message or code)
+        self.status, self.code = status, code
+        self.message = message or code.replace("_", " ")
+        self.headers = headers or []
+
+
+class HttpError(Exception):
+    """A protocol error: the reply is sent and the connection closed."""
+
+    def __init__(self, status, code, message=None):
+        super().__init__(message or code)
+        self.status, self.code, self.message = status, code, message or code
+
+
+class SpawnError(Exception):
+    """A template that cannot be started (bad user, variable, cwd, exec)."""
+
+
+# § 3 configuration (pure) ---------------------------------------------------
+# Owns: the INI format (SPEC section 2) and the JSON template format (SPEC
+# 6.4.2), turned into validated, read-only ``TemplateSpec`` and
+# ``EndpointSpec`` objects inside a ``Config``.  Every key of every section
+# is in a table below with its type, default and help text.  Uses §1-§2;
+# reads files and the user database but starts nothing.  Used by the
+# manager (§8), the HTTP API (§11) and main() (§14).
+
+
+class Flapping:
+    """Flapping limits (SPEC 3.8): ``attempts`` exits within ``window``
+    seconds stop the template; it is retried after ``retry_in`` seconds,
+    at most ``max_retry`` times, then it stays stopped ("failed")."""
+
+    __slots__ = ("attempts", "window", "retry_in", "max_retry")
+    FIELDS = (("attempts", int, 2), ("window", float, 1.0),
+              ("retry_in", float, 7.0), ("max_retry", int, 5))
+
+    def __init__(self, attempts=2, window=1.0, retry_in=7.0, max_retry=5):
+        self.attempts, self.window = attempts, window
+        self.retry_in, self.max_retry = retry_in, max_retry
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f, _, _ in self.FIELDS}
+
+    def __eq__(self, other):
+        return isinstance(other, Flapping) and self.to_dict() == other.to_dict()
+
+    @classmethod
+    def parse(cls, value):
+        """``off``, ``2, 1., 7., 5`` (commas and/or spaces, trailing values
+        defaulted), a JSON object with any of the four keys, or a bool."""
+        if value is None or value is True:
+            return cls()
+        if value is False:
+            return None
+        if isinstance(value, dict):
+            unknown = set(value) - {f for f, _, _ in cls.FIELDS}
+            if unknown:
+                raise ValueError("unknown flapping key(s): %s" % ", ".join(sorted(unknown)))
+            values = [value.get(f, d) for f, _, d in cls.FIELDS]
+        else:
+            text = str(value).strip()
+            if text.lower() in ("off", "no", "false", "none", "0", "disabled"):
+                return None
+            if text.lower() in ("on", "yes", "true", "default", ""):
+                return cls()
+            values = [v for v in re.split(r"[\s,]+", text) if v]
+            if len(values) > 4:
+                raise ValueError("%r has more than 4 values (attempts window "
+                                 "retry_in max_retry)" % text)
+            values += [d for _, _, d in cls.FIELDS[len(values):]]
+        out = []
+        for (field, kind, _), v in zip(cls.FIELDS, values):
+            try:
+                number = float(v) if not isinstance(v, bool) else None
+            except (TypeError, ValueError):
+                number = None
+            if number is None or number != number or number < 0 or \
+                    (kind is int and number != int(number)):
+                raise ValueError("%s %r is not a %s" % (
+                    field, v, "whole number" if kind is int else "number >= 0"))
+            out.append(kind(number))
+        if out[0] < 1:
+            raise ValueError("attempts must be at least 1")
+        return cls(*out)
+
+
+def _c_str(value, ctx):
+    if not isinstance(value, str):
+        raise ValueError("%r is not a string" % (value,))
+    return value
+
+
+def _c_cmd(value, ctx):
+    value = _c_str(value, ctx)
+    if not value.strip():
+        raise ValueError("is empty")
+    return value
+
+
+def _c_args(value, ctx):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    try:
+        return shlex.split(str(value))
+    except ValueError as exc:
+        raise ValueError("%r cannot be split: %s" % (value, exc)) from None
+
+
+def _c_env(value, ctx):
+    if not isinstance(value, dict):
+        raise ValueError("must be an object of NAME: value")
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _lookup_id(value, by_id, by_name, what):
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value)
+    elif isinstance(value, str) and value.strip():
+        try:
+            return by_name(value.strip())
+        except KeyError:
+            raise ValueError("unknown %s %r" % (what, value)) from None
+    else:
+        raise ValueError("%r is not a %s name or id" % (value, what))
+    try:
+        by_id(number)
+    except KeyError:
+        raise ValueError("unknown %s id %d" % (what, number)) from None
+    return number
+
+
+def _c_uid(value, ctx):
+    if value is None:
+        return None
+    return _lookup_id(value, pwd.getpwuid, lambda n: pwd.getpwnam(n).pw_uid, "user")
+
+
+def _c_gid(value, ctx):
+    if value is None:
+        return None
+    return _lookup_id(value, grp.getgrgid, lambda n: grp.getgrnam(n).gr_gid, "group")
+
+
+def _c_cwd(value, ctx):
+    if value is None:
+        return None
+    path = os.path.normpath(os.path.join(ctx["base_dir"], os.path.expanduser(str(value))))
+    if not os.path.isdir(path):
+        raise ValueError("directory %r does not exist" % path)
+    return path
+
+
+def _c_logfile(value, ctx):
+    if value is None or str(value).strip() == "":
+        return None
+    value = str(value).strip()
+    if value == "-":
+        return value
+    path = os.path.normpath(os.path.join(ctx["base_dir"], os.path.expanduser(value)))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError("directory of %r does not exist" % path)
+    return path
+
+
+def _c_bool(value, ctx):
+    return parse_bool(value)
+
+
+def _c_count(value, ctx):
+    return parse_int(value, 0)
+
+
+def _c_int(value, ctx):
+    return parse_int(value)
+
+
+def _c_seconds(value, ctx):
+    return parse_float(value, 0)
+
+
+def _c_size(value, ctx):
+    return parse_size(value)
+
+
+def _c_labels(value, ctx):
+    return parse_list(value)
+
+
+def _c_flapping(value, ctx):
+    return Flapping.parse(value)
+
+
+# name -> (coerce(value, ctx), default, help).  The default is what the
+# daemon uses when the key is absent; ``cwd`` None means the config file's
+# directory (or the daemon's cwd for templates made over HTTP).
+PROCESS_KEYS = collections.OrderedDict([
+    ("cmd", (_c_cmd, None, "program to run; may hold a whole command line")),
+    ("args", (_c_args, None, "arguments (shell-quoted); if set, cmd is not split")),
+    ("env", (_c_env, {}, "explicit environment (JSON only; INI uses [env:NAME])")),
+    ("uid", (_c_uid, None, "user name or numeric id to run as")),
+    ("gid", (_c_gid, None, "group name or numeric id to run as")),
+    ("cwd", (_c_cwd, None, "working directory (default: the config file's)")),
+    ("detach", (_c_bool, False, "reported as 'detached' in spawn events")),
+    ("shell", (_c_bool, False, "run as: sh -c 'cmd args'")),
+    ("os_env", (_c_bool, True, "start from the daemon's environment")),
+    ("numprocesses", (_c_count, 1, "how many processes to keep running")),
+    ("start", (_c_bool, True, "start when loaded")),
+    ("priority", (_c_int, sys.maxsize, "start-up order, lowest first")),
+    ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
+    ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
+    ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
+    ("graceful_timeout", (_c_seconds, DEFAULT_GRACEFUL_TIMEOUT, "seconds from SIGTERM to SIGKILL")),
+    ("custom_streams", (_c_labels, [], "extra two-way pipes on fd 3, 4, ...")),
+    ("stdout_logfile", (_c_logfile, None, "file for the first output label ('-' = stdout)")),
+    ("stderr_logfile", (_c_logfile, None, "file for the second output label")),
+    ("logfile", (_c_logfile, None, "file for every output label")),
+    ("logfile_maxbytes", (_c_size, 50 * 1024 ** 2, "rotate log files at this size")),
+    ("logfile_backups", (_c_count, 10, "rotated log files kept (FILE.1 newest)")),
+    ("log_timestamps", (_c_bool, False, "prefix each logged line with an ISO time")),
+    ("output_buffer", (_c_size, DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
+])
+
+# Keys echoed as written (a user name stays a name, a path stays relative).
+_ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
+             "logfile_maxbytes", "output_buffer")
+
+# Keys every INI template reports in GET /processes/NAME (SPEC 2.7).
+_INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
+               "numprocesses", "start", "priority")
+
+
+class TemplateSpec:
+    """A validated template definition; read-only once built.
+
+    ``settings`` is what ``GET /processes/NAME`` echoes (the keys as given,
+    typed); the attributes are the normalised values the manager uses.
+    """
+
+    def __init__(self, name, cmd, settings, values, base_dir, source, origin):
+        self.name, self.cmd, self.settings = name, cmd, settings
+        self.base_dir, self.source, self.origin = base_dir, source, origin
+        self.group = name.split(":", 1)[0] if ":" in name else None
+        for key, (_, default, _) in PROCESS_KEYS.items():
+            setattr(self, key, values.get(key, default))
+        self.labels = self.redirect_output[:2]
+
+    def definition(self) -> dict:
+        out = {"name": self.name, "cmd": self.cmd}
+        out.update(self.settings)
+        out.pop("start", None)
+        if isinstance(out.get("flapping"), Flapping):
+            out["flapping"] = out["flapping"].to_dict()
+        return out
+
+    def key(self) -> tuple:
+        """What must be equal for a reload to leave the template alone."""
+        d = self.definition()
+        d.pop("numprocesses", None)
+        return (json.dumps(d, sort_keys=True, default=str), self.base_dir)
+
+    def logfile_for(self, index: int):
+        own = self.stdout_logfile if index == 0 else self.stderr_logfile if index == 1 else None
+        return own or self.logfile
+
+
+def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
+               origin="config", environ=None, warnings=None) -> TemplateSpec:
+    """Validate one template; raise ConfigError naming the bad key.
+
+    ``raw`` holds INI strings or JSON values.  Everything that can be
+    checked before a spawn is checked here (SPEC 3.11): numbers, users,
+    groups, the working directory, ``$VAR`` references and that the
+    executable exists.
+    """
+    environ = os.environ if environ is None else environ
+    ctx = {"base_dir": base_dir}
+
+    def fail(key, message):
+        return ConfigError(source, section, key, message)
+
+    if not isinstance(name, str) or not name or "/" in name or \
+            any(c.isspace() or ord(c) < 32 for c in name):
+        raise fail(None, "invalid template name %r (no '/', spaces or control "
+                   "characters)" % (name,))
+    if cmd is None:
+        raise fail("cmd", "missing (every template needs a cmd)")
+    values = {}
+    settings = {}
+    for key, value in raw.items():
+        if key in ("name", "cmd"):
+            continue
+        if key not in PROCESS_KEYS:
+            if warnings is not None and origin == "config":
+                close = difflib.get_close_matches(key, list(PROCESS_KEYS), 1, 0.6)
+                warnings.append(str(fail(key, "unknown key, ignored" + (
+                    "; did you mean %r?" % close[0] if close else ""))))
+            settings[key] = value
+            continue
+        try:
+            values[key] = PROCESS_KEYS[key][0](value, ctx)
+        except ValueError as exc:
+            raise fail(key, str(exc)) from None
+        settings[key] = values[key] if origin == "config" and key not in _ECHO_RAW else value
+    try:
+        values["cmd"] = _c_cmd(cmd, ctx)
+    except ValueError as exc:
+        raise fail("cmd", str(exc)) from None
+    if origin == "config":
+        for key in _INI_ALWAYS:
+            settings.setdefault(key, PROCESS_KEYS[key][1])
+        settings["group"] = name.split(":", 1)[0] if ":" in name else None
+        if "env" in values:
+            settings["env"] = values["env"]
+        if isinstance(settings.get("flapping"), Flapping):
+            settings["flapping"] = settings["flapping"].to_dict()
+    elif ":" in name:
+        settings["group"] = name.split(":", 1)[0]
+    if "group" in raw and origin != "config" and raw["group"] != settings.get("group"):
+        raise fail("group", "is derived from the name (group:name)")
+    spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
+    spec.cwd = spec.cwd or base_dir
+    env = child_environment(spec, environ)
+    try:
+        argv = command_line(spec, env)
+    except KeyError as exc:
+        raise fail("args" if spec.args is not None else "cmd",
+                   "unknown variable $%s (not in the environment)" % exc.args[0]) from None
+    except ValueError as exc:
+        raise fail("args" if spec.args is not None else "cmd", str(exc)) from None
+    if find_executable(argv[0], spec, env) is None:
+        raise fail("cmd", "executable %r not found%s" % (
+            argv[0], "" if "/" in argv[0] else " in PATH"))
+    return spec
+
+
+def child_environment(spec: TemplateSpec, environ) -> dict:
+    """SPEC 3.4 re-implementation: the daemon's environment (if os_env)
+    overlaid with the explicit env, a new dict every time."""
+    env = dict(environ) if spec.os_env else {}
+    env.update(spec.env)
+    return env
+
+
+def command_line(spec: TemplateSpec, env) -> list:
+    """argv for a spawn (SPEC 3.3 with the shell and $VAR fixes).
+
+    Raises KeyError for an unknown ``$VAR`` and ValueError for bad quoting.
+    """
+    if spec.shell:
+        text = spec.cmd
+        if spec.args:
+            text += " " + " ".join(shlex.quote(a) for a in spec.args)
+        return ["sh", "-c", text]
+    if spec.args is not None:
+        exe, args = spec.cmd, list(spec.args)
+    else:
+        try:
+            tokens = shlex.split(spec.cmd)
+        except ValueError as exc:
+            raise ValueError("%r cannot be split: %s" % (spec.cmd, exc)) from None
+        exe, args = (tokens[0], tokens[1:]) if len(tokens) > 1 else (spec.cmd, [])
+    return [string.Template(exe).substitute(env)] + \
+        [string.Template(a).substitute(env) for a in args]
+
+
+def find_executable(exe, spec, env):
+    """The path a spawn of ``exe`` would exec, or None.  ``./x`` and
+    ``../x`` are relative to the config file's directory, other relative
+    paths with a slash to the working directory, bare names to PATH."""
+    if "/" in exe:
+        if os.path.isabs(exe):
+            path = exe
+        elif exe.startswith(("./", "../")) and spec.base_dir:
+            path = os.path.join(spec.base_dir, exe)
+        else:
+            path = os.path.join(spec.cwd or os.getcwd(), exe)
+        path = os.path.normpath(path)
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", exe)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class Address:
+    """One listening address: ``unix:/path``, ``[v6]:port``, ``host:port``."""
+
+    def __init__(self, text, kind, host=None, port=None, path=None):
+        self.text, self.kind, self.host, self.port, self.path = text, kind, host, port, path
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[5:]
+            if not path:
+                raise ValueError("unix: needs a path")
+            return cls(text, "unix", path=os.path.abspath(path))
+        m = re.match(r"^\[([0-9A-Fa-f:.%a-zA-Z]+)\](?::(\S*))?$", text)
+        if m:
+            host, port = m.group(1), m.group(2)
+        elif text.count(":") == 1:
+            host, port = text.split(":")
+        elif ":" in text:
+            raise ValueError("%r: write IPv6 addresses as [addr]:port" % text)
+        else:
+            host, port = text, None
+        if port is None or port == "":
+            port = DEFAULT_PORT
+        elif not port.isdigit() or int(port) > 65535:
+            raise ValueError("%r: port %r is not a number from 0 to 65535" % (text, port))
+        return cls(text, "tcp", host=host or "0.0.0.0", port=int(port))
+
+    def is_loopback(self, resolve=True) -> bool:
+        if self.kind == "unix":
+            return True
+        if self.host.lower() == "localhost" or self.host.lower().endswith(".localhost"):
+            return True
+        try:
+            return ipaddress.ip_address(self.host.split("%")[0]).is_loopback
+        except ValueError:
+            pass
+        if not resolve:
+            return False
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
+        except OSError:
+            return False
+        return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+# [gaffer] keys and the endpoint keys they give defaults for.
+ENDPOINT_KEYS = collections.OrderedDict([
+    ("bind", ("addresses", None, "comma-separated addresses to listen on")),
+    ("certfile", ("path", None, "TLS certificate (turns on HTTPS)")),
+    ("keyfile", ("path", None, "TLS private key")),
+    ("backlog", ("count", DEFAULT_BACKLOG, "listen() backlog")),
+    ("cors_origins", ("list", [], "origins allowed to make cross-site calls")),
+    ("server_names", ("list", [], "extra Host names accepted on loopback binds")),
+    ("auth_token", ("str", None, "require this token (Bearer or Basic password)")),
+    ("auth_token_file", ("path", None, "read auth_token from this file")),
+    ("public_ping", ("bool", False, "let /ping through without the token")),
+    ("insecure", ("bool", False, "allow a non-loopback bind without a token")),
+    ("max_body_size", ("size", DEFAULT_MAX_BODY, "largest request body")),
+    ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
+    ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
+])
+GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir")
+
+
+class EndpointSpec:
+    """One HTTP endpoint: its addresses, TLS files, limits and security."""
+
+    def __init__(self, name, values, source=None):
+        self.name, self.source = name, source
+        for key, (_, default, _) in ENDPOINT_KEYS.items():
+            setattr(self, key, values.get(key, default))
+        self.addresses = self.bind
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.certfile or self.keyfile)
+
+
+def _endpoint_value(kind, value, base_dir):
+    if kind == "addresses":
+        addresses = [Address.parse(v) for v in str(value).split(",") if v.strip()]
+        return addresses or [Address.parse("")]
+    if kind == "path":
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
+    if kind == "count":
+        return parse_int(value, 0)
+    if kind == "list":
+        return parse_list(value)
+    if kind == "bool":
+        return parse_bool(value)
+    if kind == "size":
+        return parse_size(value)
+    if kind == "seconds":
+        return parse_float(value, 0)
+    return str(value).strip() or None
+
+
+def build_endpoint(name, items, defaults, source, section, base_dir, resolve=True):
+    """Validate an endpoint; ``items`` override ``defaults`` ([gaffer])."""
+    values = {}
+    for key, value in itertools.chain(defaults.items(), items.items()):
+        if key not in ENDPOINT_KEYS:
+            continue
+        try:
+            values[key] = _endpoint_value(ENDPOINT_KEYS[key][0], value, base_dir)
+        except ValueError as exc:
+            raise ConfigError(source, section, key, str(exc)) from None
+    if not values.get("backlog"):
+        values["backlog"] = DEFAULT_BACKLOG       # SPEC 1: 0 means unset
+    spec = EndpointSpec(name, values, source)
+    if spec.auth_token_file and not spec.auth_token:
+        try:
+            with open(spec.auth_token_file) as f:
+                spec.auth_token = f.read().strip() or None
+        except OSError as exc:
+            raise ConfigError(source, section, "auth_token_file",
+                              "cannot read %r: %s" % (spec.auth_token_file, exc.strerror)) from None
+        if not spec.auth_token:
+            raise ConfigError(source, section, "auth_token_file",
+                              "%r is empty" % spec.auth_token_file)
+    for path_key in ("certfile", "keyfile"):
+        path = getattr(spec, path_key)
+        if path and not os.path.isfile(path):
+            raise ConfigError(source, section, path_key, "file %r does not exist" % path)
+    if spec.keyfile and not spec.certfile:
+        raise ConfigError(source, section, "certfile", "keyfile is set but certfile is not")
+    if not spec.auth_token and not spec.insecure:
+        for address in spec.bind:
+            if not address.is_loopback(resolve):
+                raise ConfigError(source, section, "bind", (
+                    "%r is not a loopback address and no auth_token is set: anyone "
+                    "who reaches it can run commands; set auth_token (or "
+                    "auth_token_file), or insecure = true to accept the risk")
+                    % address.text)
+    return spec
+
+
+class Config:
+    """Everything one config file (and its includes) says."""
+
+    def __init__(self, path=None):
+        self.path = path
+        self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        self.parser = None                 # configparser given to plugins
+        self.templates = []                # TemplateSpec, in start-up order
+        self.endpoints = []                # EndpointSpec
+        self.webhooks = []                 # (event, url)
+        self.plugins_dirs = []
+        self.defaults = {}                 # [gaffer] endpoint defaults
+        self.warnings = []
+
+
+_SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
+
+
+def _parse_ini_file(path, label):
+    """One INI file with case kept and no [DEFAULT] magic (merged later)."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0default",
+                                       strict=True)
+    parser.optionxform = str
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=label)
+    except FileNotFoundError:
+        raise ConfigError(label, None, None, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(label, None, None, "is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(label, None, None, "permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(label, None, None, "not UTF-8 text (%s)" % exc.reason) from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(label, None, None, "line %d: %r comes before any [section]"
+                          % (exc.lineno, exc.line.strip())) from None
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError(label, exc.section, None, "line %s: section defined twice"
+                          % exc.lineno) from None
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError(label, exc.section, exc.option, "line %s: key defined twice "
+                          "in this section" % exc.lineno) from None
+    except configparser.ParsingError as exc:
+        lineno, line = exc.errors[0]
+        raise ConfigError(label, None, None, "line %d: cannot parse %s (expected "
+                          "'key = value')" % (lineno, line.strip())) from None
+    except configparser.Error as exc:
+        raise ConfigError(label, None, None, str(exc).splitlines()[0]) from None
+    return parser
+
+
+def _include_paths(values, base_dir, recursive_dirs):
+    paths = []
+    for item in shlex.split(values or ""):
+        item = os.path.join(base_dir, os.path.expanduser(item))
+        if recursive_dirs:
+            for root, dirs, files in sorted(os.walk(item)):
+                dirs.sort()
+                paths.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".ini"))
+        elif any(c in item for c in "*?["):
+            import glob
+            paths.extend(sorted(glob.glob(item)))
+        else:
+            paths.append(item)
+    return paths
+
+
+def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
+    """Read ``path`` and its includes; raise ConfigErrors listing every
+    mistake, one line each."""
+    cfg = Config(path)
+    errors = []
+    label = path
+    main = _parse_ini_file(path, label)
+    files = [(label, main, cfg.base_dir)]
+    if main.has_section("gaffer"):
+        g = {k.lower(): v for k, v in main.items("gaffer")}
+        for key, recursive in (("include", False), ("include_dir", True)):
+            for inc in _include_paths(g.get(key), cfg.base_dir, recursive):
+                if not os.path.isfile(inc):
+                    cfg.warnings.append("%s: [gaffer] %s: %r not found, skipped" % (label, key, inc))
+                    continue
+                try:
+                    files.append((inc, _parse_ini_file(inc, inc), os.path.dirname(inc)))
+                except ConfigError as exc:
+                    errors.append(exc)
+    # Merge: later files win, new sections are appended (SPEC 2.2).
+    combined = configparser.ConfigParser(interpolation=None)
+    origin = {}            # section -> (file label, base dir)
+    webhooks = collections.OrderedDict()
+    for flabel, parser, fdir in files:
+        for section in parser.sections():
+            if section == "DEFAULT":
+                for k, v in parser.items(section):
+                    combined.set("DEFAULT", k, v)
+                continue
+            if not combined.has_section(section):
+                combined.add_section(section)
+            origin[section] = (flabel, fdir)
+            for k, v in parser.items(section):
+                combined.set(section, k, v)
+                if section == "webhooks":
+                    webhooks[k] = (v, flabel)
+    cfg.parser = combined
+    g = dict(combined.items("gaffer")) if combined.has_section("gaffer") else {}
+    g_label, g_dir = origin.get("gaffer", (label, cfg.base_dir))
+    for key in g:
+        if key not in GAFFER_KEYS and key not in ENDPOINT_KEYS and key not in combined.defaults():
+            close = difflib.get_close_matches(key, list(GAFFER_KEYS) + list(ENDPOINT_KEYS), 1, 0.6)
+            cfg.warnings.append(str(ConfigError(g_label, "gaffer", key, "unknown key, ignored" + (
+                "; did you mean %r?" % close[0] if close else ""))))
+    cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
+    pdirs = g.get("plugins_dir") or g.get("plugin_dir")
+    if pdirs:
+        cfg.plugins_dirs = [os.path.normpath(os.path.join(g_dir, os.path.expanduser(p)))
+                            for p in shlex.split(pdirs)]
+    elif plugins_dir:
+        cfg.plugins_dirs = [os.path.abspath(os.path.expanduser(plugins_dir))]
+    env_sections = {}
+    process_sections = []
+    for section in combined.sections():
+        flabel, fdir = origin.get(section, (label, cfg.base_dir))
+        kind, colon, rest = section.partition(":")
+        if kind not in _SECTION_TYPES:
+            close = difflib.get_close_matches(kind, _SECTION_TYPES, 1, 0.75)
+            if close:
+                errors.append(ConfigError(flabel, section, None, "unknown section type "
+                              "%r; did you mean [%s]?" % (kind, close[0] + colon + rest)))
+            continue                     # a plugin's section
+        if kind in ("process", "env", "endpoint") and not rest:
+            errors.append(ConfigError(flabel, section, None, "needs a name: [%s:NAME]" % kind))
+        elif kind in ("gaffer", "webhooks") and colon:
+            errors.append(ConfigError(flabel, section, None, "did you mean [%s]?" % kind))
+        elif kind == "env":
+            env_sections[rest] = {k.upper(): v for k, v in combined.items(section)}
+        elif kind == "process":
+            process_sections.append((section, rest, flabel, fdir))
+    for name in env_sections:
+        if not combined.has_section("process:" + name):
+            cfg.warnings.append("%s: [env:%s] no [process:%s] section, ignored" % (label, name, name))
+    for section, name, flabel, fdir in process_sections:
+        raw = dict(combined.items(section))
+        if name in env_sections:
+            raw["env"] = env_sections[name]
+        try:
+            cfg.templates.append(build_spec(name, raw.get("cmd"), raw, base_dir=fdir,
+                                            source=flabel, section=section,
+                                            environ=environ, warnings=cfg.warnings))
+        except ConfigError as exc:
+            errors.append(exc)
+    cfg.templates.sort(key=lambda t: t.priority)            # stable: ties keep file order
+    names = [n.strip() for n in g.get("http_endpoints", "").split(",") if n.strip()]
+    for name in names:
+        section = "endpoint:" + name
+        if not combined.has_section(section):
+            errors.append(ConfigError(g_label, "gaffer", "http_endpoints",
+                                      "no [%s] section" % section))
+            continue
+        items = dict(combined.items(section))
+        flabel, fdir = origin[section]
+        if not items.get("bind", "").strip() and "bind" not in items:
+            cfg.warnings.append("%s: [%s] has no bind, skipped" % (flabel, section))
+            continue
+        try:
+            cfg.endpoints.append(build_endpoint(name, items, cfg.defaults, flabel, section,
+                                                fdir, resolve))
+        except ConfigError as exc:
+            errors.append(exc)
+    for event, (value, flabel) in webhooks.items():
+        for url in value.split():
+            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                errors.append(ConfigError(flabel, "webhooks", event,
+                                          "%r is not an http:// or https:// URL" % url))
+            else:
+                cfg.webhooks.append((event, url))
+    if errors:
+        raise ConfigErrors(errors)
+    return cfg
+
+
+# § 4 process policy and stats (pure) -----------------------------------------
+# Owns: the flapping decision (SPEC 3.8 with its fixes), the ring buffer
+# that keeps recent output, and reading process facts from /proc (SPEC
+# section 9).  The clock is always an argument.  Uses §1.  Used by §8.
+
+RESPAWN, RETRY, GIVE_UP = "respawn", "retry", "give_up"
+
+
+class FlapState:
+    """Exit history of one template, fed only with exits nobody asked for.
+
+    Fixes of SPEC 3.8: the history is cleared after each retry, so
+    ``max_retry`` is reachable, and it is bounded by ``attempts``, so
+    ``attempts > max_retry`` still detects flapping.
+    """
+
+    def __init__(self):
+        self.history = collections.deque()
+        self.retries = 0
+
+    def reset(self):
+        self.history.clear()
+        self.retries = 0
+
+    def on_exit(self, limits: Flapping, now: float) -> str:
+        self.history.append(now)
+        while len(self.history) > limits.attempts:
+            self.history.popleft()
+        if len(self.history) < limits.attempts:
+            return RESPAWN
+        if self.history[-1] - self.history[0] > limits.window:
+            self.retries = 0           # an isolated exit: the template was stable
+            return RESPAWN
+        self.history.clear()
+        if self.retries < limits.max_retry:
+            self.retries += 1
+            return RETRY
+        self.retries = 0
+        return GIVE_UP
+
+
+class OutputRing:
+    """The last ``capacity`` bytes of one output stream.
+
+    ``total`` counts every byte ever appended, so a byte offset names a
+    position in the whole stream: it is the SSE event id of /streams and
+    what ``Last-Event-ID`` resumes from.
+    """
+
+    __slots__ = ("capacity", "buf", "total")
+
+    def __init__(self, capacity=DEFAULT_OUTPUT_BUFFER):
+        self.capacity, self.buf, self.total = capacity, bytearray(), 0
+
+    @property
+    def start(self) -> int:
+        return self.total - len(self.buf)
+
+    def append(self, data: bytes) -> None:
+        self.total += len(data)
+        if len(data) >= self.capacity:
+            self.buf[:] = data[-self.capacity:] if self.capacity else b""
+            return
+        self.buf += data
+        excess = len(self.buf) - self.capacity
+        if excess > 0:
+            del self.buf[:excess]
+
+    def since(self, offset: int):
+        """Bytes from stream offset ``offset`` on, or None if overwritten."""
+        if offset < self.start or offset > self.total:
+            return None
+        return bytes(self.buf[offset - self.start:])
+
+    def tail(self, lines: int) -> bytes:
+        """The last ``lines`` lines (a trailing partial line counts)."""
+        if lines <= 0:
+            return b""
+        data = bytes(self.buf)
+        end = len(data) - 1 if data.endswith(b"\n") else len(data)
+        pos = end
+        for _ in range(lines):
+            pos = data.rfind(b"\n", 0, pos)
+            if pos < 0:
+                return data
+        return data[pos + 1:]
+
+
+def split_lines(data: bytes) -> list:
+    """Lines of decoded output, without their newlines."""
+    text = data.decode("utf-8", "replace")
+    if text.endswith("\n"):
+        text = text[:-1]
+    return text.split("\n") if text else []
+
+
+_MEM_TOTAL = []
+
+
+def mem_total() -> int:
+    if not _MEM_TOTAL:
+        total = 0
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        total = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+        _MEM_TOTAL.append(total or 1)
+    return _MEM_TOTAL[0]
+
+
+def read_proc_stat(pid: int):
+    """Fields of /proc/PID/stat after the command name, or None if gone."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()
+
+
+def cpu_seconds(fields) -> float:
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def children_map() -> dict:
+    """ppid -> [pid] for every process, from one scan of /proc."""
+    kids = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = read_proc_stat(int(entry))
+            if fields:
+                kids[int(fields[1])].append(int(entry))
+    return kids
+
+
+def process_stats(pid: int, previous, now: float, kids=None, depth=0):
+    """SPEC 9.1 stats dict for ``pid``; ``previous`` is (time, cpu seconds)
+    of the last sample, for the CPU percentage.  None if the process is
+    gone.  Returns (stats, sample)."""
+    fields = read_proc_stat(pid)
+    if fields is None:
+        return None, None
+    cpu_total = cpu_seconds(fields)
+    cpu = 0.0
+    if previous and now > previous[0]:
+        cpu = round(max(0.0, cpu_total - previous[1]) / (now - previous[0]) * 100, 1)
+    rss = int(fields[21]) * PAGE_SIZE
+    try:
+        username = pwd.getpwuid(os.stat("/proc/%d" % pid).st_uid).pw_name
+    except (OSError, KeyError):
+        username = "N/A"
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().split(b"\0")
+        cmdline = os.path.basename(argv[0].decode("utf-8", "replace").split(" ")[0]) \
+            if argv and argv[0] else "N/A"
+    except OSError:
+        cmdline = "N/A"
+    stats = {"pid": pid, "cpu": cpu, "mem": round(rss * 100.0 / mem_total(), 1),
+             "mem_info1": human_size(rss), "mem_info2": human_size(int(fields[20])),
+             "ctime": format_ctime(cpu_total), "username": username,
+             "nice": int(fields[16]), "cmdline": cmdline, "children": []}
+    if kids is not None and depth < 16:
+        for child in kids.get(pid, ()):
+            child_stats, _ = process_stats(child, None, now, kids, depth + 1)
+            if child_stats:
+                stats["children"].append(child_stats)
+    return stats, (now, cpu_total)
+
+
+def summarize_stats(name: str, stats: list) -> dict:
+    """SPEC 9.2 template-stats object (``"N/A"`` when nothing is live)."""
+    out = {"name": name, "stats": stats}
+    for key in ("mem", "cpu"):
+        values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]
+        if not stats or len(values) != len(stats):
+            out[key] = out["max_" + key] = out["min_" + key] = "N/A"
+        else:
+            out[key] = round(sum(values), 1)
+            out["max_" + key], out["min_" + key] = max(values), min(values)
+    return out
+
+
+# § 5 events (pure) --------------------------------------------------------
+# Owns: event names and patterns (SPEC 4.1) and the queued bus that
+# delivers them.  The bus is given a ``call_soon`` so it never calls a
+# listener from inside ``publish``.  Used by the manager (§8), webhooks
+# (§9), the HTTP feeds (§11), console output (§13) and plugins.
+
+MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
+                  "stop_pid", "exit", "flap", "restart")
+PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart")
+
+
+def normalize_pattern(pattern: str) -> str:
+    if not pattern or pattern == ".":
+        return "."
+    return pattern.rstrip(".") or "."
+
+
+def event_patterns(name: str):
+    """Every pattern that matches event ``name``: ``.``, then each dotted
+    prefix (``proc``, ``proc.web``, ``proc.web.exit``)."""
+    yield "."
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        yield ".".join(parts[:i])
+
+
+class EventBus:
+    """Publish/subscribe with asynchronous, ordered, at-most-once delivery.
+
+    ``subscribe(pattern, listener)``: ``listener(event_name, payload)`` is
+    called for every later event matching ``pattern`` (SPEC 4.1).  The
+    same listener under the same pattern is kept once.  ``publish`` only
+    queues; delivery runs from ``call_soon``.  A listener that raises is
+    logged and the others still run.
+    """
+
+    def __init__(self, call_soon):
+        self._call_soon = call_soon
+        self._subs = {}                     # pattern -> [(listener, once)]
+        self._queue = collections.deque()
+        self._scheduled = False
+
+    def subscribe(self, pattern, listener, once=False):
+        pattern = normalize_pattern(pattern)
+        subs = self._subs.setdefault(pattern, [])
+        if all(l is not listener and l != listener for l, _ in subs):
+            subs.append((listener, once))
+
+    def subscribe_once(self, pattern, listener):
+        self.subscribe(pattern, listener, once=True)
+
+    def unsubscribe(self, pattern, listener):
+        pattern = normalize_pattern(pattern)
+        subs = self._subs.get(pattern)
+        if subs:
+            subs[:] = [(l, o) for l, o in subs if not (l is listener or l == listener)]
+            if not subs:
+                del self._subs[pattern]
+
+    def publish(self, name, payload=None):
+        event = dict(payload or {})
+        event["event"] = name
+        self._queue.append((name, event))
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._deliver)
+
+    def _deliver(self):
+        self._scheduled = False
+        while self._queue:
+            name, event = self._queue.popleft()
+            for pattern in event_patterns(name):
+                subs = self._subs.get(pattern)
+                if not subs:
+                    continue
+                for listener, once in list(subs):
+                    if once:
+                        self.unsubscribe(pattern, listener)
+                    try:
+                        listener(name, event)
+                    except Exception:
+                        log.exception("event listener %r failed on %s", listener, name)
+
+
+# § 6 HTTP/1.1 protocol (pure) ---------------------------------------------
+# Owns: turning bytes into ``Request`` objects (RFC 9112 framing with
+# this server's limits), rendering response heads, chunked and SSE
+# framing, and RFC 6455 websocket frames.  Never touches a socket: the
+# server (§12) feeds bytes in and writes bytes out.  Uses §1-§2.
+
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
+                 "TRACE", "CONNECT"}
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_VALUE_RE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
+
+
+class Request:
+    """One parsed request.  ``headers`` maps lower-case names to values
+    (repeated headers joined with ", "); ``query`` maps each parameter to
+    its last value."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers",
+                 "body", "remote", "endpoint", "scheme")
+
+    def __init__(self, method, target, version, headers):
+        self.method, self.target, self.version, self.headers = method, target, version, headers
+        path, _, qs = target.partition("?")
+        self.path = path
+        self.query = dict(urllib.parse.parse_qsl(qs, keep_blank_values=True))
+        self.body = b""
+        self.remote = self.endpoint = None
+        self.scheme = "http"
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        if self.version == "HTTP/1.0":
+            return "keep-alive" in tokens
+        return "close" not in tokens
+
+    def json(self):
+        """The body as JSON; ApiError 400 invalid_json otherwise."""
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+
+
+class RequestParser:
+    """Incremental request parser: ``feed(bytes)``, then ``next()`` returns
+    a complete Request or None (more bytes needed) and raises HttpError.
+
+    ``waiting_body`` is the request whose head has arrived while its body
+    has not, so that the server can answer ``Expect: 100-continue``.
+    """
+
+    def __init__(self, max_body=DEFAULT_MAX_BODY):
+        self.max_body = max_body
+        self.buf = bytearray()
+        self.waiting_body = None
+        self._length = None          # remaining Content-Length, or None for chunked
+        self._chunks = None          # bytearray of a chunked body being decoded
+
+    @property
+    def idle(self) -> bool:
+        return not self.buf and self.waiting_body is None
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+
+    def next(self):
+        if self.waiting_body is None:
+            request = self._parse_head()
+            if request is None:
+                return None
+            self.waiting_body = request
+        request = self.waiting_body
+        if self._chunks is not None:
+            if not self._parse_chunked():
+                return None
+            request.body = bytes(self._chunks)
+            self._chunks = None
+        elif self._length:
+            if len(self.buf) < self._length:
+                return None
+            request.body = bytes(self.buf[:self._length])
+            del self.buf[:self._length]
+        self.waiting_body = None
+        self._length = None
+        return request
+
+    def _parse_head(self):
+        while self.buf[:2] == b"\r\n":          # RFC 9112 2.2: ignore leading CRLFs
+            del self.buf[:2]
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            line_end = self.buf.find(b"\n")
+            if line_end < 0 and len(self.buf) > MAX_REQUEST_LINE:
+                raise HttpError(414, "uri_too_long", "request line over %d bytes" % MAX_REQUEST_LINE)
+            if len(self.buf) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+                raise HttpError(431, "headers_too_large",
+                                "header section over %d bytes" % MAX_HEADER_BYTES)
+            return None
+        head = bytes(self.buf[:end])
+        del self.buf[:end + 4]
+        lines = head.split(b"\r\n")
+        if len(lines[0]) > MAX_REQUEST_LINE:
+            raise HttpError(414, "uri_too_long", "request line over %d bytes" % MAX_REQUEST_LINE)
+        if len(head) - len(lines[0]) > MAX_HEADER_BYTES:
+            raise HttpError(431, "headers_too_large", "header section over %d bytes" % MAX_HEADER_BYTES)
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[1] or not _TOKEN_RE.match(parts[0]):
+            raise HttpError(400, "bad_request", "malformed request line")
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if re.match(rb"^HTTP/\d\.\d$", version):
+                raise HttpError(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
+            raise HttpError(400, "bad_request", "malformed HTTP version")
+        if not (target.startswith(b"/") or target == b"*") or \
+                any(c < 0x21 or c == 0x7f for c in target):
+            raise HttpError(400, "bad_request", "malformed request target")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not _TOKEN_RE.match(name) or not _HEADER_VALUE_RE.match(value):
+                raise HttpError(400, "bad_request", "malformed header line")
+            key = name.decode("ascii").lower()
+            value = value.strip(b" \t").decode("latin-1")
+            if key in headers:
+                if key in ("content-length", "host"):
+                    if headers[key] != value:
+                        raise HttpError(400, "bad_request", "conflicting %s headers" % key)
+                    continue
+                headers[key] = headers[key] + ", " + value
+            else:
+                headers[key] = value
+        request = Request(method.decode("ascii"), target.decode("latin-1"),
+                          version.decode("ascii"), headers)
+        if request.version == "HTTP/1.1" and "host" not in headers:
+            raise HttpError(400, "bad_request", "HTTP/1.1 request without Host")
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if te.strip().lower() != "chunked" or "content-length" in headers:
+                raise HttpError(400, "bad_request", "unsupported Transfer-Encoding")
+            self._chunks = bytearray()
+            self._chunk_state = "size"
+            self._chunk_left = 0
+        elif "content-length" in headers:
+            length = headers["content-length"].strip()
+            if not length.isdigit() or len(length) > 15:
+                raise HttpError(400, "bad_request", "bad Content-Length")
+            self._length = int(length)
+            if self._length > self.max_body:
+                raise HttpError(413, "body_too_large",
+                                "request body over %d bytes" % self.max_body)
+        return request
+
+    def _parse_chunked(self) -> bool:
+        """Decode as much of a chunked body as has arrived; True when done."""
+        while True:
+            if self._chunk_state == "size":
+                end = self.buf.find(b"\r\n")
+                if end < 0:
+                    if len(self.buf) > 1024:
+                        raise HttpError(400, "bad_request", "bad chunk size line")
+                    return False
+                size_text = bytes(self.buf[:end]).split(b";")[0].strip()
+                del self.buf[:end + 2]
+                if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,8}$", size_text):
+                    raise HttpError(400, "bad_request", "bad chunk size")
+                self._chunk_left = int(size_text, 16)
+                if len(self._chunks) + self._chunk_left > self.max_body:
+                    raise HttpError(413, "body_too_large",
+                                    "request body over %d bytes" % self.max_body)
+                self._chunk_state = "data" if self._chunk_left else "trailer"
+            elif self._chunk_state == "data":
+                if len(self.buf) < self._chunk_left + 2:
+                    return False
+                if self.buf[self._chunk_left:self._chunk_left + 2] != b"\r\n":
+                    raise HttpError(400, "bad_request", "chunk data not followed by CRLF")
+                self._chunks += self.buf[:self._chunk_left]
+                del self.buf[:self._chunk_left + 2]
+                self._chunk_state = "size"
+            else:                                  # trailer section, ignored
+                end = self.buf.find(b"\r\n")
+                if end < 0:
+                    if len(self.buf) > MAX_HEADER_BYTES:
+                        raise HttpError(431, "headers_too_large", "trailer too large")
+                    return False
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                if not line:
+                    return True
+
+
+def reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def render_head(status: int, headers) -> bytes:
+    lines = ["HTTP/1.1 %d %s" % (status, reason(status))]
+    lines.extend("%s: %s" % kv for kv in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
+def sse_event(event: str, data_lines, event_id=None) -> bytes:
+    """One server-sent event: optional ``id:``, ``event:``, one ``data:``
+    per line, and the blank line that dispatches it (WHATWG HTML 9.2)."""
+    out = []
+    if event_id is not None:
+        out.append("id: %s" % event_id)
+    out.append("event: %s" % event)
+    out.extend("data: %s" % line for line in (data_lines or [""]))
+    return ("\r\n".join(out) + "\r\n\r\n").encode("utf-8")
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+WS_CONT, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0, 1, 2, 8, 9, 10
+WS_MAX_MESSAGE = 1 << 20
+
+
+def ws_accept_key(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode()
+
+
+def ws_frame(opcode: int, payload: bytes = b"") -> bytes:
+    """A final, unmasked server frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    return head + payload
+
+
+class WebSocketError(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+class WebSocketParser:
+    """Client frames in, messages out: ``feed(bytes)`` returns a list of
+    ``(opcode, payload)`` with fragments joined and control frames
+    passed through.  Raises WebSocketError with the close code to send."""
+
+    def __init__(self):
+        self.buf = bytearray()
+        self._parts = []
+        self._opcode = None
+
+    def feed(self, data: bytes) -> list:
+        self.buf += data
+        out = []
+        while True:
+            frame = self._frame()
+            if frame is None:
+                return out
+            fin, opcode, payload = frame
+            if opcode >= 8:
+                if not fin or len(payload) > 125:
+                    raise WebSocketError(1002, "bad control frame")
+                out.append((opcode, payload))
+            elif opcode == WS_CONT:
+                if self._opcode is None:
+                    raise WebSocketError(1002, "continuation without a message")
+                self._parts.append(payload)
+                if fin:
+                    out.append((self._opcode, b"".join(self._parts)))
+                    self._opcode, self._parts = None, []
+            elif opcode in (WS_TEXT, WS_BINARY):
+                if self._opcode is not None:
+                    raise WebSocketError(1002, "new message inside a fragmented one")
+                if fin:
+                    out.append((opcode, payload))
+                else:
+                    self._opcode, self._parts = opcode, [payload]
+            else:
+                raise WebSocketError(1002, "unknown opcode %d" % opcode)
+            if sum(map(len, self._parts)) > WS_MAX_MESSAGE:
+                raise WebSocketError(1009, "message too big")
+
+    def _frame(self):
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        if b0 & 0x70:
+            raise WebSocketError(1002, "reserved bits set")
+        if not b1 & 0x80:
+            raise WebSocketError(1002, "client frames must be masked")
+        n, pos = b1 & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                return None
+            n, pos = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                return None
+            n, pos = struct.unpack("!Q", buf[2:10])[0], 10
+        if n > WS_MAX_MESSAGE:
+            raise WebSocketError(1009, "frame too big")
+        if len(buf) < pos + 4 + n:
+            return None
+        mask = buf[pos:pos + 4]
+        data = bytes(buf[pos + 4:pos + 4 + n])
+        del buf[:pos + 4 + n]
+        if n:
+            key = (bytes(mask) * (n // 4 + 1))[:n]
+            data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+        return bool(b0 & 0x80), b0 & 0x0F, data
+
+
+# § 7 event loop (I/O) -----------------------------------------------------
+# Owns: the one selector, the timer heap, signal delivery and child
+# reaping.  One iteration (as in tornado's IOLoop): run the ready
+# callbacks, wait in select() until the next timer or I/O event, dispatch
+# I/O, move due timers to the ready queue.  There is no polling tick.
+# Signals arrive through ``signal.set_wakeup_fd`` on a socketpair that the
+# selector watches (a Python-level handler alone would not wake select(),
+# PEP 475).  Uses §1.  Used by everything below; it is the loop API that
+# plugins get (see the module docstring).
+
+
+class Handle:
+    """A scheduled callback; ``cancel()`` stops it from running."""
+
+    __slots__ = ("when", "seq", "callback", "args", "cancelled")
+
+    def __init__(self, when, seq, callback, args):
+        self.when, self.seq, self.callback, self.args = when, seq, callback, args
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __lt__(self, other):
+        return (self.when, self.seq) < (other.when, other.seq)
+
+    def _run(self):
+        try:
+            self.callback(*self.args)
+        except Exception:
+            log.exception("error in loop callback %r", self.callback)
+
+
+def _no_op_handler(signum, frame):
+    """The real work happens when the loop reads the wakeup byte."""
+
+
+class Loop:
+    """Single-threaded event loop; see the module docstring for its API."""
+
+    def __init__(self):
+        self._selector = selectors.DefaultSelector()
+        self._ready = collections.deque()
+        self._timers = []
+        self._timer_check = 512
+        self._seq = itertools.count()
+        self._stopping = False
+        self._signal_handlers = {}
+        self._child_watchers = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.add_reader(self._wake_r.fileno(), self._on_wakeup)
+
+    # -- time and callbacks -------------------------------------------------
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def call_soon(self, callback, *args) -> Handle:
+        handle = Handle(0, 0, callback, args)
+        self._ready.append(handle)
+        return handle
+
+    def call_at(self, when, callback, *args) -> Handle:
+        handle = Handle(when, next(self._seq), callback, args)
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    def call_later(self, delay, callback, *args) -> Handle:
+        return self.call_at(self.time() + max(0.0, delay), callback, *args)
+
+    @staticmethod
+    def cancel(handle) -> None:
+        if handle is not None:
+            handle.cancel()
+
+    # -- file descriptors -----------------------------------------------------
+    def _update(self, fd, index, handle):
+        fd = fd if isinstance(fd, int) else fd.fileno()
+        try:
+            key = self._selector.get_key(fd)
+            callbacks = list(key.data)
+        except KeyError:
+            key, callbacks = None, [None, None]
+        callbacks[index] = handle
+        mask = (selectors.EVENT_READ if callbacks[0] else 0) | \
+               (selectors.EVENT_WRITE if callbacks[1] else 0)
+        if key is None:
+            if mask:
+                self._selector.register(fd, mask, callbacks)
+        elif mask:
+            self._selector.modify(fd, mask, callbacks)
+        else:
+            self._selector.unregister(fd)
+
+    def add_reader(self, fd, callback, *args):
+        self._update(fd, 0, Handle(0, 0, callback, args))
+
+    def remove_reader(self, fd):
+        try:
+            self._update(fd, 0, None)
+        except (ValueError, OSError):
+            pass
+
+    def add_writer(self, fd, callback, *args):
+        self._update(fd, 1, Handle(0, 0, callback, args))
+
+    def remove_writer(self, fd):
+        try:
+            self._update(fd, 1, None)
+        except (ValueError, OSError):
+            pass
+
+    # -- signals and children --------------------------------------------------
+    def add_signal_handler(self, signum, callback):
+        """Run ``callback(signum)`` on the loop whenever ``signum`` arrives."""
+        if not self._signal_handlers:
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._signal_handlers[signum] = callback
+        signal.signal(signum, _no_op_handler)
+        signal.siginterrupt(signum, False)
+
+    def _on_wakeup(self):
+        try:
+            data = self._wake_r.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in dict.fromkeys(data):           # each signal once, in order
+            if signum == signal.SIGCHLD:
+                self.reap_children()
+            handler = self._signal_handlers.get(signum)
+            if handler and signum != signal.SIGCHLD:
+                self.call_soon(handler, signum)
+
+    def watch_child(self, pid, callback):
+        """``callback(pid, exit_status, term_signal)`` when child ``pid``
+        exits.  A callback may also have ``before_reap(pid)``, called
+        while the child is still a zombie (its pid and process group
+        cannot be reused yet)."""
+        self._child_watchers[pid] = callback
+
+    def reap_children(self):
+        """Reap every child that has exited (SIGCHLD, gunicorn style).
+
+        Each zombie is first looked at with WNOWAIT so that its watcher
+        can signal what is left of its process group while the group id
+        still cannot be reused, then reaped."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if info is None or info.si_pid == 0:
+                return
+            pid = info.si_pid
+            watcher = self._child_watchers.pop(pid, None)
+            before = getattr(watcher, "before_reap", None)
+            if before is not None:
+                try:
+                    before(pid)
+                except Exception:
+                    log.exception("error before reaping %d", pid)
+            try:
+                _, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if os.WIFSIGNALED(status):
+                exit_status, term_signal = 0, os.WTERMSIG(status)
+            else:
+                exit_status, term_signal = os.WEXITSTATUS(status), 0
+            if watcher is not None:
+                try:
+                    watcher(pid, exit_status, term_signal)
+                except Exception:
+                    log.exception("error in child watcher for %d", pid)
+
+    # -- running ---------------------------------------------------------------
+    def stop(self):
+        self._stopping = True
+
+    def run(self):
+        self._stopping = False
+        self.reap_children()
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self):
+        timeout = None
+        if self._ready:
+            timeout = 0
+        elif self._timers:
+            timeout = max(0.0, self._timers[0].when - self.time())
+        for key, mask in self._selector.select(timeout):
+            reader, writer = key.data
+            if mask & selectors.EVENT_READ and reader is not None:
+                reader._run()
+            if mask & selectors.EVENT_WRITE and writer is not None:
+                # the reader may have removed or replaced the writer
+                try:
+                    current = self._selector.get_key(key.fd).data[1]
+                except KeyError:
+                    current = None
+                if current is writer:
+                    writer._run()
+        now = self.time()
+        timers = self._timers
+        while timers and timers[0].when <= now:
+            handle = heapq.heappop(timers)
+            if not handle.cancelled:
+                self._ready.append(handle)
+        if len(timers) > self._timer_check:      # drop cancelled timers, amortised
+            self._timers = [h for h in timers if not h.cancelled]
+            heapq.heapify(self._timers)
+            self._timer_check = max(512, 2 * len(self._timers))
+        for _ in range(len(self._ready)):
+            handle = self._ready.popleft()
+            if not handle.cancelled:
+                handle._run()
+
+    def close(self):
+        signal.set_wakeup_fd(-1)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# § 8 processes (I/O) ------------------------------------------------------
+# Owns: spawning children (SPEC 3.3-3.6), their pipes, ring buffers and
+# log files, stopping them (SIGTERM to the process group, SIGKILL after
+# graceful_timeout), reacting to exits (respawn, flapping), and the
+# ``Manager`` that holds templates, processes and groups.  Uses §1-§7.
+# The HTTP API (§11), plugins (§10) and main() (§14) drive it through the
+# Manager methods listed in its docstring.
+
+
+class LogFile:
+    """An append-only log file with size-based rotation (FILE.1 newest).
+
+    Rotation happens at a line boundary when one fits, so lines stay
+    whole.  A write error (a full disk) is logged at most once a minute
+    and the data is dropped; the next write tries again.  ``-`` is the
+    daemon's own stdout (written with os.write, no seeking).
+    """
+
+    def __init__(self, path, maxbytes, backups, timestamps=False):
+        self.path, self.maxbytes, self.backups = path, maxbytes, backups
+        self.timestamps = timestamps
+        self._fd = None
+        self._size = 0
+        self._line_start = True
+        self._last_error = None
+        self.users = 0
+
+    def _open(self):
+        if self.path == "-":
+            self._fd = 1
+            return
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._size = os.fstat(self._fd).st_size
+
+    def reopen(self):
+        self.close()
+
+    def close(self):
+        if self._fd is not None and self._fd != 1:
+            close_quietly(self._fd)
+        self._fd = None
+
+    def _stamp(self, data: bytes) -> bytes:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z ").encode()
+        out = bytearray()
+        for line in data.splitlines(True):
+            if self._line_start:
+                out += stamp
+            out += line
+            self._line_start = line.endswith(b"\n")
+        return bytes(out)
+
+    def write(self, data: bytes) -> None:
+        if self.timestamps:
+            data = self._stamp(data)
+        try:
+            if self._fd is None:
+                self._open()
+            while data:
+                if self.path != "-" and self.maxbytes and self._size + len(data) > self.maxbytes:
+                    room = self.maxbytes - self._size
+                    cut = data.rfind(b"\n", 0, room) + 1
+                    if cut <= 0 and self._size == 0:
+                        cut = room
+                    if cut > 0:
+                        self._write_all(data[:cut])
+                        data = data[cut:]
+                    self._rotate()
+                    continue
+                self._write_all(data)
+                data = b""
+            self._last_error = None
+        except OSError as exc:
+            now = time.monotonic()
+            if self._last_error is None or now - self._last_error > 60:
+                log.error("cannot write log file %s: %s (output dropped until it works)",
+                          self.path, exc.strerror)
+                self._last_error = now
+            self.close()
+
+    def _write_all(self, data):
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self._size += n
+
+    def _rotate(self):
+        self.close()
+        if self.backups <= 0:
+            os.truncate(self.path, 0) if os.path.exists(self.path) else None
+        else:
+            for i in range(self.backups - 1, 0, -1):
+                src = "%s.%d" % (self.path, i)
+                if os.path.exists(src):
+                    os.replace(src, "%s.%d" % (self.path, i + 1))
+            if os.path.exists(self.path):
+                os.replace(self.path, self.path + ".1")
+        self._open()
+
+
+class Process:
+    """One OS process of a template.
+
+    Public: ``id`` (internal id), ``pid`` (OS pid), ``name``,
+    ``redirect_output``, ``redirect_input``, ``detach``, ``started`` (loop
+    time), ``monitor_io(label, listener)``, ``unmonitor_io(label,
+    listener)``, ``on_exit(callback)``, ``write(bytes)``,
+    ``writelines(list)``, ``kill(signum)``, ``info`` (stats dict),
+    ``rings`` (label -> OutputRing), ``alive``.
+    """
+
+    def __init__(self, manager, template, internal_id):
+        self.manager, self.template, self.id = manager, template, internal_id
+        self.spec = template.spec
+        self.name = template.name
+        self.pid = None
+        self.popen = None
+        self.redirect_output = list(self.spec.labels)
+        self.redirect_input = self.spec.redirect_input
+        self.detach = self.spec.detach
+        self.custom_streams = list(self.spec.custom_streams)
+        self.rings = {label: OutputRing(self.spec.output_buffer) for label in self.redirect_output}
+        self.started = manager.loop.time()
+        self.requested = False          # the exit was asked for (stop, reap)
+        self.exit_status = self.term_signal = None
+        self.kill_handle = None
+        self.sample = None              # (time, cpu seconds) for cpu%
+        self._fds = {}                  # our read fd -> label (or custom label)
+        self._listeners = {}            # label -> [listener]
+        self._exit_callbacks = []
+        self._logs = {}                 # label -> LogFile
+        self.stdin_fd = None
+        self._stdin = collections.deque()
+        self.stdin_queued = 0
+        self.custom_fds = {}            # custom label -> our socket end
+
+    @property
+    def alive(self) -> bool:
+        return self.exit_status is None
+
+    # -- output -----------------------------------------------------------------
+    def monitor_io(self, label, listener):
+        """``listener(label, {"event", "name", "pid", "data"})`` per chunk."""
+        subs = self._listeners.setdefault(label, [])
+        if listener not in subs:
+            subs.append(listener)
+
+    def unmonitor_io(self, label, listener):
+        subs = self._listeners.get(label)
+        if subs and listener in subs:
+            subs.remove(listener)
+
+    def on_exit(self, callback):
+        """``callback(process)`` once, after the exit and the last output."""
+        if self.alive:
+            self._exit_callbacks.append(callback)
+        else:
+            self.manager.loop.call_soon(callback, self)
+
+    def remove_exit_callback(self, callback):
+        if callback in self._exit_callbacks:
+            self._exit_callbacks.remove(callback)
+
+    def _dispatch(self, label, data):
+        ring = self.rings.get(label)
+        if ring is not None:
+            ring.append(data)
+        logfile = self._logs.get(label)
+        if logfile is not None:
+            logfile.write(data)
+        subs = self._listeners.get(label)
+        if subs:
+            payload = {"event": label if ring is not None else "READ",
+                       "name": self.name, "pid": self.id, "data": data}
+            for listener in list(subs):
+                try:
+                    listener(payload["event"], payload)
+                except Exception:
+                    log.exception("output listener of %s failed", self.name)
+
+    def _on_output(self, fd):
+        label = self._fds.get(fd)
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_fd(fd)
+            return
+        self._dispatch(label, data)
+
+    def _drain(self):
+        """Read what is left in the pipes (the last words of a crash)."""
+        for fd in list(self._fds):
+            for _ in range(64):
+                try:
+                    data = os.read(fd, READ_CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self._dispatch(self._fds[fd], data)
+            self._close_fd(fd)
+
+    def _close_fd(self, fd):
+        if self._fds.pop(fd, None) is not None:
+            self.manager.loop.remove_reader(fd)
+            close_quietly(fd)
+
+    # -- input ------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Queue ``data`` for stdin.  ApiError 403 without redirect_input,
+        503 when more than STDIN_QUEUE_LIMIT bytes are waiting."""
+        if self.stdin_fd is None:
+            raise ApiError(403, "forbidden_write", "process %d has no stdin pipe "
+                           "(redirect_input is off, or stdin was closed)" % self.id)
+        if self.stdin_queued + len(data) > STDIN_QUEUE_LIMIT:
+            raise ApiError(503, "stdin_full", "process %d is not reading its stdin: "
+                           "%d bytes already queued" % (self.id, self.stdin_queued))
+        if not data:
+            return
+        self._stdin.append(bytes(data))
+        self.stdin_queued += len(data)
+        self.manager.loop.add_writer(self.stdin_fd, self._on_stdin_writable)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def _on_stdin_writable(self):
+        while self._stdin:
+            data = self._stdin[0]
+            try:
+                n = os.write(self.stdin_fd, data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:                     # EPIPE: the child closed stdin
+                self._close_stdin()
+                return
+            self.stdin_queued -= n
+            if n < len(data):
+                self._stdin[0] = data[n:]
+                return
+            self._stdin.popleft()
+        self.manager.loop.remove_writer(self.stdin_fd)
+
+    def _close_stdin(self):
+        if self.stdin_fd is not None:
+            self.manager.loop.remove_writer(self.stdin_fd)
+            close_quietly(self.stdin_fd)
+            self.stdin_fd = None
+        self._stdin.clear()
+        self.stdin_queued = 0
+
+    # -- signals ------------------------------------------------------------------
+    def kill(self, signum) -> None:
+        """Send ``signum`` to the process group, or to the process alone
+        if it left its group."""
+        if not self.alive or self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(self.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @property
+    def info(self) -> dict:
+        stats = self.manager.process_stats(self)
+        return stats if stats is not None else {"pid": self.pid, "id": self.id, "name": self.name}
+
+
+class Template:
+    """A named process definition and its live processes (SPEC 3.1).
+
+    ``state``: ``running`` (supervised), ``stopped``, ``retrying``
+    (flapping detected; waiting ``retry_in``) or ``failed`` (flapping gave
+    up; stays so until started again).
+    """
+
+    def __init__(self, spec: TemplateSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.numprocesses = spec.numprocesses
+        self.running = []                      # Process, oldest first
+        self.state = "stopped"
+        self.never_started = True
+        self.flap = FlapState()
+        self.retry_handle = None
+        self.spawn_retry = None
+        self.restarts = 0
+        self.give_ups = 0
+        self.recent = collections.deque(maxlen=RECENT_PROCESSES)
+        self.last_error = None
+        self.created = time.monotonic()
+
+    @property
+    def group(self):
+        return self.spec.group
+
+    @property
+    def stopped(self) -> bool:
+        return self.state != "running"
+
+    def status(self) -> dict:
+        return {"active": bool(self.running), "running": len(self.running),
+                "max_processes": self.numprocesses, "state": self.state}
+
+
+def _parse_target(name_or_id):
+    """The manager API takes a str for a template, an int for a process."""
+    if isinstance(name_or_id, int) and not isinstance(name_or_id, bool):
+        return None, name_or_id
+    return str(name_or_id), None
+
+
+class Manager:
+    """Owns templates, processes, groups and the event bus.
+
+    The API applications and plugins use (SPEC 10.4):
+        subscribe(pattern, cb) / unsubscribe / subscribe_once / publish
+        add_process(name, cmd, **settings) (KeyError on conflict, ValueError
+            when invalid), update_process(name, cmd, **settings),
+        remove_process(name), start_process(name),
+        stop_process(name_or_id), restart_process(name),
+        ttin(name, n=1), ttou(name, n=1), send_signal(name_or_id, signum),
+        get_process_info(name), get_process_status(name),
+        get_process_stats(name_or_id), processes_stats(),
+        get_groups(), get_group(name), start_group / stop_group /
+            restart_group / remove_group (name),
+        processes (name -> Template), running (id -> Process),
+        get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
+        stop(callback=None), restart(callback=None), loop.
+    Template names are str, internal process ids int.  Unknown names raise
+    KeyError.
+    """
+
+    def __init__(self, loop: Loop, environ=None):
+        self.loop = loop
+        self.bus = EventBus(loop.call_soon)
+        self.environ = os.environ if environ is None else environ
+        self.processes = collections.OrderedDict()     # name -> Template
+        self.running = collections.OrderedDict()       # id -> Process (live, not stopping)
+        self.groups = collections.OrderedDict()        # group -> [template names]
+        self.apps = []
+        self._by_pid = {}                              # os pid -> Process (every live one)
+        self._ids = itertools.count(1)
+        self._logfiles = {}                            # path -> LogFile (shared)
+        self._monitors = {}                            # process id -> (handle, [listeners])
+        self.stopping = False
+        self._hurry = False
+        self._stop_callbacks = []
+        self._orphan_deadline = None
+        self.started = loop.time()
+        self.spawned_total = 0
+        self.spawn_failures = 0
+
+    # -- events ----------------------------------------------------------------
+    def subscribe(self, pattern, listener):
+        self.bus.subscribe(pattern, listener)
+
+    def subscribe_once(self, pattern, listener):
+        self.bus.subscribe_once(pattern, listener)
+
+    def unsubscribe(self, pattern, listener):
+        self.bus.unsubscribe(pattern, listener)
+
+    def publish(self, event, payload=None):
+        self.bus.publish(event, payload)
+
+    def _emit(self, event, name, per_process=True, **fields):
+        payload = dict(fields, name=name)
+        self.bus.publish(event, payload)
+        if per_process:
+            self.bus.publish("proc.%s.%s" % (name, event), payload)
+
+    # -- lookups -----------------------------------------------------------------
+    def get_template(self, name) -> Template:
+        try:
+            return self.processes[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def get_process(self, name_or_id):
+        name, pid = _parse_target(name_or_id)
+        if pid is not None:
+            return self.running[pid]
+        return self.get_template(name)
+
+    def find_process(self, internal_id):
+        """A live process by internal id, stopping ones included, or None."""
+        proc = self.running.get(internal_id)
+        if proc is None:
+            for p in self._by_pid.values():
+                if p.id == internal_id:
+                    return p
+        return proc
+
+    # -- templates ------------------------------------------------------------------
+    def add_template(self, spec: TemplateSpec, start=None) -> Template:
+        """Register ``spec`` and start it unless ``start`` is false."""
+        if spec.name in self.processes:
+            raise KeyError(spec.name)
+        t = Template(spec)
+        self.processes[spec.name] = t
+        if spec.group:
+            self.groups.setdefault(spec.group, []).append(spec.name)
+        self._emit("create", spec.name, per_process=False)
+        if spec.start if start is None else start:
+            self._start(t)
+        return t
+
+    def _spec_from_api(self, name, cmd, settings, base_dir=None) -> TemplateSpec:
+        try:
+            return build_spec(name, cmd, dict(settings), base_dir=base_dir or os.getcwd(),
+                              origin="api", environ=self.environ)
+        except ConfigError as exc:
+            raise ValueError(exc.message if exc.key is None else "%s: %s" % (exc.key, exc.message))
+
+    def add_process(self, name, cmd, **settings) -> Template:
+        if name in self.processes:
+            raise KeyError(name)
+        start = settings.pop("start", True)
+        return self.add_template(self._spec_from_api(name, cmd, settings), start)
+
+    def update_process(self, name, cmd, **settings):
+        t = self.get_template(name)
+        start = settings.pop("start", True)
+        self.update_template(t, self._spec_from_api(name, cmd, settings), start)
+
+    def update_template(self, t: Template, spec: TemplateSpec, start=None):
+        """SPEC 3.2 update: stop the old processes, take the new definition
+        in place (group kept), start again unless ``start`` is false."""
+        self._stop(t)
+        t.spec = spec
+        t.numprocesses = spec.numprocesses
+        t.flap.reset()
+        self._emit("update", t.name, per_process=False)
+        if spec.start if start is None else start:
+            self._start(t, events=False)
+
+    def remove_process(self, name):
+        t = self.get_template(name)
+        self._stop(t)
+        del self.processes[name]
+        if t.group and name in self.groups.get(t.group, []):
+            self.groups[t.group].remove(name)
+        self._emit("delete", name, per_process=False)
+
+    def start_process(self, name):
+        self._start(self.get_template(name))
+
+    def stop_process(self, name_or_id):
+        name, pid = _parse_target(name_or_id)
+        if pid is not None:
+            self._stop_one(self.running[pid], "stop_pid")
+        else:
+            self._stop(self.get_template(name))
+
+    def restart_process(self, name):
+        t = self.get_template(name)
+        if t.state != "running":
+            self._cancel_timers(t)
+            t.flap.reset()
+            t.state, t.never_started = "running", False
+        self._emit("restart", t.name)
+        for _ in range(t.numprocesses):
+            if not self._spawn(t):
+                break
+        self._manage(t)
+
+    def ttin(self, name, n=1) -> int:
+        t = self.get_template(name)
+        t.numprocesses += n
+        self._emit("update", name, per_process=False)
+        if t.never_started:
+            t.state, t.never_started = "running", False
+        self._manage(t)
+        return t.numprocesses
+
+    def ttou(self, name, n=1) -> int:
+        t = self.get_template(name)
+        t.numprocesses = max(0, t.numprocesses - n)
+        self._emit("update", name, per_process=False)
+        self._manage(t)
+        return t.numprocesses
+
+    def scale_to(self, name, n) -> int:
+        t = self.get_template(name)
+        return self.ttin(name, n - t.numprocesses) if n >= t.numprocesses \
+            else self.ttou(name, t.numprocesses - n)
+
+    def send_signal(self, name_or_id, signum):
+        name, pid = _parse_target(name_or_id)
+        targets = [self.running[pid]] if pid is not None else list(self.get_template(name).running)
+        for proc in targets:
+            proc.kill(signum)
+
+    # -- groups ---------------------------------------------------------------------
+    def get_groups(self):
+        return list(self.groups)
+
+    def get_group(self, name):
+        return list(self.groups[name])
+
+    def start_group(self, name):
+        for member in self.get_group(name):
+            self.start_process(member)
+
+    def stop_group(self, name):
+        for member in self.get_group(name):
+            self.stop_process(member)
+
+    def restart_group(self, name):
+        for member in self.get_group(name):
+            self.restart_process(member)
+
+    def remove_group(self, name):
+        for member in self.get_group(name):
+            if member in self.processes:
+                self.remove_process(member)
+        del self.groups[name]
+
+    # -- information ---------------------------------------------------------------
+    def get_process_info(self, name) -> dict:
+        return self.get_template(name).spec.definition()
+
+    def get_process_status(self, name) -> dict:
+        return self.get_template(name).status()
+
+    def process_stats(self, proc, kids=None):
+        """SPEC 9.1 stats of one process, plus ``id`` and ``name``; None if
+        it vanished."""
+        now = self.loop.time()
+        stats, sample = process_stats(proc.pid, proc.sample, now,
+                                      children_map() if kids is None else kids)
+        if stats is None:
+            return None
+        proc.sample = sample
+        stats["id"], stats["name"] = proc.id, proc.name
+        return stats
+
+    def get_process_stats(self, name_or_id):
+        name, pid = _parse_target(name_or_id)
+        if pid is not None:
+            return self.process_stats(self.running[pid])
+        t = self.get_template(name)
+        kids = children_map() if t.running else {}
+        stats = [s for s in (self.process_stats(p, kids) for p in t.running) if s]
+        return summarize_stats(t.name, stats)
+
+    def processes_stats(self):
+        kids = children_map() if self.running else {}
+        out = []
+        for t in self.processes.values():
+            stats = [s for s in (self.process_stats(p, kids) for p in t.running) if s]
+            out.append(summarize_stats(t.name, stats))
+        return out
+
+    def monitor(self, name_or_id, listener):
+        """``listener("stat", stats)`` every SAMPLE_INTERVAL for a process,
+        or for each process live now of a template (SPEC 9.3)."""
+        name, pid = _parse_target(name_or_id)
+        procs = [self.running[pid]] if pid is not None else list(self.get_template(name).running)
+        for proc in procs:
+            entry = self._monitors.get(proc.id)
+            if entry is None:
+                entry = self._monitors[proc.id] = [None, []]
+                entry[0] = self.loop.call_later(SAMPLE_INTERVAL, self._sample, proc)
+            if listener not in entry[1]:
+                entry[1].append(listener)
+        return procs
+
+    def unmonitor(self, name_or_id, listener):
+        name, pid = _parse_target(name_or_id)
+        ids = [pid] if pid is not None else [p.id for p in self._by_pid.values() if p.name == name]
+        for proc_id in ids:
+            entry = self._monitors.get(proc_id)
+            if entry and listener in entry[1]:
+                entry[1].remove(listener)
+                if not entry[1]:
+                    entry[0].cancel()
+                    del self._monitors[proc_id]
+
+    def _sample(self, proc):
+        entry = self._monitors.get(proc.id)
+        if entry is None:
+            return
+        if not proc.alive:
+            del self._monitors[proc.id]
+            return
+        stats = self.process_stats(proc)
+        entry[0] = self.loop.call_later(SAMPLE_INTERVAL, self._sample, proc)
+        if stats is not None:
+            for listener in list(entry[1]):
+                try:
+                    listener("stat", stats)
+                except Exception:
+                    log.exception("stats listener failed")
+
+    # -- the state machine ---------------------------------------------------------
+    def _cancel_timers(self, t):
+        for attr in ("retry_handle", "spawn_retry"):
+            handle = getattr(t, attr)
+            if handle is not None:
+                handle.cancel()
+                setattr(t, attr, None)
+
+    def _start(self, t, events=True):
+        self._cancel_timers(t)
+        t.flap.reset()
+        t.state, t.never_started = "running", False
+        t.last_error = None
+        if events:
+            self._emit("start", t.name)
+        self._manage(t)
+
+    def _stop(self, t, state="stopped"):
+        """Stop every process of ``t``; no events if it was already stopped."""
+        self._cancel_timers(t)
+        was_running = t.state == "running" or t.never_started
+        t.state, t.never_started = state, False
+        if not was_running and not t.running:
+            return
+        self._emit("stop", t.name)
+        for proc in list(t.running):
+            self._stop_one(proc, "stop_pid")
+
+    def _stop_one(self, proc, event):
+        """Take one process out of service: SIGTERM now, SIGKILL later."""
+        t = proc.template
+        if proc in t.running:
+            t.running.remove(proc)
+        self.running.pop(proc.id, None)
+        proc.requested = True
+        self._emit(event, proc.name, pid=proc.id, os_pid=proc.pid)
+        proc.kill(signal.SIGTERM)
+        timeout = proc.spec.graceful_timeout
+        if self.stopping and self._hurry:
+            timeout = 0
+        proc.kill_handle = self.loop.call_later(timeout, self._kill_now, proc)
+
+    def _kill_now(self, proc):
+        if proc.alive:
+            log.warning("%s[%d] (pid %s) did not exit within %ss of SIGTERM; sending SIGKILL",
+                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout)
+            proc.kill(signal.SIGKILL)
+
+    def _manage(self, t):
+        """Bring ``t`` to ``numprocesses``: spawn the missing, reap the
+        surplus oldest first (SPEC 3.2)."""
+        if t.state != "running" or self.stopping or self.processes.get(t.name) is not t:
+            return
+        while len(t.running) < t.numprocesses:
+            if not self._spawn(t):
+                return
+        while len(t.running) > t.numprocesses:
+            self._stop_one(t.running[0], "reap")
+
+    def _spawn(self, t) -> bool:
+        """Start one process of ``t``; False (and a retry later) on failure."""
+        spec = t.spec
+        proc = Process(self, t, next(self._ids))
+        try:
+            self._exec(proc)
+        except SpawnError as exc:
+            self.spawn_failures += 1
+            t.last_error = str(exc)
+            log.error("cannot start %s: %s", t.name, exc)
+            self._on_spawn_failure(t)
+            return False
+        self.spawned_total += 1
+        t.running.append(proc)
+        self.running[proc.id] = proc
+        self._by_pid[proc.pid] = proc
+        self._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+        return True
+
+    def _exec(self, proc):
+        spec = proc.spec
+        env = child_environment(spec, self.environ)
+        try:
+            argv = command_line(spec, env)
+        except KeyError as exc:
+            raise SpawnError("unknown variable $%s" % exc.args[0]) from None
+        except ValueError as exc:
+            raise SpawnError(str(exc)) from None
+        if not os.path.isdir(spec.cwd):
+            raise SpawnError("working directory %r does not exist" % spec.cwd)
+        executable = find_executable(argv[0], spec, env)
+        if executable is None:
+            raise SpawnError("executable %r not found" % argv[0])
+        ours, theirs = [], []                # pipe ends to keep / to close after fork
+        stdio = [subprocess.DEVNULL] * 3
+        try:
+            if proc.redirect_input:
+                r, w = os.pipe()
+                theirs.append(r)
+                ours.append(w)
+                stdio[0] = r
+                proc.stdin_fd = w
+            pipes = {}
+            for index, label in enumerate(proc.redirect_output):
+                if label not in pipes:
+                    r, w = os.pipe()
+                    ours.append(r)
+                    theirs.append(w)
+                    pipes[label] = w
+                    proc._fds[r] = label
+                stdio[1 + index] = pipes[label]
+            custom = []
+            for label in proc.custom_streams:
+                mine, child = socket.socketpair()
+                proc.custom_fds[label] = mine
+                theirs.append(child.detach())
+                custom.append(theirs[-1])
+            kwargs = self._identity(spec)
+            if custom:
+                kwargs["close_fds"] = False
+                kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
+            proc.popen = subprocess.Popen(
+                argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
+                stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
+                restore_signals=True, **dict({"close_fds": True}, **kwargs))
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            for fd in ours:
+                close_quietly(fd)
+            for sock in proc.custom_fds.values():
+                sock.close()
+            proc._fds.clear()
+            proc.stdin_fd = None
+            raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
+        finally:
+            for fd in theirs:
+                close_quietly(fd)
+        proc.pid = proc.popen.pid
+        for fd in ours:
+            os.set_blocking(fd, False)
+        for fd in proc._fds:
+            self.loop.add_reader(fd, proc._on_output, fd)
+        for label, sock in proc.custom_fds.items():
+            sock.setblocking(False)
+            proc._fds[sock.fileno()] = label
+            self.loop.add_reader(sock.fileno(), proc._on_output, sock.fileno())
+        for index, label in enumerate(proc.redirect_output):
+            path = spec.logfile_for(index)
+            if path and label not in proc._logs:
+                proc._logs[label] = self._logfile(path, spec)
+        watcher = _ChildWatcher(self, proc)
+        self.loop.watch_child(proc.pid, watcher)
+        proc.sample = (self.loop.time(), 0.0)
+
+    def _identity(self, spec):
+        """Popen arguments that switch user and group (SPEC 3.6)."""
+        if spec.uid is None and spec.gid is None:
+            return {}
+        uid, gid = spec.uid, spec.gid
+        user = None
+        if uid is not None:
+            entry = pwd.getpwuid(uid)
+            user = entry.pw_name
+            gid = entry.pw_gid if gid is None else gid
+        groups = os.getgrouplist(user, gid) if user else [gid]
+        if sys.version_info >= (3, 9):
+            out = {"group": gid, "extra_groups": groups}
+            if uid is not None:
+                out["user"] = uid
+            return out
+
+        def switch():                   # Python 3.8: no user=/group= in Popen
+            os.setgroups(groups)
+            os.setgid(gid)
+            if uid is not None:
+                os.setuid(uid)
+        return {"preexec_fn": switch}
+
+    def _logfile(self, path, spec):
+        logfile = self._logfiles.get(path)
+        if logfile is None:
+            logfile = self._logfiles[path] = LogFile(path, spec.logfile_maxbytes,
+                                                     spec.logfile_backups, spec.log_timestamps)
+        return logfile
+
+    def reopen_logs(self):
+        for logfile in self._logfiles.values():
+            logfile.reopen()
+
+    def _on_spawn_failure(self, t):
+        """An exec that failed counts as an exit nobody asked for."""
+        if t.spawn_retry is not None or t.state != "running":
+            return
+        if t.spec.flapping is not None and self._flap(t) != RESPAWN:
+            return
+        t.spawn_retry = self.loop.call_later(SPAWN_RETRY_DELAY, self._retry_spawn, t)
+
+    def _retry_spawn(self, t):
+        t.spawn_retry = None
+        self._manage(t)
+
+    def _flap(self, t) -> str:
+        decision = t.flap.on_exit(t.spec.flapping, self.loop.time())
+        if decision == RESPAWN:
+            return decision
+        self._emit("flap", t.name)
+        if decision == RETRY:
+            log.warning("%s is flapping: stopped, retry %d/%d in %ss", t.name,
+                        t.flap.retries, t.spec.flapping.max_retry, t.spec.flapping.retry_in)
+            self._stop(t, state="retrying")
+            t.retry_handle = self.loop.call_later(t.spec.flapping.retry_in, self._retry, t)
+        else:
+            t.give_ups += 1
+            log.error("%s is flapping: gave up after %d retries; it stays stopped "
+                      "until started again", t.name, t.spec.flapping.max_retry)
+            self._stop(t, state="failed")
+        return decision
+
+    def _retry(self, t):
+        t.retry_handle = None
+        if self.processes.get(t.name) is t and t.state == "retrying" and not self.stopping:
+            t.state = "running"
+            self._manage(t)
+
+    def _before_reap(self, proc):
+        """The leader is a zombie: kill what is left of its process group
+        (grandchildren) while the group id cannot be reused."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _on_exit(self, proc, exit_status, term_signal):
+        proc.exit_status, proc.term_signal = exit_status, term_signal
+        self._by_pid.pop(proc.pid, None)
+        if proc.kill_handle is not None:
+            proc.kill_handle.cancel()
+        proc._drain()
+        proc._close_stdin()
+        for sock in proc.custom_fds.values():
+            sock.close()
+        if proc.popen is not None:
+            proc.popen.returncode = exit_status or -term_signal
+        t = proc.template
+        if proc in t.running:
+            t.running.remove(proc)
+        self.running.pop(proc.id, None)
+        t.recent.append(proc)
+        self._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
+                   term_signal=term_signal, os_pid=proc.pid)
+        for callback in proc._exit_callbacks:
+            self.loop.call_soon(callback, proc)
+        proc._exit_callbacks = []
+        if self.stopping:
+            self._check_stopped()
+            return
+        if self.processes.get(t.name) is not t or t.state != "running":
+            return
+        if not proc.requested:
+            t.restarts += 1
+            if t.spec.flapping is not None and self._flap(t) != RESPAWN:
+                return
+        self.loop.call_soon(self._manage, t)
+
+    # -- whole-manager operations ---------------------------------------------------
+    def start(self):
+        """Start the applications (SPEC 8.1 step 9)."""
+        for app in list(self.apps):
+            try:
+                app.start(self.loop, self)
+            except Exception:
+                log.exception("application %r failed to start; it is disabled", app)
+                self.apps.remove(app)
+
+    def restart(self, callback=None):
+        """SIGHUP without a config: restart every running template and call
+        each application's restart()."""
+        for app in self.apps:
+            try:
+                app.restart()
+            except Exception:
+                log.exception("application %r failed to restart", app)
+        for t in list(self.processes.values()):
+            if t.state == "running":
+                self.restart_process(t.name)
+        if callback:
+            self.loop.call_soon(callback)
+
+    def stop(self, callback=None):
+        """Graceful shutdown (SPEC 8.2).  A second call skips the rest of
+        every grace period."""
+        if callback:
+            self._stop_callbacks.append(callback)
+        if self.stopping:
+            log.warning("second stop request: killing what is left now")
+            self._hurry = True
+            for proc in list(self._by_pid.values()):
+                proc.kill(signal.SIGKILL)
+            self._kill_orphans(signal.SIGKILL)
+            return
+        self.stopping = True
+        for t in list(self.processes.values()):
+            self._stop(t)
+        self._check_stopped()
+
+    def _check_stopped(self):
+        if self._by_pid:
+            return
+        if self._orphan_deadline is None:
+            # orphaned descendants adopted by us as subreaper: TERM, then KILL
+            if self._kill_orphans(signal.SIGTERM):
+                self._orphan_deadline = self.loop.call_later(
+                    0.0 if self._hurry else 1.0, self._finish_orphans)
+                return
+        self._orphan_deadline = True
+        self.loop.call_soon(self._stopped)
+
+    def _finish_orphans(self):
+        self._kill_orphans(signal.SIGKILL)
+        self._orphan_deadline = True
+        self.loop.call_soon(self._stopped)
+
+    def _kill_orphans(self, signum) -> int:
+        me = os.getpid()
+        count = 0
+        for pid in children_map().get(me, ()):
+            if pid in self._by_pid or pid in self.loop._child_watchers:
+                continue
+            fields = read_proc_stat(pid)
+            if fields is None or fields[0] == b"Z":
+                continue
+            try:
+                os.kill(pid, signum)
+                count += 1
+            except OSError:
+                pass
+        return count
+
+    def _stopped(self):
+        for app in self.apps:
+            try:
+                app.stop()
+            except Exception:
+                log.exception("application %r failed to stop", app)
+        for logfile in self._logfiles.values():
+            logfile.close()
+        callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for callback in callbacks:
+            callback()
+
+
+class _ChildWatcher:
+    """Bridges the loop's reaper to the manager for one process."""
+
+    __slots__ = ("manager", "proc")
+
+    def __init__(self, manager, proc):
+        self.manager, self.proc = manager, proc
+
+    def before_reap(self, pid):
+        self.manager._before_reap(self.proc)
+
+    def __call__(self, pid, exit_status, term_signal):
+        self.manager._on_exit(self.proc, exit_status, term_signal)
+
+
+def _chain_preexec(first, custom_fds):
+    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5)."""
+    def preexec():
+        if first is not None:
+            first()
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(custom_fds)) for fd in custom_fds]
+        for index, fd in enumerate(high):
+            os.dup2(fd, 3 + index)
+            os.close(fd)
+    return preexec
+
+
+# § 9 HTTP client and webhooks (I/O) -------------------------------------------
+# Owns: a small non-blocking HTTP/1.1 client (plain or TLS) with its own
+# DNS lookup (IP literals, /etc/hosts, then a UDP query to the servers of
+# /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; and
+# the webhooks application (SPEC section 5, issue 4): exact event names
+# and ".", in-order delivery per URL, 3 attempts with back-off, a bounded
+# queue.  Uses §1, §5, §7.  Plugins use ``http_request``.
+
+
+def _hosts_lookup(host):
+    try:
+        with open("/etc/hosts") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) > 1 and host.lower() in (h.lower() for h in fields[1:]):
+                    return fields[0]
+    except OSError:
+        pass
+    return None
+
+
+def _nameservers():
+    servers = []
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[0] == "nameserver":
+                    servers.append(fields[1])
+    except OSError:
+        pass
+    return servers or ["127.0.0.1"]
+
+
+def dns_query(host: str, qid: int) -> bytes:
+    """An RFC 1035 query for the A record of ``host``."""
+    question = b"".join(bytes([len(label)]) + label.encode("idna")
+                        for label in host.rstrip(".").split(".")) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 1, 1)
+
+
+def dns_answer(data: bytes, qid: int):
+    """IPv4 addresses in an RFC 1035 reply to query ``qid``."""
+    if len(data) < 12:
+        return []
+    rid, flags, qd, an, _, _ = struct.unpack("!HHHHHH", data[:12])
+    if rid != qid or flags & 0x000F:
+        return []
+    pos = 12
+
+    def skip_name(pos):
+        while pos < len(data):
+            n = data[pos]
+            if n & 0xC0 == 0xC0:
+                return pos + 2
+            if n == 0:
+                return pos + 1
+            pos += n + 1
+        return pos
+    for _ in range(qd):
+        pos = skip_name(pos) + 4
+    out = []
+    for _ in range(an):
+        pos = skip_name(pos)
+        if pos + 10 > len(data):
+            break
+        rtype, _, _, length = struct.unpack("!HHIH", data[pos:pos + 10])
+        pos += 10
+        if rtype == 1 and length == 4:
+            out.append(socket.inet_ntoa(data[pos:pos + 4]))
+        pos += length
+    return out
+
+
+def resolve(loop, host, callback, timeout=5.0):
+    """``callback(address or None, error)`` without blocking the loop."""
+    try:
+        ipaddress.ip_address(host)
+        loop.call_soon(callback, host, None)
+        return
+    except ValueError:
+        pass
+    if host.lower() == "localhost":
+        loop.call_soon(callback, "127.0.0.1", None)
+        return
+    address = _hosts_lookup(host)
+    if address:
+        loop.call_soon(callback, address, None)
+        return
+    _DnsLookup(loop, host, callback, timeout)
+
+
+class _DnsLookup:
+    def __init__(self, loop, host, callback, timeout):
+        self.loop, self.host, self.callback = loop, host, callback
+        self.qid = random.randrange(65536)
+        self.sock = None
+        self.servers = _nameservers()
+        self.done = False
+        try:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in self.servers[0] else socket.AF_INET,
+                                      socket.SOCK_DGRAM)
+            self.sock.setblocking(False)
+            query = dns_query(host, self.qid)
+            for server in self.servers[:3]:
+                try:
+                    self.sock.sendto(query, (server, 53))
+                except OSError:
+                    pass
+        except (OSError, UnicodeError) as exc:
+            self._finish(None, "cannot resolve %s: %s" % (host, exc))
+            return
+        loop.add_reader(self.sock.fileno(), self._on_reply)
+        self.timer = loop.call_later(timeout, self._finish, None, "cannot resolve %s: timed out" % host)
+
+    def _on_reply(self):
+        try:
+            data = self.sock.recv(4096)
+        except OSError:
+            return
+        addresses = dns_answer(data, self.qid)
+        self._finish(addresses[0] if addresses else None,
+                     None if addresses else "cannot resolve %s" % self.host)
+
+    def _finish(self, address, error):
+        if self.done:
+            return
+        self.done = True
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.timer.cancel()
+        self.callback(address, error)
+
+
+class _ClientRequest:
+    """One HTTP request on the loop; see ``http_request``."""
+
+    MAX_RESPONSE = 4 << 20
+
+    def __init__(self, loop, method, url, body, headers, timeout, callback):
+        self.loop, self.callback = loop, callback
+        parts = urllib.parse.urlsplit(url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        body = body.encode("utf-8") if isinstance(body, str) else (body or b"")
+        head = ["%s %s HTTP/1.1" % (method, path),
+                "Host: %s" % (parts.netloc.rsplit("@", 1)[-1]),
+                "Connection: close", "Content-Length: %d" % len(body),
+                "User-Agent: gafferd/%s" % GAFFERD_VERSION]
+        head.extend("%s: %s" % kv for kv in (headers or {}).items())
+        self.out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        self.response = bytearray()
+        self.sock = None
+        self.done = False
+        self.timer = loop.call_later(timeout, self._fail, "timed out after %ss" % timeout)
+        if parts.scheme not in ("http", "https") or not self.host:
+            loop.call_soon(self._fail, "unsupported URL %r" % url)
+        else:
+            resolve(loop, self.host, self._on_resolved)
+
+    def _on_resolved(self, address, error):
+        if self.done:
+            return
+        if address is None:
+            self._fail(error)
+            return
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((address, self.port))
+        except OSError as exc:
+            self._fail(str(exc))
+            return
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(os.strerror(err))
+            return
+        self.loop.add_writer(self.sock.fileno(), self._on_connected)
+
+    def _on_connected(self):
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail("cannot connect to %s:%d: %s" % (self.host, self.port, os.strerror(err)))
+            return
+        if self.tls:
+            try:
+                context = ssl.create_default_context()
+                self.sock = context.wrap_socket(self.sock, server_hostname=self.host,
+                                                do_handshake_on_connect=False)
+            except (ssl.SSLError, OSError) as exc:
+                self._fail(str(exc))
+                return
+            self._watch(self._handshake, write=True)
+        else:
+            self._watch(self._send, write=True)
+
+    def _watch(self, callback, write):
+        fd = self.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+        (self.loop.add_writer if write else self.loop.add_reader)(fd, callback)
+
+    def _handshake(self):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(self._handshake, write=False)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(self._handshake, write=True)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._fail("TLS handshake with %s failed: %s" % (self.host, exc))
+            return
+        self._watch(self._send, write=True)
+
+    def _send(self):
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        except OSError as exc:
+            self._fail(str(exc))
+            return
+        self.out = self.out[n:]
+        if not self.out:
+            self._watch(self._recv, write=False)
+
+    def _recv(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except OSError as exc:
+                self._fail(str(exc))
+                return
+            if not data:
+                self._finish()
+                return
+            self.response += data
+            if len(self.response) > self.MAX_RESPONSE:
+                self._fail("response too large")
+                return
+            if self._complete():
+                self._finish()
+                return
+
+    def _complete(self) -> bool:
+        end = self.response.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self.response[:end]).lower()
+        m = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
+        if m:
+            return len(self.response) >= end + 4 + int(m.group(1))
+        if b"chunked" in head:
+            return self.response.endswith(b"0\r\n\r\n")
+        return False
+
+    def _finish(self):
+        end = self.response.find(b"\r\n\r\n")
+        m = re.match(rb"^HTTP/1\.[01] (\d{3})", bytes(self.response[:16]))
+        if end < 0 or not m:
+            self._fail("malformed response")
+            return
+        body = bytes(self.response[end + 4:])
+        if b"chunked" in bytes(self.response[:end]).lower():
+            decoded = bytearray()
+            while body:
+                size_line, _, rest = body.partition(b"\r\n")
+                try:
+                    size = int(size_line.split(b";")[0], 16)
+                except ValueError:
+                    break
+                if size == 0:
+                    break
+                decoded += rest[:size]
+                body = rest[size + 2:]
+            body = bytes(decoded)
+        self._close()
+        self.callback(int(m.group(1)), body, None)
+
+    def _fail(self, error):
+        if self.done:
+            return
+        self._close()
+        self.callback(0, b"", error)
+
+    def _close(self):
+        self.done = True
+        self.timer.cancel()
+        if self.sock is not None:
+            fd = self.sock.fileno()
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+                self.loop.remove_writer(fd)
+            self.sock.close()
+            self.sock = None
+
+
+def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callback=None):
+    """Send one HTTP(S) request without blocking; ``callback(status,
+    body, error)`` gets status 0 and an error string on failure."""
+    return _ClientRequest(loop, method, url, body, headers, timeout,
+                          callback or (lambda status, body, error: None))
+
+
+class Webhooks:
+    """POST each matching manager event, as JSON, to its URLs (SPEC 5).
+
+    A hook fires on an exact event name or on ".".  Each URL has its own
+    FIFO queue and at most one request in flight, so deliveries to one
+    URL keep their order.  A failed delivery is retried twice, after 1 s
+    and 2 s, then dropped with an error line.  A queue keeps at most
+    WEBHOOK_QUEUE events (the oldest is dropped with a warning).
+    """
+
+    def __init__(self, hooks):
+        self.loop = self.manager = None
+        self.configure(hooks)
+        self.queues = collections.OrderedDict()        # url -> deque of [body, attempts]
+        self.busy = set()
+        self.delivered = self.failed = self.dropped = 0
+        self._on_idle = None
+
+    def configure(self, hooks):
+        self.hooks = collections.defaultdict(list)
+        for event, url in hooks:
+            if url not in self.hooks[event]:
+                self.hooks[event].append(url)
+
+    def start(self, loop, manager):
+        self.loop, self.manager = loop, manager
+        manager.subscribe(".", self._on_event)
+
+    def restart(self):
+        pass
+
+    def stop(self):
+        if self.manager is not None:
+            self.manager.unsubscribe(".", self._on_event)
+
+    def drain(self, callback):
+        """Call ``callback`` once every queue is empty, or after
+        SHUTDOWN_DRAIN seconds, whichever comes first."""
+        if not any(self.queues.values()) or self.loop is None:
+            callback()
+            return
+        self._on_idle = callback
+        self.loop.call_later(SHUTDOWN_DRAIN, self._idle)
+
+    def _idle(self):
+        callback, self._on_idle = self._on_idle, None
+        if callback:
+            pending = sum(len(q) for q in self.queues.values())
+            if pending:
+                log.warning("shutdown: %d webhook deliveries dropped", pending)
+            callback()
+
+    def _on_event(self, name, payload):
+        urls = self.hooks.get(name, []) + [u for u in self.hooks.get(".", [])
+                                           if u not in self.hooks.get(name, [])]
+        if not urls:
+            return
+        body = json_dumps(payload)
+        for url in urls:
+            queue = self.queues.setdefault(url, collections.deque())
+            if len(queue) >= WEBHOOK_QUEUE:
+                queue.popleft()
+                self.dropped += 1
+                log.warning("webhook %s: queue full, oldest event dropped", url)
+            queue.append([body, 0])
+            if url not in self.busy:
+                self._send(url)
+
+    def _send(self, url):
+        queue = self.queues.get(url)
+        if not queue:
+            self.busy.discard(url)
+            if self._on_idle and not any(self.queues.values()):
+                self._idle()
+            return
+        self.busy.add(url)
+        http_request(self.loop, "POST", url, queue[0][0],
+                     {"Content-Type": "application/json"}, WEBHOOK_TIMEOUT,
+                     lambda status, body, error: self._done(url, status, error))
+
+    def _done(self, url, status, error):
+        queue = self.queues[url]
+        if 200 <= status < 300:
+            queue.popleft()
+            self.delivered += 1
+            self._send(url)
+            return
+        entry = queue[0]
+        entry[1] += 1
+        reason_text = error or "HTTP %d" % status
+        if entry[1] >= WEBHOOK_ATTEMPTS:
+            queue.popleft()
+            self.failed += 1
+            log.error("webhook %s: giving up after %d attempts (%s)", url, entry[1], reason_text)
+            self._send(url)
+        else:
+            log.warning("webhook %s: attempt %d failed (%s); retrying in %ds",
+                        url, entry[1], reason_text, 2 ** (entry[1] - 1))
+            self.loop.call_later(2 ** (entry[1] - 1), self._send, url)
+
+
+# § 10 plugins ---------------------------------------------------------------
+# Owns: the ``Plugin`` base class, discovery of plugin directories (SPEC
+# 7.2 with its fixes), mandatory dependencies, the wrapper that keeps a
+# failing plugin from hurting the daemon, and finding a plugin's static
+# site.  Uses §1-§8.  Used by the HTTP API (§11) and main() (§14).
+#
+# The plugin API, all in one place:
+#   class Plugin: name, version, description, mandatory, app(cfg)
+#   the application app(cfg) returns: start(loop, manager), stop(),
+#       restart(); optional routes() -> [(method, regex, handler)] served
+#       under /_plugin/<dir>/api/<regex>, handler(request, *groups) ->
+#       (status, body); optional metrics() -> [Prometheus text lines].
+#   loop: see the module docstring; manager: see ``Manager``.
+
+
+class Plugin:
+    """Base class of plugins: list subclasses in a module's ``__all__``.
+
+    ``name`` must be set (it is what ``mandatory`` lists refer to).
+    ``app(cfg)`` returns an application object or None; ``cfg`` is the
+    daemon's configparser (plugins read their own sections from it), or
+    None when the daemon runs without a config file.
+    """
+
+    name = ""
+    version = "?"
+    description = ""
+    mandatory = []
+
+    def app(self, cfg):
+        return None
+
+
+def install_import_aliases(module):
+    """Make ``from gafferd import Plugin`` and ``from gaffer import Plugin``
+    give this very module's class, also when it runs as a script (SPEC 7.4)."""
+    sys.modules.setdefault("gafferd", module)
+    if "gaffer" not in sys.modules:
+        shim = types.ModuleType("gaffer", "compatibility alias for gaffer 0.4.4 plugins")
+        shim.Plugin = module.Plugin
+        shim.__version__ = __version__
+        sys.modules["gaffer"] = shim
+
+
+class PluginDir:
+    """One directory under a plugins root, with the plugins found in it."""
+
+    def __init__(self, root, dirname):
+        self.root, self.dirname = root, dirname
+        self.path = os.path.join(root, dirname)
+        self.plugins = []
+
+    def site_root(self):
+        """``_site/``, or the directory itself when it has an index.html
+        and no plugin class (SPEC 7.2 step 3); looked up on every request,
+        so sites added while the daemon runs are served."""
+        site = os.path.join(self.path, "_site")
+        if os.path.isdir(site):
+            return site
+        if not self.plugins and os.path.isfile(os.path.join(self.path, "index.html")):
+            return self.path
+        return None
+
+
+class PluginApp:
+    """Wraps a plugin's application so its failures are logged with the
+    plugin's name and never reach the daemon."""
+
+    def __init__(self, plugin, pdir, app):
+        self.plugin, self.pdir, self.app = plugin, pdir, app
+        self.routes = []
+        self.failed = False
+
+    def __repr__(self):
+        return "plugin %r (dir %r)" % (self.plugin.name, self.pdir.dirname)
+
+    def _call(self, what, *args):
+        method = getattr(self.app, what, None)
+        if method is None:
+            return None
+        try:
+            return method(*args)
+        except Exception:
+            log.exception("%r: %s() failed", self, what)
+            if what == "start":
+                self.failed = True
+            return None
+
+    def start(self, loop, manager):
+        self._call("start", loop, manager)
+        if self.failed:
+            return
+        routes = self._call("routes") or []
+        for route in routes:
+            try:
+                method, pattern, handler = route
+                self.routes.append((method.upper(), re.compile(pattern), handler))
+            except (TypeError, ValueError, re.error) as exc:
+                log.error("%r: bad route %r: %s", self, route, exc)
+
+    def stop(self):
+        if not self.failed:
+            self._call("stop")
+
+    def restart(self):
+        if not self.failed:
+            self._call("restart")
+
+    def metrics(self):
+        if self.failed:
+            return []
+        return self._call("metrics") or []
+
+
+class Plugins:
+    """Discovery and bookkeeping of every plugin directory."""
+
+    def __init__(self, roots):
+        self.roots = [r for r in roots if r]
+        self.dirs = collections.OrderedDict()          # dirname -> PluginDir
+        self.apps = []                                 # PluginApp
+
+    def discover(self):
+        for root in self.roots:
+            if not os.path.isdir(root):
+                continue
+            for dirname in sorted(os.listdir(root)):
+                path = os.path.join(root, dirname)
+                if dirname.startswith((".", "_")) or not os.path.isdir(path):
+                    continue
+                if dirname in self.dirs:
+                    log.warning("plugin directory %s shadowed by %s", path, self.dirs[dirname].path)
+                    continue
+                pdir = self.dirs[dirname] = PluginDir(root, dirname)
+                self._scan(pdir)
+
+    def find_dir(self, dirname):
+        """The PluginDir for ``dirname``, also one created after start-up."""
+        pdir = self.dirs.get(dirname)
+        if pdir is None and dirname and not dirname.startswith((".", "_")) and "/" not in dirname:
+            for root in self.roots:
+                if os.path.isdir(os.path.join(root, dirname)):
+                    return PluginDir(root, dirname)
+        return pdir
+
+    def _scan(self, pdir):
+        for package in sorted(os.listdir(pdir.path)):
+            pkg_path = os.path.join(pdir.path, package)
+            if package.startswith((".", "_")) or \
+                    not os.path.isfile(os.path.join(pkg_path, "__init__.py")):
+                continue
+            for module in self._import_package(pdir, package, pkg_path):
+                for attr in getattr(module, "__all__", ()):
+                    obj = getattr(module, attr, None)
+                    if not (isinstance(obj, type) and issubclass(obj, Plugin)) or obj is Plugin:
+                        continue
+                    try:
+                        plugin = obj()
+                    except Exception:
+                        log.exception("plugin class %s.%s (dir %r) failed to instantiate; "
+                                      "skipped", module.__name__, attr, pdir.dirname)
+                        continue
+                    if not getattr(plugin, "name", ""):
+                        log.error("plugin class %s.%s (dir %r) has no name; skipped",
+                                  module.__name__, attr, pdir.dirname)
+                        continue
+                    if all(type(p) is not obj for p in pdir.plugins):
+                        pdir.plugins.append(plugin)
+
+    def _import_package(self, pdir, package, pkg_path):
+        """Import ``package`` and its top-level modules; a package name
+        already taken by another directory gets a private name."""
+        modname = package
+        existing = sys.modules.get(package)
+        if existing is not None and os.path.dirname(os.path.abspath(
+                getattr(existing, "__file__", "") or "")) != os.path.abspath(pkg_path):
+            modname = "gafferd_plugin_%s_%s" % (re.sub(r"\W", "_", pdir.dirname), package)
+        modules = []
+        try:
+            if modname not in sys.modules:
+                spec = importlib.util.spec_from_file_location(
+                    modname, os.path.join(pkg_path, "__init__.py"),
+                    submodule_search_locations=[pkg_path])
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[modname] = mod
+                try:
+                    spec.loader.exec_module(mod)
+                except BaseException:
+                    del sys.modules[modname]
+                    raise
+            modules.append(sys.modules[modname])
+        except Exception:
+            log.exception("plugin package %s (dir %r) failed to import; skipped",
+                          pkg_path, pdir.dirname)
+            return []
+        for filename in sorted(os.listdir(pkg_path)):
+            if not filename.endswith(".py") or filename == "__init__.py":
+                continue
+            name = "%s.%s" % (modname, filename[:-3])
+            try:
+                modules.append(importlib.import_module(name))
+            except Exception:
+                log.exception("plugin module %s (dir %r) failed to import; skipped",
+                              os.path.join(pkg_path, filename), pdir.dirname)
+        return modules
+
+    def installed(self):
+        return {p.name for pdir in self.dirs.values() for p in pdir.plugins}
+
+    def missing_mandatory(self):
+        """One line per unmet dependency."""
+        installed = self.installed()
+        out = []
+        for pdir in self.dirs.values():
+            for plugin in pdir.plugins:
+                for dep in getattr(plugin, "mandatory", None) or ():
+                    if dep not in installed:
+                        out.append("plugin %r (dir %r) requires %r, which is not installed"
+                                   % (plugin.name, pdir.dirname, dep))
+        return out
+
+    def make_apps(self, cfg):
+        for pdir in self.dirs.values():
+            for plugin in pdir.plugins:
+                try:
+                    app = plugin.app(cfg)
+                except Exception:
+                    log.exception("plugin %r (dir %r): app() failed; skipped",
+                                  plugin.name, pdir.dirname)
+                    continue
+                if app is not None:
+                    self.apps.append(PluginApp(plugin, pdir, app))
+        return self.apps
+
+    def routes_for(self, dirname):
+        for app in self.apps:
+            if app.pdir.dirname == dirname and not app.failed:
+                for route in app.routes:
+                    yield route
+
+
+# § 11 HTTP API -----------------------------------------------------------------
+# Owns: the route table (SPEC 6.2 plus /status, /metrics, /reload and
+# _log) and one handler per route.  A handler gets the Request and the
+# percent-decoded path parameters and returns a ``Reply`` (status, body),
+# a ``Feed`` (a streaming reply the server opens with a sink), or an
+# ``Upgrade`` (a websocket).  Client mistakes raise ApiError.  Handlers are
+# thin: every decision lives in the Manager (§8).  Uses §1-§10.  Used by
+# the HTTP server (§12), which adds framing, security and error replies.
+
+
+class Reply:
+    """A whole response: status, body bytes, content type, extra headers."""
+
+    __slots__ = ("status", "body", "content_type", "headers")
+
+    def __init__(self, status, body=b"", content_type=None, headers=None):
+        self.status, self.body = status, body
+        self.content_type, self.headers = content_type, list(headers or [])
+
+
+def json_reply(status, obj, headers=None) -> Reply:
+    """SPEC 6.1: dict replies say charset=UTF-8, list replies do not."""
+    ctype = "application/json" if isinstance(obj, list) else "application/json; charset=UTF-8"
+    return Reply(status, json_dumps(obj), ctype, headers)
+
+
+OK = {"ok": True}
+
+
+class Feed:
+    """A streaming reply.  The server sends the head, then calls
+    ``opener(sink)``; the sink offers ``write(bytes)``, ``end()``,
+    ``closed`` and ``on_close(callback)``."""
+
+    def __init__(self, content_type, opener, headers=None):
+        self.status = 200
+        self.content_type, self.opener = content_type, opener
+        self.headers = [("Cache-Control", "no-cache")] + list(headers or [])
+
+
+class Upgrade:
+    """A websocket reply: after the handshake the server calls
+    ``opener(ws)``; ``ws`` offers ``send_text(str)``, ``send_binary(bytes)``,
+    ``close(code=1000, reason="")``, ``on_message(cb(opcode, payload))``,
+    ``on_close(cb)`` and ``closed``."""
+
+    def __init__(self, opener):
+        self.opener = opener
+
+
+_FEED_TYPES = {"eventsource": "text/event-stream"}
+
+# (path regex, {method: handler name}); first match wins (SPEC 6.2).
+ROUTES = [
+    (r"/", {"GET": "welcome"}),
+    (r"/ping", {"GET": "ping"}),
+    (r"/status", {"GET": "status_all"}),
+    (r"/metrics", {"GET": "metrics"}),
+    (r"/reload", {"POST": "reload"}),
+    (r"/processes", {"GET": "list_templates", "POST": "create_template"}),
+    (r"/processes/(\d+)", {"HEAD": "head_process", "GET": "get_process",
+                           "DELETE": "delete_process"}),
+    (r"/processes/([^/]+)", {"HEAD": "head_template", "GET": "get_template",
+                             "PUT": "update_template", "POST": "update_template",
+                             "DELETE": "delete_template"}),
+    (r"/processes/(\d+)/(_[^/]+)(?:/(.*))?", {"POST": "process_action"}),
+    (r"/processes/([^/]+)/(_[^/]+)(?:/(.*))?", {"GET": "template_query",
+                                               "POST": "template_action"}),
+    (r"/status/([^/]+)", {"GET": "status"}),
+    (r"/watch(?:/([^/]+))?(?:/([^/]+))?(?:/([^/]+))?", {"GET": "watch"}),
+    (r"/stats", {"GET": "stats_all"}),
+    (r"/stats/([^/]+)", {"GET": "stats_template"}),
+    (r"/stats/([^/]+)/([^/]+)", {"GET": "stats_process"}),
+    (r"/streams/([^/]+)/([^/]+)", {"GET": "stream", "POST": "write_stream"}),
+    (r"/wstreams/([^/]+)", {"GET": "wstream"}),
+    (r"/groups", {"GET": "list_groups"}),
+    (r"/groups/([^/]+)", {"GET": "group", "POST": "group_no_action",
+                          "DELETE": "delete_group"}),
+    (r"/groups/([^/]+)/([^/]+)", {"GET": "group_action", "POST": "group_action",
+                                  "DELETE": "group_action"}),
+    (r"/_plugin/([^/]+)/api/(.*)", {"*": "plugin_api"}),
+    (r"/_plugin/([^/]+)(/.*)", {"GET": "plugin_site"}),
+]
+NO_OPTIONS = {"wstream", "plugin_site", "plugin_api"}
+
+
+def parse_signal(text) -> int:
+    """A signal number, or a name such as HUP or SIGHUP (SPEC 6.4.9)."""
+    if text is None or not str(text).strip():
+        raise ApiError(400, "no_signal_number", "give a signal: _signal/15 or _signal/TERM")
+    text = str(text).strip()
+    if text.isdigit():
+        number = int(text)
+    else:
+        name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
+        number = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if number is None:
+            raise ApiError(400, "bad_value", "%r is not a signal" % text)
+        number = int(number)
+    if not 1 <= number < signal.NSIG:
+        raise ApiError(400, "bad_value", "%r is not a valid signal number" % text)
+    return number
+
+
+def parse_heartbeat(value):
+    """``true`` = 60 s; ``false``/``0``/empty = none (SPEC 6.5 fixes)."""
+    if value is None:
+        return HEARTBEAT_DEFAULT
+    text = value.strip().lower()
+    if text in ("true", "yes", "on"):
+        return HEARTBEAT_DEFAULT
+    if text in ("", "false", "no", "off", "0"):
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ApiError(400, "bad_value", "heartbeat must be true, false or seconds") from None
+    if not seconds > 0 or seconds != seconds:
+        return None
+    return max(seconds, 0.05)
+
+
+def _metric_labels(**labels) -> str:
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace(
+        '"', '\\"').replace("\n", "\\n")) for k, v in labels.items())
+
+
+class _Heartbeat:
+    """Writes ``beat`` to a sink every ``interval`` seconds."""
+
+    def __init__(self, loop, sink, interval, beat):
+        self.loop, self.sink, self.interval, self.beat = loop, sink, interval, beat
+        self.handle = loop.call_later(interval, self._tick) if interval else None
+
+    def _tick(self):
+        if not self.sink.closed:
+            self.sink.write(self.beat)
+            self.handle = self.loop.call_later(self.interval, self._tick)
+
+    def cancel(self):
+        if self.handle is not None:
+            self.handle.cancel()
+
+
+class Api:
+    """The route handlers.  ``reload(dry_run)`` and ``server`` are set by
+    the daemon (§14) and the server (§12)."""
+
+    def __init__(self, manager, plugins=None, reload=None):
+        self.manager, self.plugins, self.reload_config = manager, plugins, reload
+        self.loop = manager.loop
+        self.server = None
+        self.routes = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
+
+    # -- dispatch -------------------------------------------------------------------
+    def match(self, path):
+        """(handler name or None, methods, params) for ``path``."""
+        for regex, methods in self.routes:
+            m = regex.fullmatch(path)
+            if m:
+                try:
+                    params = [urllib.parse.unquote(g, errors="strict") if g is not None else None
+                              for g in m.groups()]
+                except UnicodeDecodeError:
+                    raise ApiError(400, "bad_request", "path is not UTF-8") from None
+                return methods, params
+        raise ApiError(404, "not_found", "no such resource: %s" % path)
+
+    def dispatch(self, req):
+        methods, params = self.match(req.path)
+        if "*" in methods:
+            return getattr(self, methods["*"])(req, *params)
+        allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()) |
+                         (set() if NO_OPTIONS & set(methods.values()) else {"OPTIONS"}))
+        if req.method == "OPTIONS" and "OPTIONS" in allowed:
+            return Reply(204, headers=[("Allow", ", ".join(allowed))])
+        name = methods.get(req.method) or (methods.get("GET") if req.method == "HEAD" else None)
+        if name is None:
+            raise ApiError(405, "method_not_allowed", "%s is not allowed on %s"
+                           % (req.method, req.path), headers=[("Allow", ", ".join(allowed))])
+        return getattr(self, name)(req, *params)
+
+    # -- lookups ----------------------------------------------------------------------
+    def _template(self, name) -> Template:
+        t = self.manager.processes.get(name)
+        if t is None:
+            raise ApiError(404, "not_found", "no template named %r" % name)
+        return t
+
+    @staticmethod
+    def _id(text) -> int:
+        if text is None or not text.isdigit():
+            raise ApiError(400, "bad_value", "%r is not a process id" % text)
+        return int(text)
+
+    def _live(self, text, stopping_too=False) -> Process:
+        pid = self._id(text)
+        proc = self.manager.find_process(pid) if stopping_too else self.manager.running.get(pid)
+        if proc is None:
+            raise ApiError(404, "not_found", "no live process with id %d" % pid)
+        return proc
+
+    # -- misc ---------------------------------------------------------------------------
+    def welcome(self, req):
+        return json_reply(200, {"welcome": "gaffer", "version": __version__,
+                                "gafferd": GAFFERD_VERSION})
+
+    def ping(self, req):
+        return Reply(200, b"OK", "text/plain; charset=UTF-8")
+
+    def status(self, req, name):
+        return json_reply(200, self._template(name).status())
+
+    def status_all(self, req):
+        return json_reply(200, {name: t.status() for name, t in self.manager.processes.items()})
+
+    def reload(self, req):
+        if self.reload_config is None:
+            raise ApiError(400, "no_config", "the daemon was started without a config file")
+        dry_run = req.query.get("dry_run", "0").strip().lower() in _TRUE
+        try:
+            return json_reply(200, self.reload_config(dry_run))
+        except ConfigErrors as exc:
+            return json_reply(400, {"error": "invalid_config", "message": str(exc),
+                                    "errors": [str(e) for e in exc.errors]})
+        except ConfigError as exc:
+            return json_reply(400, {"error": "invalid_config", "message": str(exc),
+                                    "errors": [str(exc)]})
+
+    # -- templates ------------------------------------------------------------------------
+    def list_templates(self, req):
+        if req.query.get("running", "").strip() in ("1", "true"):
+            return json_reply(200, list(self.manager.running))
+        return json_reply(200, list(self.manager.processes))
+
+    def _body_spec(self, req, name=None):
+        obj = req.json()
+        if not isinstance(obj, dict):
+            raise ApiError(400, "invalid_process_info", "the body must be a JSON object")
+        name = obj.get("name") if name is None else name
+        if not name or not isinstance(name, str):
+            raise ApiError(400, "invalid_process_info", "name is required")
+        if not obj.get("cmd"):
+            raise ApiError(400, "invalid_process_info", "cmd is required")
+        settings = {k: v for k, v in obj.items() if k not in ("name", "cmd", "start")}
+        try:
+            start = parse_bool(obj.get("start", True))
+        except ValueError as exc:
+            raise ApiError(400, "invalid_process_info", "start: %s" % exc) from None
+        if name in self.manager.processes and req.method == "POST" and req.path == "/processes":
+            raise ApiError(409, "conflict", "a template named %r exists" % name)
+        try:
+            spec = build_spec(name, obj["cmd"], settings, base_dir=os.getcwd(), origin="api",
+                              environ=self.manager.environ)
+        except ConfigError as exc:
+            raise ApiError(400, "invalid_process_info", "%s%s" % (
+                exc.key + ": " if exc.key else "", exc.message)) from None
+        return spec, start
+
+    def create_template(self, req):
+        spec, start = self._body_spec(req)
+        self.manager.add_template(spec, start)
+        return json_reply(200, OK)
+
+    def head_template(self, req, name):
+        return Reply(200 if name in self.manager.processes else 404)
+
+    def get_template(self, req, name):
+        return json_reply(200, self._template(name).spec.definition())
+
+    def update_template(self, req, name):
+        t = self._template(name)
+        spec, start = self._body_spec(req, name)
+        self.manager.update_template(t, spec, start)
+        return json_reply(200, OK)
+
+    def delete_template(self, req, name):
+        self._template(name)
+        self.manager.remove_process(name)
+        return json_reply(200, OK)
+
+    def template_query(self, req, name, action, rest):
+        t = self._template(name)
+        if action == "_pids":
+            return json_reply(200, {"ok": True, "pids": [p.id for p in t.running]})
+        if action == "_log":
+            return self._log(req, t)
+        raise ApiError(404, "resource_not_found", "unknown action %r" % action)
+
+    def _count(self, rest) -> int:
+        if rest is None or rest == "":
+            return 1
+        if not rest.isdigit():
+            raise ApiError(400, "bad_value", "%r is not a whole number" % rest)
+        return int(rest)
+
+    def template_action(self, req, name, action, rest):
+        t = self._template(name)
+        m = self.manager
+        if action == "_start":
+            m.start_process(name)
+        elif action == "_stop":
+            m.stop_process(name)
+        elif action == "_restart":
+            m.restart_process(name)
+        elif action == "_add":
+            return json_reply(200, {"ok": True, "numprocesses": m.ttin(name, self._count(rest))})
+        elif action == "_sub":
+            return json_reply(200, {"ok": True, "numprocesses": m.ttou(name, self._count(rest))})
+        elif action == "_signal":
+            m.send_signal(t.name, parse_signal(rest))
+        else:
+            raise ApiError(404, "resource_not_found", "unknown action %r" % action)
+        return json_reply(200, OK)
+
+    # -- processes by id ----------------------------------------------------------------------
+    def head_process(self, req, pid):
+        return Reply(200 if int(pid) in self.manager.running else 404)
+
+    def get_process(self, req, pid):
+        proc = self._live(pid)
+        info = proc.spec.definition()
+        info.update(id=proc.id, os_pid=proc.pid)
+        return json_reply(200, info)
+
+    def delete_process(self, req, pid):
+        self.manager.stop_process(self._live(pid).id)
+        return json_reply(200, OK)
+
+    def process_action(self, req, pid, action, rest):
+        proc = self._live(pid)
+        if action == "_stop":
+            self.manager.stop_process(proc.id)
+        elif action == "_signal":
+            proc.kill(parse_signal(rest))
+        else:
+            raise ApiError(404, "resource_not_found", "unknown action %r" % action)
+        return json_reply(200, OK)
+
+    def _log(self, req, t):
+        labels = t.spec.labels
+        if not labels:
+            raise ApiError(400, "io_not_redirected", "%s does not redirect its output" % t.name)
+        label = req.query.get("label") or labels[0]
+        if label not in labels:
+            raise ApiError(404, "io_not_found", "%s has no output label %r" % (t.name, label))
+        try:
+            count = int(req.query.get("lines", "100"))
+        except ValueError:
+            raise ApiError(400, "bad_value", "lines must be a whole number") from None
+        procs = {p.id: p for p in itertools.chain(
+            t.recent, t.running, (p for p in self.manager._by_pid.values() if p.template is t))}
+        if "pid" in req.query:
+            wanted = self._id(req.query["pid"])
+            procs = {k: v for k, v in procs.items() if k == wanted}
+        lines = []
+        for proc_id in sorted(procs):
+            ring = procs[proc_id].rings.get(label)
+            if ring is not None:
+                lines.extend(split_lines(ring.tail(max(count, 0))))
+        return json_reply(200, {"name": t.name, "label": label,
+                                "lines": lines[-count:] if count > 0 else []})
+
+    # -- feeds ------------------------------------------------------------------------------
+    def _feed_args(self, req, default):
+        mode = req.query.get("feed", default) or default
+        return mode, parse_heartbeat(req.query.get("heartbeat"))
+
+    def watch(self, req, *parts):
+        parts = [p for p in parts if p]
+        pattern = ".".join(parts) if parts else "."
+        mode, heartbeat = self._feed_args(req, "longpoll")
+        manager = self.manager
+
+        def opener(sink):
+            def listener(name, payload):
+                if sink.closed:
+                    return
+                data = json_dumps(payload)
+                if mode == "eventsource":
+                    sink.write(sse_event(name, [data.decode("utf-8")]))
+                else:
+                    sink.write(data + b"\r\n")
+                    if mode != "continuous":
+                        sink.end()
+            manager.subscribe(pattern, listener)
+            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
+            sink.on_close(lambda: (manager.unsubscribe(pattern, listener), beat.cancel()))
+        return Feed(_FEED_TYPES.get(mode, "application/json"), opener)
+
+    def stats_all(self, req):
+        return json_reply(200, self.manager.processes_stats())
+
+    def stats_template(self, req, name):
+        t = self._template(name)
+        mode = req.query.get("feed", "normal") or "normal"
+        if mode == "normal":
+            return json_reply(200, self.manager.get_process_stats(t.name))
+        return self._stats_feed(req, t.name, list(t.running))
+
+    def stats_process(self, req, name, pid):
+        proc = self._live(pid)
+        mode = req.query.get("feed", "normal") or "normal"
+        if mode == "normal":
+            stats = self.manager.process_stats(proc)
+            if stats is None:
+                raise ApiError(404, "not_found", "process %d has just exited" % proc.id)
+            return json_reply(200, stats)
+        return self._stats_feed(req, proc.id, [proc])
+
+    def _stats_feed(self, req, target, procs):
+        mode, heartbeat = self._feed_args(req, "normal")
+        manager = self.manager
+
+        def opener(sink):
+            remaining = {p.id for p in procs}
+
+            def listener(event, stats):
+                if sink.closed:
+                    return
+                data = json_dumps(stats)
+                if mode == "eventsource":
+                    sink.write(sse_event("stat", [data.decode("utf-8")]))
+                else:
+                    sink.write(data + b"\r\n")
+                    if mode != "continuous":
+                        sink.end()
+
+            def gone(proc):
+                remaining.discard(proc.id)
+                if not remaining:
+                    sink.end()
+            if not procs:
+                sink.end()
+                return
+            for proc in procs:
+                manager.monitor(proc.id, listener)
+                proc.on_exit(gone)
+            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
+
+            def cleanup():
+                beat.cancel()
+                for proc in procs:
+                    manager.unmonitor(proc.id, listener)
+                    proc.remove_exit_callback(gone)
+            sink.on_close(cleanup)
+        return Feed(_FEED_TYPES.get(mode, "application/json"), opener)
+
+    def _stream_target(self, pid, label):
+        proc = self._live(pid, stopping_too=True)
+        if label in proc.custom_streams:
+            return proc
+        if not proc.redirect_output:
+            raise ApiError(400, "io_not_redirected", "process %d does not redirect its output"
+                           % proc.id)
+        if label not in proc.redirect_output:
+            raise ApiError(404, "io_not_found", "process %d has no output label %r"
+                           % (proc.id, label))
+        return proc
+
+    def stream(self, req, pid, label):
+        proc = self._stream_target(pid, label)
+        mode, heartbeat = self._feed_args(req, "longpoll")
+        ring = proc.rings.get(label)
+        backlog = b""
+        last_id = req.headers.get("last-event-id") or req.query.get("last_event_id")
+        if ring is not None and last_id is not None and last_id.strip().isdigit():
+            backlog = ring.since(int(last_id))
+            if backlog is None:                   # overwritten: send what is left
+                backlog = bytes(ring.buf)
+        elif ring is not None and "tail" in req.query:
+            try:
+                backlog = ring.tail(int(req.query["tail"]))
+            except ValueError:
+                raise ApiError(400, "bad_value", "tail must be a whole number") from None
+
+        def send(sink, data):
+            if mode == "eventsource":
+                sink.write(sse_event(label, split_lines(data) or [""],
+                                     ring.total if ring is not None else None))
+            else:
+                sink.write(data)
+                if mode != "continuous":
+                    sink.end()
+
+        def opener(sink):
+            def listener(event, payload):
+                if not sink.closed:
+                    send(sink, payload["data"])
+
+            def gone(_proc):
+                sink.end()
+            if backlog:
+                send(sink, backlog)
+                if sink.closed:
+                    return
+            if not proc.alive:
+                sink.end()
+                return
+            proc.monitor_io(label, listener)
+            proc.on_exit(gone)
+            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
+
+            def cleanup():
+                beat.cancel()
+                proc.unmonitor_io(label, listener)
+                proc.remove_exit_callback(gone)
+            sink.on_close(cleanup)
+        ctype = _FEED_TYPES.get(mode, "application/octet-stream")
+        return Feed(ctype, opener)
+
+    def write_stream(self, req, pid, label):
+        proc = self._live(pid, stopping_too=True)
+        if label == "stdin":
+            proc.write(req.body)
+        elif label in proc.custom_fds:
+            sock = proc.custom_fds[label]
+            try:
+                sock.send(req.body)
+            except OSError as exc:
+                raise ApiError(503, "write_failed", str(exc)) from None
+        else:
+            raise ApiError(404, "not_found", "write to 'stdin' (or a custom stream)")
+        return json_reply(200, OK)
+
+    def wstream(self, req, pid):
+        proc = self.manager.find_process(int(pid)) if pid.isdigit() else None
+
+        def opener(ws):
+            if proc is None or not proc.alive:
+                ws.send_text('{"error": "not_found"}')
+                ws.close(1000)
+                return
+            if not proc.redirect_input:
+                ws.send_text('{"error": "forbidden_write"}')
+                ws.close(1000)
+                return
+
+            def listener(event, payload):
+                data = payload["data"]
+                try:
+                    ws.send_text(data.decode("utf-8"))
+                except UnicodeDecodeError:
+                    ws.send_binary(data)
+
+            def on_message(opcode, payload):
+                try:
+                    proc.write(payload)
+                except ApiError as exc:
+                    ws.send_text(json.dumps({"error": exc.code}))
+                    if exc.status == 403:
+                        ws.close(1000)
+
+            def gone(_proc):
+                ws.close(1000, "process exited")
+            labels = list(dict.fromkeys(proc.redirect_output))
+            for label in labels:
+                proc.monitor_io(label, listener)
+            proc.on_exit(gone)
+            ws.on_message(on_message)
+
+            def cleanup():
+                for label in labels:
+                    proc.unmonitor_io(label, listener)
+                proc.remove_exit_callback(gone)
+            ws.on_close(cleanup)
+        return Upgrade(opener)
+
+    # -- groups ------------------------------------------------------------------------------
+    def list_groups(self, req):
+        return json_reply(200, self.manager.get_groups())
+
+    def _group(self, name):
+        if name not in self.manager.groups:
+            raise ApiError(404, "not_found", "no group named %r" % name)
+        return name
+
+    def group(self, req, name):
+        return json_reply(200, self.manager.get_group(self._group(name)))
+
+    def group_no_action(self, req, name):
+        raise ApiError(404, "resource_not_found", "POST /groups/NAME/_start, _stop or _restart")
+
+    def delete_group(self, req, name):
+        self.manager.remove_group(self._group(name))
+        return json_reply(200, OK)
+
+    def group_action(self, req, name, action):
+        if req.method == "GET":
+            return self.group(req, name)
+        if req.method == "DELETE":
+            return self.delete_group(req, name)
+        operation = {"_start": self.manager.start_group, "_stop": self.manager.stop_group,
+                     "_restart": self.manager.restart_group}.get(action)
+        if operation is None:
+            raise ApiError(404, "resource_not_found", "unknown group action %r" % action)
+        operation(self._group(name))
+        return json_reply(200, OK)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def metrics(self, req):
+        now = self.loop.time()
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append("# HELP %s %s" % (name, help_text))
+            lines.append("# TYPE %s %s" % (name, kind))
+            for labels, value in samples:
+                lines.append("%s%s %s" % (name, _metric_labels(**labels), repr(float(value))
+                                          if isinstance(value, float) else value))
+        m = self.manager
+        templates = list(m.processes.values())
+        metric("gafferd_uptime_seconds", "gauge", "Seconds since the daemon started.",
+               [({}, round(now - m.started, 3))])
+        metric("gafferd_children", "gauge", "Live child processes.", [({}, len(m._by_pid))])
+        metric("gafferd_spawns_total", "counter", "Processes spawned.", [({}, m.spawned_total)])
+        metric("gafferd_spawn_failures_total", "counter", "Spawns that failed.",
+               [({}, m.spawn_failures)])
+        metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
+               [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
+                for s in ("running", "stopped", "retrying", "failed")])
+        metric("gafferd_template_running", "gauge", "Running processes per template.",
+               [({"name": t.name}, len(t.running)) for t in templates])
+        metric("gafferd_template_target", "gauge", "Target process count per template.",
+               [({"name": t.name}, t.numprocesses) for t in templates])
+        metric("gafferd_template_restarts_total", "counter",
+               "Exits nobody asked for (each followed by a respawn or flapping).",
+               [({"name": t.name}, t.restarts) for t in templates])
+        metric("gafferd_template_flapping_giveups_total", "counter",
+               "Times flapping protection gave up.", [({"name": t.name}, t.give_ups)
+                                                      for t in templates])
+        procs = list(m.running.values())
+        uptime, cpu, rss, fds = [], [], [], []
+        for p in procs:
+            labels = {"name": p.name, "id": p.id}
+            uptime.append((labels, round(now - p.started, 3)))
+            fields = read_proc_stat(p.pid)
+            if fields is None:
+                continue
+            cpu.append((labels, round(cpu_seconds(fields), 2)))
+            rss.append((labels, int(fields[21]) * PAGE_SIZE))
+            try:
+                fds.append((labels, len(os.listdir("/proc/%d/fd" % p.pid))))
+            except OSError:
+                pass
+        metric("gafferd_process_uptime_seconds", "gauge", "Seconds since the process started.", uptime)
+        metric("gafferd_process_cpu_seconds_total", "counter", "CPU time used.", cpu)
+        metric("gafferd_process_resident_memory_bytes", "gauge", "Resident memory.", rss)
+        metric("gafferd_process_open_fds", "gauge", "Open file descriptors.", fds)
+        if self.server is not None:
+            metric("gafferd_http_requests_total", "counter", "HTTP requests by status class.",
+                   [({"code": code}, n) for code, n in sorted(self.server.requests.items())])
+            metric("gafferd_http_connections", "gauge", "Open HTTP connections.",
+                   [({}, len(self.server.connections))])
+        for app in (self.plugins.apps if self.plugins else ()):
+            for line in app.metrics():
+                lines.append(str(line).rstrip("\n"))
+        return Reply(200, ("\n".join(lines) + "\n").encode("utf-8"),
+                     "text/plain; version=0.0.4; charset=utf-8")
+
+    # -- plugins -----------------------------------------------------------------------------
+    def plugin_api(self, req, dirname, rest):
+        if self.plugins is None:
+            raise ApiError(404, "not_found", "no plugin %r" % dirname)
+        allowed = set()
+        for method, regex, handler in self.plugins.routes_for(dirname):
+            m = regex.fullmatch(rest)
+            if not m:
+                continue
+            allowed.add(method)
+            if method == req.method or (method == "GET" and req.method == "HEAD"):
+                result = handler(req, *m.groups())
+                status, body = result if isinstance(result, tuple) else (200, result)
+                if isinstance(body, (dict, list)):
+                    return json_reply(status, body)
+                if isinstance(body, str):
+                    return Reply(status, body.encode("utf-8"), "text/plain; charset=UTF-8")
+                return Reply(status, bytes(body or b""), "application/octet-stream")
+        if allowed:
+            raise ApiError(405, "method_not_allowed", "%s is not allowed here" % req.method,
+                           headers=[("Allow", ", ".join(sorted(allowed)))])
+        raise ApiError(404, "not_found", "no such plugin route: %s" % req.path)
+
+    def plugin_site(self, req, dirname, rest):
+        pdir = self.plugins.find_dir(dirname) if self.plugins else None
+        root = pdir.site_root() if pdir else None
+        if root is None:
+            raise ApiError(404, "not_found", "no plugin site %r" % dirname)
+        segments = [s for s in rest.split("/") if s not in ("", ".")]
+        if any(s == ".." or "\\" in s or "\0" in s for s in segments):
+            raise ApiError(403, "forbidden", "path outside the site")
+        real_root = os.path.realpath(root)
+        path = os.path.realpath(os.path.join(real_root, *segments))
+        if path != real_root and not path.startswith(real_root + os.sep):
+            raise ApiError(403, "forbidden", "path outside the site")
+        if os.path.isdir(path):
+            if not req.path.endswith("/"):
+                location = req.path + "/" + ("?" + req.target.split("?", 1)[1]
+                                             if "?" in req.target else "")
+                return Reply(302, b"", "text/plain", [("Location", location)])
+            path = os.path.join(path, "index.html")
+            if os.path.realpath(path) != path and not os.path.realpath(path).startswith(
+                    real_root + os.sep):
+                raise ApiError(403, "forbidden", "path outside the site")
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise ApiError(404, "not_found", "no such file") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ApiError(403, "forbidden", "not a regular file")
+        etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
+        headers = [("Last-Modified", http_date(st.st_mtime)), ("ETag", etag),
+                   ("Cache-Control", "public, max-age=315360000" if "v" in req.query else "public")]
+        inm = req.headers.get("if-none-match")
+        ims = req.headers.get("if-modified-since")
+        if inm is not None:
+            if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
+                return Reply(304, b"", None, headers)
+        elif ims:
+            try:
+                since = email.utils.parsedate_to_datetime(ims).timestamp()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                since = None
+            if since is not None and int(st.st_mtime) <= since:
+                return Reply(304, b"", None, headers)
+        ctype, encoding = mimetypes.guess_type(path)
+        ctype = ctype or "application/octet-stream"
+        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+            ctype += "; charset=UTF-8"
+        try:
+            with open(path, "rb") as f:
+                body = f.read()
+        except OSError:
+            raise ApiError(403, "forbidden", "cannot read file") from None
+        return Reply(200, body, ctype, headers)
+
+
+# § 12 HTTP server (I/O) --------------------------------------------------------
+# Owns: listening sockets (TCP, IPv6, unix, TLS), connections, and the
+# security rules of issue 3: Host checks against DNS rebinding on
+# loopback binds, Origin checks against cross-site requests, CORS only
+# for configured origins, optional token authentication.  A connection
+# reads into the §6 parser, answers pipelined requests in order, streams
+# Feeds with chunked encoding, and switches to websocket framing for an
+# Upgrade.  A slow client only ever delays itself.  Uses §1-§11.
+
+CORS_METHODS = "POST, GET, PUT, DELETE, OPTIONS"
+CORS_HEADERS = "X-Requested-With, X-HTTP-Method-Override, Content-Type, Accept, Authorization"
+_SEND_HIGH_WATER = 256 * 1024     # stop answering pipelined requests above this
+
+
+class BindError(Exception):
+    """A listening socket that cannot be made (fatal at start-up)."""
+
+
+class Listener:
+    def __init__(self, endpoint, address):
+        self.endpoint, self.address = endpoint, address
+        self.sock = None
+        self.url = None
+        self.tls = None
+        self.loopback_tcp = address.kind == "tcp" and address.is_loopback(resolve=False)
+
+    def bind(self):
+        address, ep = self.address, self.endpoint
+        try:
+            if address.kind == "unix":
+                path = address.path
+                if os.path.lexists(path):
+                    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                        raise BindError("%s exists and is not a socket" % path)
+                    os.unlink(path)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                old = os.umask(0o177)
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old)
+                os.chmod(path, 0o600)
+                self.url = "unix:" + path
+            else:
+                host = address.host
+                infos = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
+                                           socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+                family, _, _, _, sockaddr = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                bound = sock.getsockname()
+                shown = "[%s]" % bound[0] if family == socket.AF_INET6 else bound[0]
+                self.url = "%s://%s:%d" % ("https" if ep.tls else "http", shown, bound[1])
+                self.loopback_tcp = ipaddress.ip_address(bound[0].split("%")[0]).is_loopback
+            sock.listen(ep.backlog or DEFAULT_BACKLOG)
+            sock.setblocking(False)
+        except BindError:
+            raise
+        except OSError as exc:
+            raise BindError("cannot listen on %s: %s" % (address.text, exc.strerror or exc)) from None
+        if ep.tls:
+            try:
+                self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                self.tls.load_cert_chain(ep.certfile, ep.keyfile)
+            except (ssl.SSLError, OSError) as exc:
+                sock.close()
+                raise BindError("cannot load TLS certificate for %s: %s" % (address.text, exc)) from None
+        self.sock = sock
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if self.address.kind == "unix":
+                try:
+                    os.unlink(self.address.path)
+                except OSError:
+                    pass
+
+
+class HttpServer:
+    """The HTTP application: every endpoint's listeners, one route table."""
+
+    def __init__(self, endpoints, api):
+        self.endpoints, self.api = endpoints, api
+        api.server = self
+        self.listeners = [Listener(ep, a) for ep in endpoints for a in ep.addresses]
+        self.connections = set()
+        self.requests = collections.Counter()
+        self.loop = None
+        self._date = (0, "")
+
+    def bind(self):
+        """Bind every listener now (before any child starts); BindError."""
+        try:
+            for listener in self.listeners:
+                listener.bind()
+        except BindError:
+            for listener in self.listeners:
+                listener.close()
+            raise
+
+    def start(self, loop, manager):
+        self.loop = loop
+        for listener in self.listeners:
+            if listener.sock is None:
+                listener.bind()
+            loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
+            log.info("listening on %s", listener.url)
+
+    def restart(self):
+        pass
+
+    def stop(self):
+        for listener in self.listeners:
+            if listener.sock is not None and self.loop is not None:
+                self.loop.remove_reader(listener.sock.fileno())
+            listener.close()
+        for conn in list(self.connections):
+            conn.close()
+
+    def date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, http_date(now))
+        return self._date[1]
+
+    def _on_accept(self, listener):
+        for _ in range(64):
+            try:
+                sock, remote = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept connections on %s: %s; pausing 1s",
+                              listener.url, exc.strerror)
+                    self.loop.remove_reader(listener.sock.fileno())
+                    self.loop.call_later(1.0, self._resume, listener)
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= listener.endpoint.max_connections:
+                try:
+                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
+                              b"\r\nContent-Length: 59\r\nConnection: close\r\n\r\n"
+                              b'{"error": "too_many_connections", "message": "try later"}\n')
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            if listener.address.kind == "tcp":
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            self.connections.add(Connection(self, listener, sock, remote))
+
+    def _resume(self, listener):
+        if listener.sock is not None:
+            self.loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
+
+
+def _host_is_loopback(host: str, extra) -> bool:
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name in extra or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def token_matches(header: str, token: str) -> bool:
+    """``Bearer <token>`` or Basic with the token as password, compared in
+    constant time."""
+    scheme, _, value = (header or "").strip().partition(" ")
+    candidate = ""
+    if scheme.lower() == "bearer":
+        candidate = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            candidate = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            candidate = ""
+    return hmac.compare_digest(candidate.encode("utf-8"), token.encode("utf-8"))
+
+
+class _Sink:
+    """What a Feed writes to; see ``Feed``."""
+
+    def __init__(self, conn, chunked):
+        self.conn, self.chunked = conn, chunked
+        self.closed = False
+        self._callbacks = []
+
+    def write(self, data: bytes):
+        if self.closed or not data:
+            return
+        self.conn.write(chunk(data) if self.chunked else data)
+
+    def end(self):
+        if self.closed:
+            return
+        conn = self.conn
+        if self.chunked:
+            conn.write(b"0\r\n\r\n")
+        self._close()
+        conn.feed_done()
+
+    def on_close(self, callback):
+        if self.closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def _close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("stream clean-up failed")
+        self._callbacks = []
+
+
+class _WebSocket:
+    """The server side of one websocket; see ``Upgrade``."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.parser = WebSocketParser()
+        self.closed = False
+        self.close_sent = False
+        self._on_message = None
+        self._callbacks = []
+
+    def send_text(self, text):
+        if not self.close_sent:
+            self.conn.write(ws_frame(WS_TEXT, text.encode("utf-8")))
+
+    def send_binary(self, data):
+        if not self.close_sent:
+            self.conn.write(ws_frame(WS_BINARY, bytes(data)))
+
+    def close(self, code=1000, reason=""):
+        if self.close_sent:
+            return
+        self.close_sent = True
+        self.conn.write(ws_frame(WS_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120]))
+        self.conn.closing = True             # close the TCP connection once sent
+        self.conn.flush()
+
+    def on_message(self, callback):
+        self._on_message = callback
+
+    def on_close(self, callback):
+        if self.closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def feed(self, data):
+        try:
+            messages = self.parser.feed(data)
+        except WebSocketError as exc:
+            self.close(exc.code, str(exc))
+            return
+        for opcode, payload in messages:
+            if opcode == WS_PING:
+                self.conn.write(ws_frame(WS_PONG, payload))
+            elif opcode == WS_CLOSE:
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
+                self.close(code if code in (1000, 1001) else 1000)
+                return
+            elif opcode in (WS_TEXT, WS_BINARY):
+                if opcode == WS_TEXT:
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.close(1007, "text message is not UTF-8")
+                        return
+                if self._on_message is not None:
+                    self._on_message(opcode, payload)
+
+    def _close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("websocket clean-up failed")
+        self._callbacks = []
+
+
+class Connection:
+    """One client connection: HTTP/1.x requests, then maybe a stream."""
+
+    def __init__(self, server, listener, sock, remote):
+        self.server, self.listener, self.sock = server, listener, sock
+        self.endpoint = listener.endpoint
+        self.loop = server.loop
+        self.remote = remote
+        self.fd = sock.fileno()
+        self.parser = RequestParser(self.endpoint.max_body_size)
+        self.out = bytearray()
+        self.closing = False              # close once ``out`` is sent
+        self.closed = False
+        self.busy = None                  # the _Sink or _WebSocket in progress
+        self.handshaking = listener.tls is not None
+        self.continue_sent = False
+        self.last_activity = self.loop.time()
+        self.request_started = None
+        if self.handshaking:
+            self.sock = listener.tls.wrap_socket(sock, server_side=True,
+                                                 do_handshake_on_connect=False)
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.timer = self.loop.call_at(self.last_activity + self.endpoint.keepalive_timeout,
+                                       self._on_timer)
+
+    # -- I/O -------------------------------------------------------------------------
+    def _handshake(self) -> bool:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.remove_writer(self.fd)
+            return False
+        except ssl.SSLWantWriteError:
+            self.loop.add_writer(self.fd, self._on_writable)
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", self.remote, exc)
+            self.close()
+            return False
+        self.handshaking = False
+        self.loop.remove_writer(self.fd)
+        return True
+
+    def _on_readable(self):
+        if self.handshaking and not self._handshake():
+            return
+        chunks = []
+        while True:
+            try:
+                data = self.sock.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            chunks.append(data)
+            if not (self.listener.tls and self.sock.pending()):
+                break
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        self.last_activity = self.loop.time()
+        if isinstance(self.busy, _WebSocket):
+            self.busy.feed(data)
+            return
+        if self.request_started is None:
+            self.request_started = self.last_activity
+        self.parser.feed(data)
+        self.process()
+
+    def write(self, data: bytes):
+        if self.closed:
+            return
+        if not self.out:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                n = 0
+            except OSError:
+                self.close()
+                return
+            data = data[n:]
+            if not data:
+                if self.closing:
+                    self.close()
+                return
+        self.out += data
+        if len(self.out) > STREAM_BUFFER_LIMIT and self.busy is not None:
+            log.warning("dropping slow client %s: %d bytes unsent", self.remote or "unix",
+                        len(self.out))
+            self.close()
+            return
+        self.loop.add_writer(self.fd, self._on_writable)
+
+    def flush(self):
+        if not self.out and self.closing:
+            self.close()
+
+    def _on_writable(self):
+        if self.handshaking:
+            if self._handshake():
+                self._on_readable()
+            return
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return
+        except OSError:
+            self.close()
+            return
+        del self.out[:n]
+        if self.out:
+            return
+        self.loop.remove_writer(self.fd)
+        if self.closing:
+            self.close()
+        elif self.busy is None and self.parser.buf:
+            self.process()                      # pipelined requests waiting
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.timer.cancel()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.connections.discard(self)
+        busy, self.busy = self.busy, None
+        if busy is not None:
+            busy._close()
+
+    def _on_timer(self):
+        if self.closed:
+            return
+        now = self.loop.time()
+        if self.busy is not None:
+            deadline = now + self.endpoint.keepalive_timeout       # streams may be quiet
+        elif not self.parser.idle or self.handshaking:
+            deadline = (self.request_started or self.last_activity) + REQUEST_TIMEOUT
+            if now >= deadline:
+                self._send_error(HttpError(408, "request_timeout", "the request took too long"))
+                return
+        else:
+            deadline = self.last_activity + self.endpoint.keepalive_timeout
+            if now >= deadline:
+                self.close()
+                return
+        self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    # -- requests ----------------------------------------------------------------------
+    def process(self):
+        while not self.closed and not self.closing and self.busy is None:
+            if len(self.out) > _SEND_HIGH_WATER:
+                return                         # resumed from _on_writable
+            try:
+                req = self.parser.next()
+            except HttpError as exc:
+                self._send_error(exc)
+                return
+            if req is None:
+                waiting = self.parser.waiting_body
+                if waiting is not None and not self.continue_sent and \
+                        waiting.headers.get("expect", "").lower() == "100-continue" and \
+                        waiting.version == "HTTP/1.1":
+                    self.continue_sent = True
+                    self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if self.parser.idle:
+                    self.request_started = None
+                return
+            self.continue_sent = False
+            self.request_started = None if self.parser.idle else self.loop.time()
+            self._handle(req)
+
+    def _send_error(self, exc: HttpError):
+        self.server.requests["%dxx" % (exc.status // 100)] += 1
+        body = json_dumps({"error": exc.code, "message": exc.message})
+        self.closing = True
+        self.write(render_head(exc.status, [
+            ("Date", self.server.date()), ("Content-Type", "application/json; charset=UTF-8"),
+            ("Content-Length", len(body)), ("Connection", "close")]) + body)
+
+    def _security(self, req):
+        """(error Reply or None, CORS headers) for ``req`` (issue 3)."""
+        ep = self.endpoint
+        host = req.headers.get("host")
+        if self.listener.loopback_tcp and host is not None and \
+                not _host_is_loopback(host, [n.lower() for n in ep.server_names]):
+            return json_reply(403, {"error": "forbidden_host", "message":
+                                    "Host %r is not a loopback name; add it to server_names "
+                                    "if it is really yours" % host}), []
+        cors = []
+        origin = req.headers.get("origin")
+        if origin is not None:
+            own = "%s://%s" % ("https" if self.listener.tls else "http", host or "")
+            if origin.lower() == own.lower():
+                pass
+            elif origin in ep.cors_origins or "*" in ep.cors_origins:
+                star = origin not in ep.cors_origins
+                cors = [("Access-Control-Allow-Origin", "*" if star else origin),
+                        ("Access-Control-Allow-Methods", CORS_METHODS),
+                        ("Access-Control-Max-Age", "86400"),
+                        ("Access-Control-Allow-Headers", CORS_HEADERS)]
+                if not star:
+                    cors += [("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin")]
+            elif req.method not in ("GET", "HEAD", "OPTIONS") or \
+                    "websocket" in req.headers.get("upgrade", "").lower():
+                return json_reply(403, {"error": "forbidden_origin", "message":
+                                        "cross-site request from %r refused; list it in "
+                                        "cors_origins to allow it" % origin}), []
+        if ep.auth_token and req.method != "OPTIONS" and \
+                not (ep.public_ping and req.path == "/ping") and \
+                not token_matches(req.headers.get("authorization", ""), ep.auth_token):
+            return json_reply(401, {"error": "unauthorized", "message":
+                                    "send the token as 'Authorization: Bearer TOKEN'"},
+                              [("WWW-Authenticate", 'Bearer realm="gafferd"'),
+                               ("WWW-Authenticate", 'Basic realm="gafferd"')]), cors
+        return None, cors
+
+    def _handle(self, req):
+        req.remote, req.endpoint = self.remote, self.endpoint
+        req.scheme = "https" if self.listener.tls else "http"
+        denied, cors = self._security(req)
+        if denied is not None:
+            self._reply(req, denied, cors)
+            return
+        if req.method not in KNOWN_METHODS:
+            self._reply(req, json_reply(501, {"error": "not_implemented",
+                                              "message": "unknown method %s" % req.method}), cors)
+            return
+        try:
+            result = self.server.api.dispatch(req)
+        except ApiError as exc:
+            result = json_reply(exc.status, {"error": exc.code, "message": exc.message},
+                                exc.headers)
+        except Exception:
+            log.exception("error while handling %s %s", req.method, req.path)
+            result = json_reply(500, {"error": "internal_error",
+                                      "message": "the daemon hit a bug; see its log"})
+        if isinstance(result, Feed):
+            self._start_feed(req, result, cors)
+        elif isinstance(result, Upgrade):
+            self._upgrade(req, result)
+        else:
+            self._reply(req, result, cors)
+
+    def _reply(self, req, reply: Reply, extra=()):
+        self.server.requests["%dxx" % (reply.status // 100)] += 1
+        keep = req.keep_alive and not self.closing
+        headers = [("Date", self.server.date()), ("Server", "gafferd/" + GAFFERD_VERSION)]
+        if reply.status not in (204, 304) and not 100 <= reply.status < 200:
+            headers.append(("Content-Length", len(reply.body)))
+        if reply.content_type:
+            headers.append(("Content-Type", reply.content_type))
+        headers.extend(reply.headers)
+        headers.extend(extra)
+        if not keep:
+            headers.append(("Connection", "close"))
+            self.closing = True
+        elif req.version == "HTTP/1.0":
+            headers.append(("Connection", "keep-alive"))
+        body = b"" if req.method == "HEAD" or reply.status in (204, 304) else reply.body
+        self.write(render_head(reply.status, headers) + body)
+
+    def _start_feed(self, req, feed: Feed, extra):
+        self.server.requests["2xx"] += 1
+        chunked = req.version == "HTTP/1.1"
+        headers = [("Date", self.server.date()), ("Server", "gafferd/" + GAFFERD_VERSION),
+                   ("Content-Type", feed.content_type)] + feed.headers + list(extra)
+        if req.method == "HEAD":
+            headers.append(("Content-Length", 0))
+            self.write(render_head(feed.status, headers))
+            return
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        if not chunked or not req.keep_alive:
+            headers.append(("Connection", "close"))
+        self.feed_keep_alive = chunked and req.keep_alive
+        self.write(render_head(feed.status, headers))
+        if self.closed:
+            return
+        sink = self.busy = _Sink(self, chunked)
+        try:
+            feed.opener(sink)
+        except Exception:
+            log.exception("error while opening a stream for %s", req.path)
+            sink.end()
+
+    def feed_done(self):
+        """A Feed ended: go on with pipelined requests, or close."""
+        self.busy = None
+        if not self.feed_keep_alive:
+            self.closing = True
+            self.flush()
+        elif not self.out:
+            self.loop.call_soon(self.process)
+
+    def _upgrade(self, req, upgrade: Upgrade):
+        key = req.headers.get("sec-websocket-key", "")
+        try:
+            key_ok = len(base64.b64decode(key, validate=True)) == 16
+        except ValueError:
+            key_ok = False
+        if "websocket" not in req.headers.get("upgrade", "").lower() or \
+                "upgrade" not in req.headers.get("connection", "").lower() or \
+                req.headers.get("sec-websocket-version", "").strip() != "13" or not key_ok:
+            self._reply(req, json_reply(400, {"error": "bad_websocket_handshake", "message":
+                                              "this URL takes an RFC 6455 websocket"}),
+                        [("Sec-WebSocket-Version", "13")])
+            return
+        self.server.requests["1xx"] += 1
+        self.write(render_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                     ("Sec-WebSocket-Accept", ws_accept_key(key))]))
+        ws = self.busy = _WebSocket(self)
+        leftover = bytes(self.parser.buf)
+        self.parser.buf.clear()
+        try:
+            upgrade.opener(ws)
+        except Exception:
+            log.exception("error while opening a websocket for %s", req.path)
+            ws.close(1011)
+        if leftover and not ws.closed:
+            ws.feed(leftover)
+
+
+# § 13 console output ---------------------------------------------------------
+# Owns: ``-v`` (one line per lifecycle event) and ``-vv`` (also every line
+# the children print), SPEC 10.1 with its re-implementation note.  Lines
+# are ``HH:MM:SS name | text``, coloured per template on a terminal.
+# Uses §5, §8.
+
+_COLOURS = ["\x1b[36m", "\x1b[33m", "\x1b[32m", "\x1b[35m", "\x1b[31m", "\x1b[34m"]
+_COLOURS += ["\x1b[1m" + c for c in _COLOURS]
+
+
+class Console:
+    """The console application of ``-v``/``-vv``."""
+
+    def __init__(self, stream_output=False, out=None):
+        self.stream_output = stream_output
+        self.out = out or sys.stdout
+        self.colour = self.out.isatty() if hasattr(self.out, "isatty") else False
+        self.colours = {}
+        self.manager = None
+
+    def start(self, loop, manager):
+        self.manager = manager
+        manager.subscribe(".", self._on_event)
+
+    def restart(self):
+        pass
+
+    def stop(self):
+        if self.manager is not None:
+            self.manager.unsubscribe(".", self._on_event)
+
+    def _on_event(self, event, payload):
+        if event.startswith("proc."):
+            return                          # each event once: the bare form
+        name = payload.get("name", "gafferd")
+        if "os_pid" in payload:
+            self.write(name, "%s process with pid %s" % (event, payload["os_pid"]))
+            if event == "spawn" and self.stream_output:
+                proc = self.manager.running.get(payload.get("pid"))
+                for label in dict.fromkeys(proc.redirect_output if proc else ()):
+                    proc.monitor_io(label, self._on_output)
+        else:
+            self.write(name, "%s %s" % (event, name))
+
+    def _on_output(self, label, payload):
+        for line in payload["data"].decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.write(payload["name"], line.strip())
+
+    def write(self, name, text):
+        line = "%s %s | %s\n" % (time.strftime("%H:%M:%S"), name, text)
+        if self.colour:
+            colour = self.colours.setdefault(name, _COLOURS[len(self.colours) % len(_COLOURS)])
+            line = colour + line.rstrip("\n") + "\x1b[0m\n"
+        try:
+            self.out.write(line)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass
+
+
+# § 14 daemon and command line ---------------------------------------------------
+# Owns: the command line (SPEC 1), start-up order (SPEC 8.1), signals
+# (SPEC 8.2: TERM/INT/QUIT stop, a second one hurries; HUP reloads the
+# config; USR1 reopens log files), reload, --daemon and --pidfile (SPEC
+# 8.3, 8.4), and main(), the last error boundary.  Uses everything above.
+
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option, value):
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class PidfileError(Exception):
+    pass
+
+
+def check_pidfile(path):
+    """Refuse when a live process other than us holds ``path`` (SPEC 8.4)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise PidfileError("%s doesn't exist. Can't create pidfile." % directory)
+    try:
+        with open(path) as f:
+            content = f.read().strip()
+    except OSError:
+        return
+    if not content.isdigit() or int(content) <= 0:
+        return                                   # garbage: stale
+    pid = int(content)
+    if pid == os.getpid():
+        return
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        pass                                     # alive, someone else's
+    raise PidfileError("Already running on PID %d (or pid file '%s' is stale)" % (pid, path))
+
+
+def write_pidfile(path):
+    check_pidfile(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    with open(tmp, "w") as f:
+        f.write("%d\n" % os.getpid())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path):
+    try:
+        with open(path) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass
+
+
+def daemonize():
+    """Double fork into the background (SPEC 8.3; umask 022, cwd kept)."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.umask(0o022)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+
+
+def raise_fd_limit(needed):
+    """Raise RLIMIT_NOFILE to its hard limit; warn when still too low."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        if needed > soft:
+            log.warning("the open-file limit (%d) is too low for the configured processes "
+                        "(about %d descriptors needed); spawns will fail with EMFILE. Raise "
+                        "it with 'ulimit -n' or LimitNOFILE=", soft, needed)
+    except ImportError:
+        pass
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(prog="gafferd", description="Run some watchers.")
+    parser.add_argument("config", nargs="?", help="configuration file")
+    parser.add_argument("-c", "--config", dest="config_file", help="configuration file")
+    parser.add_argument("-p", "--plugins-dir", dest="plugins_dir",
+                        default=os.path.expanduser("~/.gafferd/plugins"),
+                        help="default plugin dir")
+    parser.add_argument("-v", dest="verbose", action="store_true", help="verbose mode")
+    parser.add_argument("-vv", dest="vverbose", action="store_true",
+                        help="like verbose mode but output stream too")
+    parser.add_argument("--daemon", action="store_true", help="Start gaffer in the background")
+    parser.add_argument("--pidfile", help="write the daemon's PID to this file")
+    parser.add_argument("--bind", default=DEFAULT_BIND, help="default HTTP binding")
+    parser.add_argument("--certfile", help="SSL certificate file for the default binding")
+    parser.add_argument("--keyfile", help="SSL key file for the default binding")
+    parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="default backlog")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, print the templates, exit 0 (or 2)")
+    parser.add_argument("--version", action="version",
+                        version="gafferd %s (gaffer API %s)" % (GAFFERD_VERSION, __version__))
+    return parser
+
+
+class Daemon:
+    """Wires config, loop, manager, applications and signals together."""
+
+    def __init__(self, args):
+        self.args = args
+        self.config_path = args.config or args.config_file
+        self.config = None
+        self.loop = self.manager = self.server = self.plugins = self.webhooks = None
+
+    def load(self):
+        """Read the config and settle the endpoints; ConfigError(s)."""
+        if self.config_path:
+            self.config = read_config(self.config_path, self.args.plugins_dir)
+        else:
+            self.config = Config(None)
+            self.config.plugins_dirs = [os.path.abspath(os.path.expanduser(self.args.plugins_dir))]
+        if not self.config.endpoints:
+            items = {"bind": self.args.bind, "backlog": str(self.args.backlog)}
+            if self.args.certfile:
+                items["certfile"] = self.args.certfile
+            if self.args.keyfile:
+                items["keyfile"] = self.args.keyfile
+            try:
+                self.config.endpoints.append(build_endpoint(
+                    "default", items, self.config.defaults, "command line", None, os.getcwd()))
+            except ConfigError as exc:
+                exc.key = "--" + exc.key if exc.key else exc.key
+                raise
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+
+    def describe(self) -> str:
+        """The resolved config, for --check."""
+        out = []
+        for ep in self.config.endpoints:
+            out.append("[endpoint:%s] %s%s" % (ep.name, ", ".join(a.text for a in ep.addresses),
+                                               " (TLS)" if ep.tls else ""))
+        for event, url in self.config.webhooks:
+            out.append("[webhooks] %s -> %s" % (event, url))
+        for spec in self.config.templates:
+            env = child_environment(spec, os.environ)
+            out.append("[process:%s]" % spec.name)
+            out.append("  argv = %s" % " ".join(shlex.quote(a) for a in command_line(spec, env)))
+            out.append("  cwd = %s" % spec.cwd)
+            for key, value in spec.definition().items():
+                if key not in ("name",):
+                    out.append("  %s = %s" % (key, json.dumps(value, default=str)))
+        out.append("%d template(s), %d endpoint(s): config OK" % (
+            len(self.config.templates), len(self.config.endpoints)))
+        return "\n".join(out)
+
+    def prepare(self):
+        """Everything that can fail before forking: plugins, sockets."""
+        install_import_aliases(sys.modules[__name__])
+        self.plugins = Plugins(self.config.plugins_dirs)
+        self.plugins.discover()
+        missing = self.plugins.missing_mandatory()
+        if missing:
+            raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
+        self.loop = Loop()
+        self.manager = Manager(self.loop)
+        self.api = Api(self.manager, self.plugins,
+                       self.reload if self.config_path else None)
+        self.server = HttpServer(self.config.endpoints, self.api)
+        self.server.bind()
+
+    def run(self) -> int:
+        _prctl(PR_SET_NAME, b"gafferd")
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        needed = 64 + sum(t.numprocesses * (len(set(t.labels)) + int(t.redirect_input) + 1)
+                          for t in self.config.templates)
+        raise_fd_limit(needed)
+        loop, manager = self.loop, self.manager
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(signum, self._on_quit_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, lambda signum: manager.reopen_logs())
+        loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
+        self.webhooks = Webhooks(self.config.webhooks)
+        manager.apps = [self.webhooks, self.server] + self.plugins.make_apps(self.config.parser)
+        if self.args.verbose or self.args.vverbose:
+            manager.apps.append(Console(stream_output=self.args.vverbose))
+        manager.start()
+        for spec in self.config.templates:
+            manager.add_template(spec)
+        log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
+        loop.run()
+        loop.close()
+        return 0
+
+    def _on_quit_signal(self, signum):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        self.manager.stop(self._after_stop)
+
+    def _after_stop(self):
+        self.webhooks.drain(self.loop.stop)
+
+    def _on_hup(self, signum):
+        if not self.config_path:
+            log.info("SIGHUP: no config file to reload; restarting plugin applications")
+            for app in self.manager.apps:
+                if isinstance(app, PluginApp):
+                    app.restart()
+            return
+        try:
+            result = self.reload()
+        except (ConfigError, ConfigErrors) as exc:
+            log.error("reload failed, nothing changed:\n%s", exc)
+            return
+        log.info("reloaded %s: added %s, removed %s, changed %s", self.config_path,
+                 result["added"], result["removed"], result["changed"])
+
+    def reload(self, dry_run=False) -> dict:
+        """Re-read the config and apply the difference (issue 2)."""
+        new = read_config(self.config_path, self.args.plugins_dir, resolve=False)
+        manager = self.manager
+        if manager.stopping:
+            raise ConfigError(self.config_path, None, None, "the daemon is shutting down")
+        wanted = collections.OrderedDict((s.name, s) for s in new.templates)
+        added = [n for n in wanted if n not in manager.processes]
+        removed = [n for n, t in manager.processes.items()
+                   if t.spec.origin == "config" and n not in wanted]
+        changed, unchanged = [], []
+        for name, spec in wanted.items():
+            t = manager.processes.get(name)
+            if t is None:
+                continue
+            if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
+                unchanged.append(name)
+            else:
+                changed.append(name)
+        result = {"added": added, "removed": removed, "changed": changed,
+                  "unchanged": unchanged, "dry_run": dry_run}
+        if dry_run:
+            return result
+        for name in removed:
+            manager.remove_process(name)
+        for name in changed:
+            t, spec = manager.processes[name], wanted[name]
+            if t.spec.key() == spec.key():
+                t.spec = spec
+                manager.scale_to(name, spec.numprocesses)
+            else:
+                manager.update_template(t, spec)
+        for name in added:
+            manager.add_template(wanted[name])
+        self.webhooks.configure(new.webhooks)
+        old_endpoints = [(e.name, [a.text for a in e.addresses]) for e in self.config.endpoints]
+        if new.endpoints and [(e.name, [a.text for a in e.addresses])
+                              for e in new.endpoints] != old_endpoints:
+            log.warning("endpoint changes take effect at the next restart of the daemon")
+        new.endpoints = self.config.endpoints
+        self.config = new
+        for app in manager.apps:
+            if isinstance(app, PluginApp):
+                app.restart()
+        return result
+
+
+def main(argv=None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    daemon = Daemon(args)
+    try:
+        daemon.load()
+        if args.check:
+            print(daemon.describe())
+            return 0
+        if args.pidfile:
+            check_pidfile(args.pidfile)
+        daemon.prepare()
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(str(error), file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except BindError as exc:
+        print("gafferd: %s" % exc, file=sys.stderr)
+        return 2
+    except PidfileError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.daemon:
+        daemonize()
+    if args.pidfile:
+        try:
+            write_pidfile(args.pidfile)
+        except (PidfileError, OSError) as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+    try:
+        return daemon.run()
+    except Exception:
+        log.exception("gafferd stopped on an unexpected error")
+        return 1
+    finally:
+        if args.pidfile:
+            remove_pidfile(args.pidfile)
+
+
+if __name__ == "__main__":
+    sys.modules.setdefault("gafferd", sys.modules[__name__])
+    sys.exit(main())
