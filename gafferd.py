@@ -22,12 +22,12 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
-    § 8  processes (I/O)                spawning, pipes, reaping, the manager
+    § 8  processes (I/O)                spawning, pipes, log files, the manager
     § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, webhooks
     § 10 plugins                        Plugin, discovery, sites, routes
     § 11 HTTP API                       the route table and its handlers
     § 12 HTTP server (I/O)              listeners, connections, streaming
-    § 13 console output and log files   -v/-vv, rotating log files
+    § 13 console output                 -v and -vv
     § 14 daemon and command line        signals, reload, pidfile, main()
 
 Architecture
@@ -42,8 +42,8 @@ Architecture
     delivers them on a later loop iteration, never re-entrantly.  The
     HTTP server (§12) parses requests with the sans-IO parser of §6 and
     dispatches them through the route table of §11, whose handlers are
-    thin calls into the manager.  Webhooks (§9), console output and log
-    files (§13) and plugins (§10) are "applications": objects with
+    thin calls into the manager.  Webhooks (§9), console output (§13)
+    and plugins (§10) are "applications": objects with
     ``start(loop, manager)``, ``stop()`` and ``restart()``.
 
 Error boundaries (everywhere else exceptions travel)
@@ -1374,7 +1374,7 @@ class RequestParser:
             line_end = self.buf.find(b"\n")
             if line_end < 0 and len(self.buf) > MAX_REQUEST_LINE:
                 raise HttpError(414, "uri_too_long", "request line over %d bytes" % MAX_REQUEST_LINE)
-            if len(self.buf) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+            if line_end >= 0 and len(self.buf) - line_end > MAX_HEADER_BYTES:
                 raise HttpError(431, "headers_too_large",
                                 "header section over %d bytes" % MAX_HEADER_BYTES)
             return None

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import signal as _signal
 import socket
 import subprocess
 import sys
@@ -170,7 +171,7 @@ class Daemon:
     def signal(self, signum):
         self.proc.send_signal(signum)
 
-    def stop(self, signum=signal.SIGTERM, timeout=20.0):
+    def stop(self, signum=_signal.SIGTERM, timeout=20.0):
         """Send ``signum`` and wait for the daemon to exit; return its status."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None

@@ -1,0 +1,152 @@
+"""§5 event bus and §7 loop: ordering, patterns, timers, fd watchers,
+signals through the wakeup fd, and child reaping."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gafferd  # noqa: E402
+
+
+class Queue:
+    """A fake call_soon: runs queued callbacks only when told to."""
+
+    def __init__(self):
+        self.items = []
+
+    def __call__(self, cb, *args):
+        self.items.append((cb, args))
+
+    def run(self):
+        while self.items:
+            cb, args = self.items.pop(0)
+            cb(*args)
+
+
+def test_patterns_of_an_event():
+    assert list(gafferd.event_patterns("proc.web.exit")) == [".", "proc", "proc.web", "proc.web.exit"]
+    assert gafferd.normalize_pattern("proc.dummy.") == "proc.dummy"
+    assert gafferd.normalize_pattern("") == "."
+
+
+def test_bus_delivers_later_in_order_and_once():
+    q = Queue()
+    bus = gafferd.EventBus(q)
+    got = []
+    listener = lambda name, payload: got.append((name, payload["name"]))  # noqa: E731
+    bus.subscribe("proc", listener)
+    bus.subscribe("proc", listener)          # twice under one pattern: once
+    bus.subscribe("spawn", listener)
+    bus.publish("spawn", {"name": "a"})
+    bus.publish("proc.a.spawn", {"name": "a"})
+    bus.publish("create", {"name": "a"})
+    assert got == []                         # never from inside publish
+    q.run()
+    assert got == [("spawn", "a"), ("proc.a.spawn", "a")]
+
+
+def test_bus_prefix_matches_segments_only():
+    q = Queue()
+    bus = gafferd.EventBus(q)
+    got = []
+    bus.subscribe("proc.web", lambda n, p: got.append(n))
+    for name in ("proc.web.exit", "proc.webby.exit", "proc.web"):
+        bus.publish(name, {})
+    q.run()
+    assert got == ["proc.web.exit", "proc.web"]
+
+
+def test_bus_unsubscribe_once_and_failing_listener():
+    q = Queue()
+    bus = gafferd.EventBus(q)
+    got = []
+
+    def bad(name, payload):
+        raise RuntimeError("boom")
+    keep = lambda n, p: got.append(("keep", n))  # noqa: E731
+    bus.subscribe(".", bad)
+    bus.subscribe(".", keep)
+    bus.subscribe_once("x", lambda n, p: got.append(("once", n)))
+    bus.publish("x")
+    bus.publish("x")
+    q.run()
+    bus.unsubscribe(".", keep)
+    bus.publish("x")
+    q.run()
+    assert got == [("keep", "x"), ("once", "x"), ("keep", "x")]
+
+
+def test_bus_payload_has_event_name():
+    q = Queue()
+    bus = gafferd.EventBus(q)
+    got = []
+    bus.subscribe(".", lambda n, p: got.append(p))
+    bus.publish("create", {"name": "w"})
+    q.run()
+    assert got == [{"name": "w", "event": "create"}]
+
+
+def run_until(loop, predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "loop condition not reached"
+        loop.call_later(0.05, lambda: None)   # bound each iteration
+        loop.run_once()
+
+
+def test_timers_run_in_order_and_cancel():
+    loop = gafferd.Loop()
+    got = []
+    loop.call_later(0.02, got.append, "b")
+    loop.call_later(0.01, got.append, "a")
+    h = loop.call_later(0.015, got.append, "never")
+    h.cancel()
+    loop.call_soon(got.append, "soon")
+    run_until(loop, lambda: len(got) >= 3)
+    assert got == ["soon", "a", "b"]
+    loop.close()
+
+
+def test_loop_sleeps_until_the_next_timer():
+    loop = gafferd.Loop()
+    got = []
+    start = time.monotonic()
+    loop.call_later(0.2, got.append, 1)
+    loop.run_once()                      # one select that waits for the timer
+    assert got == [1]
+    assert time.monotonic() - start >= 0.19
+    loop.close()
+
+
+def test_reader_and_writer_callbacks():
+    loop = gafferd.Loop()
+    r, w = os.pipe()
+    got = []
+    loop.add_reader(r, lambda: got.append(os.read(r, 10)))
+    loop.add_writer(w, lambda: (os.write(w, b"hi"), loop.remove_writer(w)))
+    run_until(loop, lambda: got)
+    assert got == [b"hi"]
+    loop.remove_reader(r)
+    os.close(r)
+    os.close(w)
+    loop.close()
+
+
+def test_signal_wakes_the_loop_and_children_are_reaped():
+    loop = gafferd.Loop()
+    got = []
+    loop.add_signal_handler(signal.SIGCHLD, lambda s: None)
+    loop.add_signal_handler(signal.SIGUSR2, got.append)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    loop.watch_child(proc.pid, lambda pid, status, sig: got.append((pid, status, sig)))
+    os.kill(os.getpid(), signal.SIGUSR2)
+    run_until(loop, lambda: len(got) >= 2)
+    assert signal.SIGUSR2 in got
+    assert (proc.pid, 3, 0) in got
+    loop.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
