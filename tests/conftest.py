@@ -82,6 +82,25 @@ def children_of(ppid):
     return found
 
 
+def descendants(pid):
+    """Every live descendant of ``pid`` (children, grandchildren, ...)."""
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def open_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
@@ -185,9 +204,20 @@ class Daemon:
                         % (timeout, signum, self.log()))
 
     def close(self):
+        """Stop the daemon (SIGTERM, then SIGKILL) and anything it left."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            left = descendants(self.proc.pid)
+            self.proc.send_signal(_signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            for pid in left:
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except OSError:
+                    pass
         for f in (getattr(self, "_log", None), getattr(self, "_out", None)):
             if f:
                 f.close()

@@ -1,0 +1,1 @@
+"""The dummy example plugin: a site (``_site/``) and an application."""

@@ -1,0 +1,1 @@
+"""The ticker example plugin; everything is in ``main.py``."""

@@ -1,0 +1,1 @@
+"""Plugins shipped with gafferd; each sub-directory is a plugin directory."""
