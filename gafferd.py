@@ -80,16 +80,10 @@ import argparse
 import base64
 import collections
 import configparser
-import ctypes
-import ctypes.util
-import difflib
-import email.utils
 import errno
 import fcntl
 import grp
-import hashlib
 import heapq
-import hmac
 import http
 import importlib
 import importlib.util
@@ -97,16 +91,13 @@ import ipaddress
 import itertools
 import json
 import logging
-import mimetypes
 import os
 import pwd
-import random
 import re
 import selectors
 import shlex
 import signal
 import socket
-import ssl
 import stat
 import string
 import struct
@@ -116,6 +107,9 @@ import time
 import traceback
 import types
 import urllib.parse
+
+# Heavy modules (ssl, hashlib, hmac, ctypes, difflib, mimetypes, email) are
+# imported where they are used, so an idle daemon stays small (issue 6, S5).
 
 __version__ = "0.4.4"        # the API contract version that clients compare
 GAFFERD_VERSION = "1.0.0"    # this implementation's own version
@@ -140,6 +134,7 @@ MAX_HEADER_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
+STALL_TIMEOUT = 2.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
 SAMPLE_INTERVAL = 0.1                # stats feeds, SPEC 9.3
@@ -244,8 +239,46 @@ def _json_default(obj):
     raise TypeError("not JSON serialisable: %r" % (obj,))
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
 def http_date(epoch: float) -> str:
-    return email.utils.formatdate(epoch, usegmt=True)
+    """RFC 9110 IMF-fixdate, e.g. ``Sun, 06 Nov 1994 08:49:37 GMT``."""
+    t = time.gmtime(epoch)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+        t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def lazy_import(name):
+    """Import ``name`` when first needed (see the note on heavy modules)."""
+    return importlib.import_module(name)
+
+
+class _SSLNotLoaded:
+    """Stands for the ssl module until TLS is first used: its exception
+    classes can appear in ``except`` clauses and are never raised."""
+
+    class SSLError(OSError):
+        pass
+
+    class SSLWantReadError(SSLError):
+        pass
+
+    class SSLWantWriteError(SSLError):
+        pass
+
+
+ssl = _SSLNotLoaded
+
+
+def load_ssl():
+    """The real ssl module, imported on first use."""
+    global ssl
+    if ssl is _SSLNotLoaded:
+        ssl = importlib.import_module("ssl")
+    return ssl
 
 
 def close_quietly(fd: int) -> None:
@@ -596,7 +629,7 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
             continue
         if key not in PROCESS_KEYS:
             if warnings is not None and origin == "config":
-                close = difflib.get_close_matches(key, list(PROCESS_KEYS), 1, 0.6)
+                close = lazy_import("difflib").get_close_matches(key, list(PROCESS_KEYS), 1, 0.6)
                 warnings.append(str(fail(key, "unknown key, ignored" + (
                     "; did you mean %r?" % close[0] if close else ""))))
             settings[key] = value
@@ -936,7 +969,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     g_label, g_dir = origin.get("gaffer", (label, cfg.base_dir))
     for key in g:
         if key not in GAFFER_KEYS and key not in ENDPOINT_KEYS and key not in combined.defaults():
-            close = difflib.get_close_matches(key, list(GAFFER_KEYS) + list(ENDPOINT_KEYS), 1, 0.6)
+            close = lazy_import("difflib").get_close_matches(key, list(GAFFER_KEYS) + list(ENDPOINT_KEYS), 1, 0.6)
             cfg.warnings.append(str(ConfigError(g_label, "gaffer", key, "unknown key, ignored" + (
                 "; did you mean %r?" % close[0] if close else ""))))
     cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
@@ -952,7 +985,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
         flabel, fdir = origin.get(section, (label, cfg.base_dir))
         kind, colon, rest = section.partition(":")
         if kind not in _SECTION_TYPES:
-            close = difflib.get_close_matches(kind, _SECTION_TYPES, 1, 0.75)
+            close = lazy_import("difflib").get_close_matches(kind, _SECTION_TYPES, 1, 0.75)
             if close:
                 errors.append(ConfigError(flabel, section, None, "unknown section type "
                               "%r; did you mean [%s]?" % (kind, close[0] + colon + rest)))
@@ -1504,7 +1537,7 @@ WS_MAX_MESSAGE = 1 << 20
 
 
 def ws_accept_key(key: str) -> str:
-    return base64.b64encode(hashlib.sha1((key + WS_GUID).encode("ascii")).digest()).decode()
+    return base64.b64encode(lazy_import("hashlib").sha1((key + WS_GUID).encode("ascii")).digest()).decode()
 
 
 def ws_frame(opcode: int, payload: bytes = b"") -> bytes:
@@ -1957,6 +1990,7 @@ class Process:
         self._fds = {}                  # our read fd -> label (or custom label)
         self._listeners = {}            # label -> [listener]
         self._exit_callbacks = []
+        self._paused = set()            # clients that asked for back-pressure
         self._logs = {}                 # label -> LogFile
         self.stdin_fd = None
         self._stdin = collections.deque()
@@ -2019,6 +2053,21 @@ class Process:
             self._close_fd(fd)
             return
         self._dispatch(label, data)
+
+    def pause_output(self, who):
+        """Stop reading the pipes while ``who`` (a slow client) catches up;
+        the child then blocks on write, which is the back-pressure."""
+        if not self._paused:
+            for fd in self._fds:
+                self.manager.loop.remove_reader(fd)
+        self._paused.add(who)
+
+    def resume_output(self, who):
+        if who in self._paused:
+            self._paused.discard(who)
+            if not self._paused:
+                for fd in self._fds:
+                    self.manager.loop.add_reader(fd, self._on_output, fd)
 
     def _drain(self):
         """Read what is left in the pipes (the last words of a crash)."""
@@ -2904,7 +2953,7 @@ def resolve(loop, host, callback, timeout=5.0):
 class _DnsLookup:
     def __init__(self, loop, host, callback, timeout):
         self.loop, self.host, self.callback = loop, host, callback
-        self.qid = random.randrange(65536)
+        self.qid = int.from_bytes(os.urandom(2), "big")
         self.sock = None
         self.servers = _nameservers()
         self.done = False
@@ -3000,7 +3049,7 @@ class _ClientRequest:
             return
         if self.tls:
             try:
-                context = ssl.create_default_context()
+                context = load_ssl().create_default_context()
                 self.sock = context.wrap_socket(self.sock, server_hostname=self.host,
                                                 do_handshake_on_connect=False)
             except (ssl.SSLError, OSError) as exc:
@@ -3256,13 +3305,19 @@ class Plugin:
         return None
 
 
-def install_import_aliases(module):
+def install_import_aliases():
     """Make ``from gafferd import Plugin`` and ``from gaffer import Plugin``
-    give this very module's class, also when it runs as a script (SPEC 7.4)."""
-    sys.modules.setdefault("gafferd", module)
-    if "gaffer" not in sys.modules:
+    give this very module's class, also when it runs as a script or under
+    a wrapper such as ``python -m cProfile`` (SPEC 7.4)."""
+    module = sys.modules.get(__name__)
+    if getattr(module, "Plugin", None) is not Plugin:
+        module = types.ModuleType("gafferd", __doc__)
+        module.__dict__.update(globals())
+    if getattr(sys.modules.get("gafferd"), "Plugin", None) is not Plugin:
+        sys.modules["gafferd"] = module
+    if getattr(sys.modules.get("gaffer"), "Plugin", None) is not Plugin:
         shim = types.ModuleType("gaffer", "compatibility alias for gaffer 0.4.4 plugins")
-        shim.Plugin = module.Plugin
+        shim.Plugin = Plugin
         shim.__version__ = __version__
         sys.modules["gaffer"] = shim
 
@@ -3965,6 +4020,7 @@ class Api:
             if not proc.alive:
                 sink.end()
                 return
+            sink.producer = proc
             proc.monitor_io(label, listener)
             proc.on_exit(gone)
             beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
@@ -4021,6 +4077,7 @@ class Api:
 
             def gone(_proc):
                 ws.close(1000, "process exited")
+            ws.producer = proc
             labels = list(dict.fromkeys(proc.redirect_output))
             for label in labels:
                 proc.monitor_io(label, listener)
@@ -4186,12 +4243,12 @@ class Api:
                 return Reply(304, b"", None, headers)
         elif ims:
             try:
-                since = email.utils.parsedate_to_datetime(ims).timestamp()
+                since = lazy_import("email.utils").parsedate_to_datetime(ims).timestamp()
             except (TypeError, ValueError, IndexError, OverflowError):
                 since = None
             if since is not None and int(st.st_mtime) <= since:
                 return Reply(304, b"", None, headers)
-        ctype, encoding = mimetypes.guess_type(path)
+        ctype, encoding = lazy_import("mimetypes").guess_type(path)
         ctype = ctype or "application/octet-stream"
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=UTF-8"
@@ -4268,7 +4325,7 @@ class Listener:
             raise BindError("cannot listen on %s: %s" % (address.text, exc.strerror or exc)) from None
         if ep.tls:
             try:
-                self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                self.tls = load_ssl().SSLContext(ssl.PROTOCOL_TLS_SERVER)
                 self.tls.load_cert_chain(ep.certfile, ep.keyfile)
             except (ssl.SSLError, OSError) as exc:
                 sock.close()
@@ -4394,7 +4451,7 @@ def token_matches(header: str, token: str) -> bool:
             candidate = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
         except (ValueError, UnicodeDecodeError):
             candidate = ""
-    return hmac.compare_digest(candidate.encode("utf-8"), token.encode("utf-8"))
+    return lazy_import("hmac").compare_digest(candidate.encode("utf-8"), token.encode("utf-8"))
 
 
 class _Sink:
@@ -4403,6 +4460,7 @@ class _Sink:
     def __init__(self, conn, chunked):
         self.conn, self.chunked = conn, chunked
         self.closed = False
+        self.producer = None      # a Process to pause when the client lags
         self._callbacks = []
 
     def write(self, data: bytes):
@@ -4442,6 +4500,7 @@ class _WebSocket:
 
     def __init__(self, conn):
         self.conn = conn
+        self.producer = None
         self.parser = WebSocketParser()
         self.closed = False
         self.close_sent = False
@@ -4521,6 +4580,8 @@ class Connection:
         self.out = bytearray()
         self.closing = False              # close once ``out`` is sent
         self.closed = False
+        self.sent = 0                     # bytes written to the socket
+        self.throttled = None             # stall-check handle while throttled
         self.busy = None                  # the _Sink or _WebSocket in progress
         self.handshaking = listener.tls is not None
         self.continue_sent = False
@@ -4593,6 +4654,7 @@ class Connection:
             except OSError:
                 self.close()
                 return
+            self.sent += n
             data = data[n:]
             if not data:
                 if self.closing:
@@ -4600,11 +4662,40 @@ class Connection:
                 return
         self.out += data
         if len(self.out) > STREAM_BUFFER_LIMIT and self.busy is not None:
-            log.warning("dropping slow client %s: %d bytes unsent", self.remote or "unix",
-                        len(self.out))
-            self.close()
-            return
+            self._throttle()
+            if self.closed:
+                return
         self.loop.add_writer(self.fd, self._on_writable)
+
+    def _throttle(self):
+        """The client reads slower than its stream is made.  A process's
+        output is paused until the client catches up (it then runs at the
+        client's pace); a client that makes no progress for STALL_TIMEOUT,
+        or whose feed cannot be paused, is dropped."""
+        producer = self.busy.producer
+        if producer is None or not producer.alive:
+            self._drop("%d bytes unsent" % len(self.out))
+        elif self.throttled is None:
+            producer.pause_output(self)
+            self.throttled = self.loop.call_later(STALL_TIMEOUT, self._check_stall, self.sent)
+
+    def _check_stall(self, sent_before):
+        if self.sent == sent_before:
+            self._drop("no progress for %ss" % STALL_TIMEOUT)
+        else:
+            self.throttled = self.loop.call_later(STALL_TIMEOUT, self._check_stall, self.sent)
+
+    def _unthrottle(self):
+        if self.throttled is not None:
+            self.throttled.cancel()
+            self.throttled = None
+            producer = getattr(self.busy, "producer", None)
+            if producer is not None:
+                producer.resume_output(self)
+
+    def _drop(self, why):
+        log.warning("dropping slow stream client %s: %s", self.remote or "(unix socket)", why)
+        self.close()
 
     def flush(self):
         if not self.out and self.closing:
@@ -4623,6 +4714,9 @@ class Connection:
             self.close()
             return
         del self.out[:n]
+        self.sent += n
+        if self.throttled is not None and len(self.out) < STREAM_BUFFER_LIMIT // 2:
+            self._unthrottle()
         if self.out:
             return
         self.loop.remove_writer(self.fd)
@@ -4638,6 +4732,7 @@ class Connection:
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         self.timer.cancel()
+        self._unthrottle()
         try:
             self.sock.close()
         except OSError:
@@ -4913,10 +5008,24 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def _prctl(option, value):
     try:
+        ctypes = lazy_import("ctypes")
+        lazy_import("ctypes.util")
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         return libc.prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def release_memory():
+    """Give back what start-up used (compiling this file costs ~10 MB that
+    malloc keeps otherwise)."""
+    import gc
+    gc.collect()
+    try:
+        ctypes = lazy_import("ctypes")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PidfileError(Exception):
@@ -5077,7 +5186,7 @@ class Daemon:
 
     def prepare(self):
         """Everything that can fail before forking: plugins, sockets."""
-        install_import_aliases(sys.modules[__name__])
+        install_import_aliases()
         self.plugins = Plugins(self.config.plugins_dirs)
         self.plugins.discover()
         missing = self.plugins.missing_mandatory()
@@ -5109,6 +5218,7 @@ class Daemon:
         manager.start()
         for spec in self.config.templates:
             manager.add_template(spec)
+        release_memory()
         log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
         loop.run()
         loop.close()
@@ -5230,6 +5340,34 @@ def main(argv=None) -> int:
             remove_pidfile(args.pidfile)
 
 
+def reexec_from_bytecode():
+    """Run as a script, this file is compiled in memory at every start, and
+    the compiler's ~12 MB are never given back (issue 6, S5).  Re-exec the
+    same command through the import system instead, which loads cached
+    bytecode (written here the first time, next to this file).  The PID
+    stays the same.  Returns only when that cannot be done (a read-only
+    directory, say); the daemon then simply runs as it is."""
+    path = os.path.abspath(__file__)
+    try:
+        import py_compile
+        cache = importlib.util.cache_from_source(path)
+        if not os.path.exists(cache) or os.stat(cache).st_mtime < os.stat(path).st_mtime:
+            py_compile.compile(path, cfile=cache, doraise=True)
+    except (OSError, ImportError, NotImplementedError, SyntaxError, ValueError):
+        return
+    except Exception:                    # py_compile.PyCompileError
+        return
+    code = ("import runpy, sys; sys.path.insert(0, %r); del sys.argv[1]; "
+            "runpy.run_module('gafferd', run_name='__main__', alter_sys=True)"
+            % os.path.dirname(path))
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", code, path] + sys.argv[1:])
+    except OSError:
+        return
+
+
 if __name__ == "__main__":
-    sys.modules.setdefault("gafferd", sys.modules[__name__])
+    if globals().get("__spec__") is None and sys.executable:
+        reexec_from_bytecode()
+    install_import_aliases()
     sys.exit(main())
