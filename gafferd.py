@@ -2227,6 +2227,7 @@ class Manager:
         self.running = collections.OrderedDict()       # id -> Process (live, not stopping)
         self.groups = collections.OrderedDict()        # group -> [template names]
         self.apps = []
+        self.cfg = None                                # the configparser plugins read
         self._by_pid = {}                              # os pid -> Process (every live one)
         self._ids = itertools.count(1)
         self._logfiles = {}                            # path -> LogFile (shared)
@@ -3685,6 +3686,8 @@ class Api:
                     params = [urllib.parse.unquote(g, errors="strict") if g is not None else None
                               for g in m.groups()]
                 except UnicodeDecodeError:
+                    if path.startswith("/_plugin/"):
+                        raise ApiError(404, "not_found", "no such file") from None
                     raise ApiError(400, "bad_request", "path is not UTF-8") from None
                 return methods, params
         raise ApiError(404, "not_found", "no such resource: %s" % path)
@@ -4195,6 +4198,9 @@ class Api:
             allowed.add(method)
             if method == req.method or (method == "GET" and req.method == "HEAD"):
                 result = handler(req, *m.groups())
+                if result is None:
+                    log.error("plugin route %s %s returned nothing", method, req.path)
+                    raise ApiError(500, "internal_error", "the plugin route returned nothing")
                 status, body = result if isinstance(result, tuple) else (200, result)
                 if isinstance(body, (dict, list)):
                     return json_reply(status, body)
@@ -5212,6 +5218,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGUSR1, lambda signum: manager.reopen_logs())
         loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
         self.webhooks = Webhooks(self.config.webhooks)
+        manager.cfg = self.config.parser
         manager.apps = [self.webhooks, self.server] + self.plugins.make_apps(self.config.parser)
         if self.args.verbose or self.args.vverbose:
             manager.apps.append(Console(stream_output=self.args.vverbose))
@@ -5287,6 +5294,7 @@ class Daemon:
             log.warning("endpoint changes take effect at the next restart of the daemon")
         new.endpoints = self.config.endpoints
         self.config = new
+        manager.cfg = new.parser
         for app in manager.apps:
             if isinstance(app, PluginApp):
                 app.restart()

@@ -1,0 +1,1 @@
+"""gafferd health checks: see :mod:`healthcheck.plugin` for the configuration."""
