@@ -878,6 +878,24 @@ class Config:
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Damerau-Levenshtein distance (a swap of two letters costs 1)."""
+    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
+                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def typo_of(word: str, known):
+    """The known word ``word`` is probably a misspelling of, or None."""
+    best = min(known, key=lambda k: edit_distance(word.lower(), k))
+    return best if edit_distance(word.lower(), best) <= max(1, len(best) // 4) else None
+
+
 def _parse_ini_file(path, label):
     """One INI file with case kept and no [DEFAULT] magic (merged later)."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\0default",
@@ -973,6 +991,11 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
             cfg.warnings.append(str(ConfigError(g_label, "gaffer", key, "unknown key, ignored" + (
                 "; did you mean %r?" % close[0] if close else ""))))
     cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
+    for key, value in cfg.defaults.items():
+        try:
+            _endpoint_value(ENDPOINT_KEYS[key][0], value, g_dir)
+        except ValueError as exc:
+            errors.append(ConfigError(g_label, "gaffer", key, str(exc)))
     pdirs = g.get("plugins_dir") or g.get("plugin_dir")
     if pdirs:
         cfg.plugins_dirs = [os.path.normpath(os.path.join(g_dir, os.path.expanduser(p)))
@@ -985,10 +1008,10 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
         flabel, fdir = origin.get(section, (label, cfg.base_dir))
         kind, colon, rest = section.partition(":")
         if kind not in _SECTION_TYPES:
-            close = lazy_import("difflib").get_close_matches(kind, _SECTION_TYPES, 1, 0.75)
+            close = typo_of(kind, _SECTION_TYPES)
             if close:
                 errors.append(ConfigError(flabel, section, None, "unknown section type "
-                              "%r; did you mean [%s]?" % (kind, close[0] + colon + rest)))
+                              "%r; did you mean [%s]?" % (kind, close + colon + rest)))
             continue                     # a plugin's section
         if kind in ("process", "env", "endpoint") and not rest:
             errors.append(ConfigError(flabel, section, None, "needs a name: [%s:NAME]" % kind))
@@ -1016,8 +1039,8 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     for name in names:
         section = "endpoint:" + name
         if not combined.has_section(section):
-            errors.append(ConfigError(g_label, "gaffer", "http_endpoints",
-                                      "no [%s] section" % section))
+            cfg.warnings.append(str(ConfigError(g_label, "gaffer", "http_endpoints",
+                                                "no [%s] section, skipped" % section)))
             continue
         items = dict(combined.items(section))
         flabel, fdir = origin[section]
@@ -5248,7 +5271,7 @@ class Daemon:
         try:
             result = self.reload()
         except (ConfigError, ConfigErrors) as exc:
-            log.error("reload failed, nothing changed:\n%s", exc)
+            log.error("reload failed, nothing changed: %s", "; ".join(str(exc).splitlines()))
             return
         log.info("reloaded %s: added %s, removed %s, changed %s", self.config_path,
                  result["added"], result["removed"], result["changed"])
