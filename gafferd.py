@@ -137,6 +137,8 @@ STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
 STALL_TIMEOUT = 2.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
+SPAWN_BATCH = 64                     # spawns per loop iteration (the API stays live)
+MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds, SPEC 9.3
 HEARTBEAT_DEFAULT = 60.0             # heartbeat=true
 WEBHOOK_TIMEOUT = 20.0
@@ -508,6 +510,13 @@ def _c_count(value, ctx):
     return parse_int(value, 0)
 
 
+def _c_numprocesses(value, ctx):
+    number = parse_int(value, 0)
+    if number > MAX_NUMPROCESSES:
+        raise ValueError("%r is more than %d processes" % (value, MAX_NUMPROCESSES))
+    return number
+
+
 def _c_int(value, ctx):
     return parse_int(value)
 
@@ -541,7 +550,7 @@ PROCESS_KEYS = collections.OrderedDict([
     ("detach", (_c_bool, False, "reported as 'detached' in spawn events")),
     ("shell", (_c_bool, False, "run as: sh -c 'cmd args'")),
     ("os_env", (_c_bool, True, "start from the daemon's environment")),
-    ("numprocesses", (_c_count, 1, "how many processes to keep running")),
+    ("numprocesses", (_c_numprocesses, 1, "how many processes to keep running")),
     ("start", (_c_bool, True, "start when loaded")),
     ("priority", (_c_int, sys.maxsize, "start-up order, lowest first")),
     ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
@@ -774,7 +783,7 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("certfile", ("path", None, "TLS certificate (turns on HTTPS)")),
     ("keyfile", ("path", None, "TLS private key")),
     ("backlog", ("count", DEFAULT_BACKLOG, "listen() backlog")),
-    ("cors_origins", ("list", [], "origins allowed to make cross-site calls")),
+    ("cors_origins", ("origins", [], "origins allowed to make cross-site calls")),
     ("server_names", ("list", [], "extra Host names accepted on loopback binds")),
     ("auth_token", ("str", None, "require this token (Bearer or Basic password)")),
     ("auth_token_file", ("path", None, "read auth_token from this file")),
@@ -811,6 +820,12 @@ def _endpoint_value(kind, value, base_dir):
         return parse_int(value, 0)
     if kind == "list":
         return parse_list(value)
+    if kind == "origins":
+        origins = [o.rstrip("/") for o in parse_list(value)]
+        for origin in origins:
+            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+                raise ValueError("%r is not an origin like https://example.com[:port]" % origin)
+        return origins
     if kind == "bool":
         return parse_bool(value)
     if kind == "size":
@@ -1152,12 +1167,18 @@ class OutputRing:
         return data[pos + 1:]
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def split_lines(data: bytes) -> list:
-    """Lines of decoded output, without their newlines."""
+    """Lines of decoded output, without their line ends (CR, LF or CRLF:
+    a bare CR inside an SSE ``data:`` line would end it, WHATWG 9.2.5)."""
     text = data.decode("utf-8", "replace")
-    if text.endswith("\n"):
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith(("\n", "\r")):
         text = text[:-1]
-    return text.split("\n") if text else []
+    return _LINE_BREAK.split(text) if text else []
 
 
 _MEM_TOTAL = []
@@ -1449,6 +1470,10 @@ class RequestParser:
             if re.match(rb"^HTTP/\d\.\d$", version):
                 raise HttpError(505, "http_version_not_supported", "only HTTP/1.0 and 1.1")
             raise HttpError(400, "bad_request", "malformed HTTP version")
+        if re.match(rb"^https?://[^/?#]+", target):       # absolute-form, RFC 9112 3.2.2
+            target = re.sub(rb"^https?://[^/?#]+", b"", target) or b"/"
+            if not target.startswith(b"/"):
+                target = b"/" + target
         if not (target.startswith(b"/") or target == b"*") or \
                 any(c < 0x21 or c == 0x7f for c in target):
             raise HttpError(400, "bad_request", "malformed request target")
@@ -1907,11 +1932,19 @@ class LogFile:
         self._size = 0
         self._line_start = True
         self._last_error = None
+        self._pending = bytearray()      # '-' only: what stdout did not take yet
+        self.dropped = 0
         self.users = 0
 
     def _open(self):
         if self.path == "-":
-            self._fd = 1
+            # A description of our own, non-blocking, so an unread pipe on
+            # stdout never blocks the loop (and the shared fd 1 keeps its flags).
+            try:
+                self._fd = os.open("/proc/self/fd/1", os.O_WRONLY | os.O_APPEND |
+                                   os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                self._fd = os.dup(1)
             return
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self._size = os.fstat(self._fd).st_size
@@ -1920,7 +1953,7 @@ class LogFile:
         self.close()
 
     def close(self):
-        if self._fd is not None and self._fd != 1:
+        if self._fd is not None:
             close_quietly(self._fd)
         self._fd = None
 
@@ -1963,11 +1996,34 @@ class LogFile:
             self.close()
 
     def _write_all(self, data):
+        if self.path == "-":
+            self._write_stdout(data)
+            return
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
             self._size += n
+
+    def _write_stdout(self, data):
+        """Never blocks: what the pipe does not take waits (up to
+        STREAM_BUFFER_LIMIT, then the oldest is dropped) for the next write."""
+        self._pending += data
+        while self._pending:
+            try:
+                n = os.write(self._fd, self._pending)
+            except BlockingIOError:
+                break
+            del self._pending[:n]
+        excess = len(self._pending) - STREAM_BUFFER_LIMIT
+        if excess > 0:
+            del self._pending[:excess]
+            self.dropped += excess
+            now = time.monotonic()
+            if self._last_error is None or now - self._last_error > 60:
+                log.warning("stdout is not being read: %d bytes of child output dropped",
+                            self.dropped)
+                self._last_error = now
 
     def _rotate(self):
         self.close()
@@ -2372,13 +2428,29 @@ class Manager:
             t.flap.reset()
             t.state, t.never_started = "running", False
         self._emit("restart", t.name)
-        for _ in range(t.numprocesses):
-            if not self._spawn(t):
-                break
-        self._manage(t)
+        self._replace(t, list(t.running), t.numprocesses)
+
+    def _replace(self, t, old, count):
+        """Restart step: spawn up to SPAWN_BATCH new processes, then reap
+        as many of the ``old`` ones (SPEC order: spawns, then reaps)."""
+        if t.state != "running" or self.stopping or self.processes.get(t.name) is not t:
+            return
+        batch = min(count, SPAWN_BATCH)
+        spawned = 0
+        while spawned < batch and self._spawn(t):
+            spawned += 1
+        for proc in old[:spawned]:
+            if proc in t.running:
+                self._stop_one(proc, "reap")
+        if spawned == batch and count > batch:
+            self.loop.call_soon(self._replace, t, old[spawned:], count - batch)
+        else:
+            self._manage(t)
 
     def ttin(self, name, n=1) -> int:
         t = self.get_template(name)
+        if t.numprocesses + n > MAX_NUMPROCESSES:
+            raise ValueError("at most %d processes per template" % MAX_NUMPROCESSES)
         t.numprocesses += n
         self._emit("update", name, per_process=False)
         if t.never_started:
@@ -2555,13 +2627,19 @@ class Manager:
             proc.kill(signal.SIGKILL)
 
     def _manage(self, t):
-        """Bring ``t`` to ``numprocesses``: spawn the missing, reap the
-        surplus oldest first (SPEC 3.2)."""
+        """Bring ``t`` to ``numprocesses``: spawn the missing (SPAWN_BATCH
+        at a time, the rest on the next iteration, so a large scale-up
+        never stalls the loop), reap the surplus oldest first (SPEC 3.2)."""
         if t.state != "running" or self.stopping or self.processes.get(t.name) is not t:
             return
-        while len(t.running) < t.numprocesses:
+        for _ in range(SPAWN_BATCH):
+            if len(t.running) >= t.numprocesses:
+                break
             if not self._spawn(t):
                 return
+        else:
+            if len(t.running) < t.numprocesses:
+                self.loop.call_soon(self._manage, t)
         while len(t.running) > t.numprocesses:
             self._stop_one(t.running[0], "reap")
 
@@ -3853,7 +3931,10 @@ class Api:
         elif action == "_restart":
             m.restart_process(name)
         elif action == "_add":
-            return json_reply(200, {"ok": True, "numprocesses": m.ttin(name, self._count(rest))})
+            try:
+                return json_reply(200, {"ok": True, "numprocesses": m.ttin(name, self._count(rest))})
+            except ValueError as exc:
+                raise ApiError(400, "bad_value", str(exc)) from None
         elif action == "_sub":
             return json_reply(200, {"ok": True, "numprocesses": m.ttou(name, self._count(rest))})
         elif action == "_signal":
@@ -4372,6 +4453,12 @@ class Listener:
                     pass
 
 
+_TOO_MANY_BODY = b'{"error": "too_many_connections", "message": "try again later"}\n'
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+             % (len(_TOO_MANY_BODY), _TOO_MANY_BODY))
+
+
 class HttpServer:
     """The HTTP application: every endpoint's listeners, one route table."""
 
@@ -4380,6 +4467,7 @@ class HttpServer:
         api.server = self
         self.listeners = [Listener(ep, a) for ep in endpoints for a in ep.addresses]
         self.connections = set()
+        self.per_endpoint = collections.Counter()      # endpoint name -> connections
         self.requests = collections.Counter()
         self.loop = None
         self._date = (0, "")
@@ -4433,11 +4521,10 @@ class HttpServer:
                     self.loop.call_later(1.0, self._resume, listener)
                 return
             sock.setblocking(False)
-            if len(self.connections) >= listener.endpoint.max_connections:
+            endpoint = listener.endpoint
+            if self.per_endpoint[endpoint.name] >= endpoint.max_connections:
                 try:
-                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json"
-                              b"\r\nContent-Length: 59\r\nConnection: close\r\n\r\n"
-                              b'{"error": "too_many_connections", "message": "try later"}\n')
+                    sock.send(_TOO_MANY)
                 except OSError:
                     pass
                 sock.close()
@@ -4602,6 +4689,7 @@ class Connection:
     def __init__(self, server, listener, sock, remote):
         self.server, self.listener, self.sock = server, listener, sock
         self.endpoint = listener.endpoint
+        server.per_endpoint[self.endpoint.name] += 1
         self.loop = server.loop
         self.remote = remote
         self.fd = sock.fileno()
@@ -4767,6 +4855,7 @@ class Connection:
         except OSError:
             pass
         self.server.connections.discard(self)
+        self.server.per_endpoint[self.endpoint.name] -= 1
         busy, self.busy = self.busy, None
         if busy is not None:
             busy._close()

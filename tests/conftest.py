@@ -920,3 +920,27 @@ def vm_rss(pid):
     except OSError:
         pass
     return 0
+
+
+def shutdown_daemon(d, timeout=10.0):
+    """Stop ``d`` gracefully (SIGTERM, a second SIGTERM half-way through),
+    then SIGKILL anything left in the process groups of its children, so a
+    test leaves no orphan behind (a SIGKILLed daemon's children live on)."""
+    if d.proc is None or d.proc.poll() is not None:
+        return
+    groups = children_of(d.pid)
+    for _ in range(2):
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            d.proc.wait(timeout / 2)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        d.proc.kill()
+        d.proc.wait()
+    for pid in live_in_groups(groups):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
