@@ -2065,6 +2065,7 @@ class Process:
         self.requested = False          # the exit was asked for (stop, reap)
         self.exit_status = self.term_signal = None
         self.kill_handle = None
+        self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
         self.sample = None              # (time, cpu seconds) for cpu%
         self._fds = {}                  # our read fd -> label (or custom label)
         self._listeners = {}            # label -> [listener]
@@ -2618,7 +2619,8 @@ class Manager:
         timeout = proc.spec.graceful_timeout
         if self.stopping and self._hurry:
             timeout = 0
-        proc.kill_handle = self.loop.call_later(timeout, self._kill_now, proc)
+        proc.kill_deadline = self.loop.time() + timeout
+        proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
 
     def _kill_now(self, proc):
         if proc.alive:
@@ -2775,7 +2777,10 @@ class Manager:
         """An exec that failed counts as an exit nobody asked for."""
         if t.spawn_retry is not None or t.state != "running":
             return
-        if t.spec.flapping is not None and self._flap(t) != RESPAWN:
+        if t.spec.flapping is not None:
+            # like an exit with status 127 (SPEC 3.11): flapping decides
+            if self._flap(t) == RESPAWN:
+                t.spawn_retry = self.loop.call_soon(self._retry_spawn, t)
             return
         t.spawn_retry = self.loop.call_later(SPAWN_RETRY_DELAY, self._retry_spawn, t)
 
@@ -2807,10 +2812,24 @@ class Manager:
             self._manage(t)
 
     def _before_reap(self, proc):
-        """The leader is a zombie: kill what is left of its process group
-        (grandchildren) while the group id cannot be reused."""
+        """The leader is a zombie, so its process group id cannot be reused
+        yet: what is left of the group (grandchildren) gets SIGTERM and the
+        rest of the grace period, then SIGKILL, as systemd does for the
+        processes of a unit."""
+        if proc.requested:
+            deadline = proc.kill_deadline if not self._hurry else self.loop.time()
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = self.loop.time() + proc.spec.graceful_timeout
+        self.loop.call_at(deadline, self._kill_group, proc.pid)
+
+    @staticmethod
+    def _kill_group(pgid):
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -5293,8 +5312,9 @@ class Daemon:
         for spec in self.config.templates:
             env = child_environment(spec, os.environ)
             out.append("[process:%s]" % spec.name)
-            out.append("  argv = %s" % " ".join(shlex.quote(a) for a in command_line(spec, env)))
-            out.append("  cwd = %s" % spec.cwd)
+            out.append("  # resolved: argv = %s" % " ".join(shlex.quote(a) for a in
+                                                       command_line(spec, env)))
+            out.append("  # resolved: working directory = %s" % spec.cwd)
             for key, value in spec.definition().items():
                 if key not in ("name",):
                     out.append("  %s = %s" % (key, json.dumps(value, default=str)))

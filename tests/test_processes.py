@@ -3,13 +3,10 @@
 Each test starts its own ``gafferd.py`` (see conftest.Daemon) and drives it
 over HTTP. The child programs are tiny scripts written into ``tmp_path``.
 """
-import json
 import os
 import shutil
 import signal
-import stat
 import statistics
-import sys
 import time
 
 import pytest
@@ -442,7 +439,7 @@ def test_10000_spawn_exit_cycles_leak_no_fd_and_no_zombie(daemon_factory, tmp_pa
 
     run_until(200, 20)  # warm up: anything opened once and kept is not a leak
     baseline = open_fds(d.pid)
-    run_until(10200, 55)
+    run_until(10200, 80)  # ~12 s on 3.11; Python 3.8 forks more slowly
     wait_for(lambda: open_fds(d.pid) <= baseline, 5,
              message="fd count back to %d (now %d)" % (baseline, open_fds(d.pid)))
     assert zombie_children(d.pid) == []
