@@ -656,20 +656,23 @@ def test_var_substitution_and_args_forms(daemon_factory, tmp_path, child):
         "[process:split]\ncmd = %s %s split %s x y\n" % (PY, child, tmp_path))
     d = daemon_factory(config)
     d.wait_running("v", 1)
-    assert proc_cmdline(os_pids(d, "v")[0]) == [PY, child, "v", str(tmp_path),
-                                                "8080", "8080x", "$lit"]
+    want = [PY, child, "v", str(tmp_path), "8080", "8080x", "$lit"]
+    wait_for(lambda: proc_cmdline(os_pids(d, "v")[0]) == want, message="argv of v")
     d.wait_running("split", 1)
-    assert proc_cmdline(os_pids(d, "split")[0]) == [PY, child, "split", str(tmp_path), "x", "y"]
+    want = [PY, child, "split", str(tmp_path), "x", "y"]
+    wait_for(lambda: proc_cmdline(os_pids(d, "split")[0]) == want, message="argv of split")
 
     body = {"name": "aslist", "cmd": PY, "args": [child, "aslist", str(tmp_path), "a b", 7]}
     assert d.json("POST", "/processes", body) == {"ok": True}
     d.wait_running("aslist", 1)
-    assert proc_cmdline(os_pids(d, "aslist")[0])[1:] == [child, "aslist", str(tmp_path), "a b", "7"]
+    want = [child, "aslist", str(tmp_path), "a b", "7"]
+    wait_for(lambda: proc_cmdline(os_pids(d, "aslist")[0])[1:] == want, message="argv of aslist")
 
     body = {"name": "asstr", "cmd": PY, "args": "%s asstr %s 'a b' c" % (child, tmp_path)}
     assert d.json("POST", "/processes", body) == {"ok": True}
     d.wait_running("asstr", 1)
-    assert proc_cmdline(os_pids(d, "asstr")[0])[1:] == [child, "asstr", str(tmp_path), "a b", "c"]
+    want = [child, "asstr", str(tmp_path), "a b", "c"]
+    wait_for(lambda: proc_cmdline(os_pids(d, "asstr")[0])[1:] == want, message="argv of asstr")
 
 
 def test_shell_runs_the_whole_multi_word_command(daemon_factory, tmp_path):
