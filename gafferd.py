@@ -104,7 +104,6 @@ import struct
 import subprocess
 import sys
 import time
-import traceback
 import types
 import urllib.parse
 
@@ -134,7 +133,7 @@ MAX_HEADER_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
-STALL_TIMEOUT = 2.0                  # a throttled client with no progress is dropped
+STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
 SPAWN_BATCH = 64                     # spawns per loop iteration (the API stays live)
@@ -812,7 +811,13 @@ class EndpointSpec:
 
 def _endpoint_value(kind, value, base_dir):
     if kind == "addresses":
-        addresses = [Address.parse(v) for v in str(value).split(",") if v.strip()]
+        addresses = []
+        for text in str(value).split(","):
+            if text.strip():
+                text = text.strip()
+                if text.startswith("unix:") and not text[5:].startswith("/") and text[5:]:
+                    text = "unix:" + os.path.join(base_dir, text[5:])
+                addresses.append(Address.parse(text))
         return addresses or [Address.parse("")]
     if kind == "path":
         return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
@@ -864,9 +869,9 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
             raise ConfigError(source, section, path_key, "file %r does not exist" % path)
     if spec.keyfile and not spec.certfile:
         raise ConfigError(source, section, "certfile", "keyfile is set but certfile is not")
-    if not spec.auth_token and not spec.insecure:
+    if resolve and not spec.auth_token and not spec.insecure:
         for address in spec.bind:
-            if not address.is_loopback(resolve):
+            if not address.is_loopback():
                 raise ConfigError(source, section, "bind", (
                     "%r is not a loopback address and no auth_token is set: anyone "
                     "who reaches it can run commands; set auth_token (or "
@@ -2826,8 +2831,9 @@ class Manager:
             deadline = self.loop.time() + proc.spec.graceful_timeout
         self.loop.call_at(deadline, self._kill_group, proc.pid)
 
-    @staticmethod
-    def _kill_group(pgid):
+    def _kill_group(self, pgid):
+        if pgid in self._by_pid:
+            return            # the number now leads a group of a new process of ours
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -4114,9 +4120,10 @@ class Api:
         backlog = b""
         last_id = req.headers.get("last-event-id") or req.query.get("last_event_id")
         if ring is not None and last_id is not None and last_id.strip().isdigit():
-            backlog = ring.since(int(last_id))
-            if backlog is None:                   # overwritten: send what is left
-                backlog = bytes(ring.buf)
+            offset = int(last_id)
+            backlog = ring.since(offset)
+            if backlog is None:                   # overwritten (or a bogus id)
+                backlog = bytes(ring.buf) if offset < ring.start else b""
         elif ring is not None and "tail" in req.query:
             try:
                 backlog = ring.tail(int(req.query["tail"]))
@@ -5110,8 +5117,11 @@ class Console:
         if "os_pid" in payload:
             self.write(name, "%s process with pid %s" % (event, payload["os_pid"]))
             if event == "spawn" and self.stream_output:
-                proc = self.manager.running.get(payload.get("pid"))
+                proc = self.manager.find_process(payload.get("pid"))
                 for label in dict.fromkeys(proc.redirect_output if proc else ()):
+                    # what was read between the spawn and this event
+                    self._on_output(label, {"name": proc.name,
+                                            "data": bytes(proc.rings[label].buf)})
                     proc.monitor_io(label, self._on_output)
         else:
             self.write(name, "%s %s" % (event, name))

@@ -281,6 +281,12 @@ def daemon_factory(tmp_path):
         d.close()
 
 
+@pytest.fixture
+def gafferd(daemon_factory):
+    """The name most test files use for ``daemon_factory``."""
+    return daemon_factory
+
+
 def run_gafferd(args, cwd=None, timeout=30.0, env=None):
     """Run gafferd.py to completion (``--check``, ``--version``, bad configs)."""
     e = dict(os.environ)

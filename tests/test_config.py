@@ -9,7 +9,6 @@ import pwd
 import grp
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import threading
 
 import pytest
 
-from conftest import (PY, children_of, pid_alive, proc_cmdline, run_gafferd,
+from conftest import (PY, proc_cmdline, run_gafferd,
                       wait_for)
 
 SLEEP = shutil.which("sleep")
@@ -27,51 +26,6 @@ MAXSIZE = sys.maxsize
 
 
 # -- helpers -------------------------------------------------------------------
-
-def descendants(pid):
-    """Every live descendant of ``pid`` (children, grandchildren...)."""
-    found, todo = [], [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        found.extend(kids)
-        todo.extend(kids)
-    return found
-
-
-def stop_cleanly(d):
-    """Stop daemon ``d`` with SIGTERM (so its children are stopped too) and
-    SIGKILL whatever of its process tree is still there afterwards."""
-    if d.proc is None:
-        return
-    kids = descendants(d.pid) if d.proc.poll() is None else []
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait()
-    for pid in kids:
-        if pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture
-def gafferd(daemon_factory):
-    """Like ``daemon_factory``, but each daemon is shut down gracefully at
-    the end of the test, so that no child process outlives the test."""
-    made = []
-
-    def make(config=None, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        stop_cleanly(d)
 
 
 def write(path, text, mode=None):

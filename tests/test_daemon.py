@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import (EXAMPLES, GAFFERD, PY, Daemon, children_of, pid_alive,
+from conftest import (descendants, EXAMPLES, GAFFERD, PY, Daemon, children_of, pid_alive,
                       proc_cmdline, run_gafferd, wait_for)
 
 SLEEP = shutil.which("sleep")
@@ -23,15 +23,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 # -- helpers -------------------------------------------------------------------
-
-def descendants(pid):
-    """Every live descendant of ``pid`` (children, grandchildren...)."""
-    found, todo = [], [pid]
-    while todo:
-        kids = children_of(todo.pop())
-        found.extend(kids)
-        todo.extend(kids)
-    return found
 
 
 def stop_cleanly(d):
@@ -53,21 +44,6 @@ def stop_cleanly(d):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-@pytest.fixture
-def gafferd(daemon_factory):
-    """Like ``daemon_factory``, but each daemon is shut down gracefully at
-    the end of the test, so that no child process outlives the test."""
-    made = []
-
-    def make(config=None, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        stop_cleanly(d)
 
 
 def write(path, text, mode=None):

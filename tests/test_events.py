@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import PY, EventWatcher, holds_for, pid_alive, shutdown_daemon
+from conftest import PY, EventWatcher, holds_for, pid_alive
 
 CHILD = r'''
 import sys, time
@@ -25,22 +25,6 @@ NAME_ONLY = {"event", "name"}
 SPAWN_KEYS = {"event", "name", "pid", "detached", "os_pid"}
 PID_KEYS = {"event", "name", "pid", "os_pid"}
 EXIT_KEYS = {"event", "name", "pid", "exit_status", "term_signal", "os_pid"}
-
-
-@pytest.fixture
-def daemon_factory(daemon_factory):
-    """The harness factory, but each daemon is shut down gracefully at the
-    end so that its children are stopped too."""
-    made = []
-
-    def make(*args, **kw):
-        d = daemon_factory(*args, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        shutdown_daemon(d)
 
 
 @pytest.fixture

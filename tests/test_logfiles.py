@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 
 from conftest import GAFFERD, PY, run_gafferd, wait_for
 
@@ -65,19 +64,6 @@ def talker(tmp_path, name="talk", **keys):
     keys.setdefault("redirect_output", "stdout, stderr")
     keys.setdefault("redirect_input", "true")
     return section(name, PY, "-u " + script(tmp_path, "talker.py", TALKER), **keys)
-
-
-@pytest.fixture
-def gafferd(daemon_factory):
-    made = []
-
-    def make(config, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
 
 
 def first_id(d, name):
@@ -137,7 +123,7 @@ def rotated(tmp_path, name):
 
 def test_rotation_3mb_through_1mb_keeps_2_backups_and_whole_lines(gafferd, tmp_path):
     count = 36000  # 3.6 MB of 100-byte lines
-    d = gafferd(section("lines", PY, "-u %s %d" % (script(tmp_path, "lines.py", LINES), count),
+    gafferd(section("lines", PY, "-u %s %d" % (script(tmp_path, "lines.py", LINES), count),
                         redirect_output="stdout", stdout_logfile="out.log",
                         logfile_maxbytes="1MB", logfile_backups="2"))
     log = tmp_path / "out.log"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (PY, EventWatcher, children_of, holds_for, live_in_groups,
                       open_fds, pid_alive, proc_cmdline, proc_pgid, proc_status,
-                      shutdown_daemon, wait_for, zombie_children)
+                      wait_for, zombie_children)
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 TRUE = shutil.which("true") or "/bin/true"
@@ -51,22 +51,6 @@ if "exit1" in opts:
 while True:
     time.sleep(1000)
 '''
-
-
-@pytest.fixture
-def daemon_factory(daemon_factory):
-    """The harness factory, but each daemon is shut down gracefully at the
-    end so that its children are stopped too."""
-    made = []
-
-    def make(*args, **kw):
-        d = daemon_factory(*args, **kw)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        shutdown_daemon(d)
 
 
 @pytest.fixture

@@ -114,20 +114,6 @@ def talker(tmp_path, name="talk", args="", **keys):
     return section(name, PY, "-u %s %s" % (script(tmp_path, "talker.py", TALKER), args), **keys)
 
 
-@pytest.fixture
-def gafferd(daemon_factory):
-    """Start a daemon on a config; it is stopped gracefully (children too)."""
-    made = []
-
-    def make(config, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
-
-
 def first_id(d, name):
     return wait_for(lambda: d.pids(name), message="a live %s process" % name)[0]
 

@@ -27,19 +27,6 @@ def section(name, cmd, args="", **keys):
     return "\n".join(lines) + "\n\n"
 
 
-@pytest.fixture
-def gafferd(daemon_factory):
-    made = []
-
-    def make(config, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
-
-
 def open_stream(d, path):
     s = StreamReply(d.port, path)
     s.read_headers(5.0)

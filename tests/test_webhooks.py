@@ -109,19 +109,6 @@ def receiver():
     r.close()
 
 
-@pytest.fixture
-def gafferd(daemon_factory):
-    made = []
-
-    def make(config, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
-
-
 HOOK_SEQUENCE = ["create", "start", "proc.Hook.start", "spawn", "proc.Hook.spawn",
                  "stop", "proc.Hook.stop", "stop_pid", "proc.Hook.stop_pid",
                  "exit", "proc.Hook.exit"]

@@ -240,19 +240,6 @@ ECHO = section("echo", PY, "-u " + os.path.join(EXAMPLES, "echo.py"),
                redirect_output="stdout, stderr", redirect_input="true")
 
 
-@pytest.fixture
-def gafferd(daemon_factory):
-    made = []
-
-    def make(config, **kw):
-        d = daemon_factory(config, **kw)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        d.stop()
-
-
 def first_id(d, name):
     return wait_for(lambda: d.pids(name), message="a live %s process" % name)[0]
 
