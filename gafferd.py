@@ -103,6 +103,7 @@ import string
 import struct
 import subprocess
 import sys
+import threading
 import time
 import types
 import urllib.parse
@@ -135,6 +136,7 @@ READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
+LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
 SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
 SPAWN_BATCH = 64                     # spawns per loop iteration (the API stays live)
 MAX_NUMPROCESSES = 10000             # per template
@@ -1747,6 +1749,17 @@ class Loop:
         self._ready.append(handle)
         return handle
 
+    def call_soon_threadsafe(self, callback, *args) -> Handle:
+        """call_soon from another thread: queue, then wake select() (a zero
+        byte on the wakeup socket, which no signal handler claims)."""
+        handle = Handle(0, 0, callback, args)
+        self._ready.append(handle)              # deque.append is atomic
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+        return handle
+
     def call_at(self, when, callback, *args) -> Handle:
         handle = Handle(when, next(self._seq), callback, args)
         heapq.heappush(self._timers, handle)
@@ -1972,7 +1985,8 @@ class LogFile:
             self._line_start = line.endswith(b"\n")
         return bytes(out)
 
-    def write(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> None:
+        """Write (LogWriter's thread only)."""
         if self.timestamps:
             data = self._stamp(data)
         try:
@@ -2042,6 +2056,75 @@ class LogFile:
             if os.path.exists(self.path):
                 os.replace(self.path, self.path + ".1")
         self._open()
+
+
+class LogWriter:
+    """The one thread that writes log files.
+
+    A write() to a file can sleep in the kernel for up to 200 ms when dirty
+    pages pile up (Linux balance_dirty_pages), which would stall the whole
+    loop.  So the loop only queues (file, bytes) here; this thread writes.
+    When more than LOG_QUEUE_LIMIT bytes wait, the processes that produce
+    them are paused (their pipes are not read, so they block on write)
+    until the disk catches up.  Reopen and close requests travel through
+    the same queue, so they keep their order with the data.
+    """
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.queue = collections.deque()
+        self.cond = threading.Condition()
+        self.queued = 0
+        self.paused = set()                    # processes waiting for the disk
+        self.thread = None
+
+    def submit(self, logfile, data, proc=None):
+        with self.cond:
+            self.queue.append((logfile, data))
+            self.queued += len(data or b"")
+            self.cond.notify()
+            full = self.queued > LOG_QUEUE_LIMIT
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="gafferd-logs", daemon=True)
+            self.thread.start()
+        if full and proc is not None and proc not in self.paused:
+            self.paused.add(proc)
+            proc.pause_output(self)
+
+    def reopen(self, logfile):
+        self.submit(logfile, None)
+
+    def stop(self, timeout=5.0):
+        """Write what is queued, close every file, end the thread."""
+        if self.thread is not None:
+            self.submit(None, None)
+            self.thread.join(timeout)
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                logfile, data = self.queue.popleft()
+            if logfile is None:
+                return
+            if data is None:
+                logfile.reopen()
+                continue
+            logfile.write_now(data)
+            with self.cond:
+                self.queued -= len(data)
+                drained = self.paused and self.queued < LOG_QUEUE_LIMIT // 2
+            if drained:
+                self.loop.call_soon_threadsafe(self._resume)
+
+    def _resume(self):
+        with self.cond:
+            if self.queued >= LOG_QUEUE_LIMIT // 2:
+                return
+        paused, self.paused = self.paused, set()
+        for proc in paused:
+            proc.resume_output(self)
 
 
 class Process:
@@ -2115,7 +2198,7 @@ class Process:
             ring.append(data)
         logfile = self._logs.get(label)
         if logfile is not None:
-            logfile.write(data)
+            self.manager.log_writer.submit(logfile, data, self)
         subs = self._listeners.get(label)
         if subs:
             payload = {"event": label if ring is not None else "READ",
@@ -2316,6 +2399,7 @@ class Manager:
         self._by_pid = {}                              # os pid -> Process (every live one)
         self._ids = itertools.count(1)
         self._logfiles = {}                            # path -> LogFile (shared)
+        self.log_writer = LogWriter(loop)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
         self._hurry = False
@@ -2776,7 +2860,7 @@ class Manager:
 
     def reopen_logs(self):
         for logfile in self._logfiles.values():
-            logfile.reopen()
+            self.log_writer.reopen(logfile)
 
     def _on_spawn_failure(self, t):
         """An exec that failed counts as an exit nobody asked for."""
@@ -2952,7 +3036,8 @@ class Manager:
             except Exception:
                 log.exception("application %r failed to stop", app)
         for logfile in self._logfiles.values():
-            logfile.close()
+            self.log_writer.reopen(logfile)          # i.e. close; nothing follows
+        self.log_writer.stop()
         callbacks, self._stop_callbacks = self._stop_callbacks, []
         for callback in callbacks:
             callback()
