@@ -138,7 +138,8 @@ STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dr
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
 SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
-SPAWN_BATCH = 64                     # spawns per loop iteration (the API stays live)
+SPAWN_BATCH = 64                     # spawns per restart step
+SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
 MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds, SPEC 9.3
 HEARTBEAT_DEFAULT = 60.0             # heartbeat=true
@@ -1220,6 +1221,17 @@ def cpu_seconds(fields) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def session_members(sid: int) -> list:
+    """Live processes whose session id is ``sid`` (one scan of /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = read_proc_stat(int(entry))
+            if fields and int(fields[3]) == sid and fields[0] != b"Z":
+                out.append(int(entry))
+    return out
+
+
 def children_map() -> dict:
     """ppid -> [pid] for every process, from one scan of /proc."""
     kids = collections.defaultdict(list)
@@ -1706,7 +1718,10 @@ class Handle:
         self.cancelled = False
 
     def cancel(self):
+        """Never run; drop the callback and its arguments at once (a
+        cancelled timer can sit in the heap until its time comes)."""
         self.cancelled = True
+        self.callback = self.args = None
 
     def __lt__(self, other):
         return (self.when, self.seq) < (other.when, other.seq)
@@ -1732,6 +1747,7 @@ class Loop:
         self._timer_check = 512
         self._seq = itertools.count()
         self._stopping = False
+        self.iteration = 0                 # run_once calls, for per-iteration budgets
         self._signal_handlers = {}
         self._child_watchers = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -1886,6 +1902,7 @@ class Loop:
             self.run_once()
 
     def run_once(self):
+        self.iteration += 1
         timeout = None
         if self._ready:
             timeout = 0
@@ -2399,9 +2416,15 @@ class Manager:
         self._by_pid = {}                              # os pid -> Process (every live one)
         self._ids = itertools.count(1)
         self._logfiles = {}                            # path -> LogFile (shared)
+        self._spawn_queue = collections.deque()        # templates waiting for spawns
+        self._spawn_wanted = set()
+        self._pump_scheduled = False
+        self._budget_iteration = -1
+        self._budget_end = 0.0
         self.log_writer = LogWriter(loop)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
+        self._shutdown_started = None
         self._hurry = False
         self._stop_callbacks = []
         self._orphan_deadline = None
@@ -2527,8 +2550,9 @@ class Manager:
             return
         batch = min(count, SPAWN_BATCH)
         spawned = 0
-        while spawned < batch and self._spawn(t):
+        while spawned < batch and (spawned == 0 or self._budget_left()) and self._spawn(t):
             spawned += 1
+        batch = spawned if spawned and spawned < batch and self._eligible(t) else batch
         for proc in old[:spawned]:
             if proc in t.running:
                 self._stop_one(proc, "reap")
@@ -2718,21 +2742,44 @@ class Manager:
             proc.kill(signal.SIGKILL)
 
     def _manage(self, t):
-        """Bring ``t`` to ``numprocesses``: spawn the missing (SPAWN_BATCH
-        at a time, the rest on the next iteration, so a large scale-up
-        never stalls the loop), reap the surplus oldest first (SPEC 3.2)."""
-        if t.state != "running" or self.stopping or self.processes.get(t.name) is not t:
+        """Bring ``t`` to ``numprocesses``: queue the missing spawns, reap
+        the surplus oldest first (SPEC 3.2)."""
+        if not self._eligible(t):
             return
-        for _ in range(SPAWN_BATCH):
-            if len(t.running) >= t.numprocesses:
-                break
-            if not self._spawn(t):
-                return
-        else:
-            if len(t.running) < t.numprocesses:
-                self.loop.call_soon(self._manage, t)
+        if len(t.running) < t.numprocesses and t not in self._spawn_wanted:
+            self._spawn_wanted.add(t)
+            self._spawn_queue.append(t)
+            self._pump()
         while len(t.running) > t.numprocesses:
             self._stop_one(t.running[0], "reap")
+
+    def _eligible(self, t) -> bool:
+        return t.state == "running" and not self.stopping and self.processes.get(t.name) is t
+
+    def _budget_left(self) -> bool:
+        """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
+        that a crash storm or a mass start never starves the API."""
+        if self._budget_iteration != self.loop.iteration:
+            self._budget_iteration = self.loop.iteration
+            self._budget_end = self.loop.time() + SPAWN_BUDGET
+        return self.loop.time() < self._budget_end
+
+    def _pump(self):
+        """Spawn what templates are waiting for, in queue (priority) order,
+        within this iteration's budget; the rest on the next iteration."""
+        queue = self._spawn_queue
+        while queue and self._budget_left():
+            t = queue[0]
+            if not self._eligible(t) or len(t.running) >= t.numprocesses or not self._spawn(t):
+                queue.popleft()
+                self._spawn_wanted.discard(t)
+        if queue and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._pump_later)
+
+    def _pump_later(self):
+        self._pump_scheduled = False
+        self._pump()
 
     def _spawn(self, t) -> bool:
         """Start one process of ``t``; False (and a retry later) on failure."""
@@ -2916,12 +2963,19 @@ class Manager:
         self.loop.call_at(deadline, self._kill_group, proc.pid)
 
     def _kill_group(self, pgid):
+        """SIGKILL what is left of a finished leader's process group, and of
+        its session (a grandchild may have moved to a group of its own)."""
         if pgid in self._by_pid:
             return            # the number now leads a group of a new process of ours
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in session_members(pgid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _on_exit(self, proc, exit_status, term_signal):
         proc.exit_status, proc.term_signal = exit_status, term_signal
@@ -2992,6 +3046,8 @@ class Manager:
             self._kill_orphans(signal.SIGKILL)
             return
         self.stopping = True
+        self._shutdown_started = self.loop.time()
+        self._kill_orphans(signal.SIGTERM)      # adopted orphans: same grace as the rest
         for t in list(self.processes.values()):
             self._stop(t)
         self._check_stopped()
@@ -3000,10 +3056,12 @@ class Manager:
         if self._by_pid:
             return
         if self._orphan_deadline is None:
-            # orphaned descendants adopted by us as subreaper: TERM, then KILL
+            # orphaned descendants adopted by us as subreaper had SIGTERM at
+            # the start; they get at least 1 s, then SIGKILL
             if self._kill_orphans(signal.SIGTERM):
-                self._orphan_deadline = self.loop.call_later(
-                    0.0 if self._hurry else 1.0, self._finish_orphans)
+                when = self.loop.time() if self._hurry else max(
+                    self.loop.time(), self._shutdown_started + 1.0)
+                self._orphan_deadline = self.loop.call_at(when, self._finish_orphans)
                 return
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
@@ -4582,6 +4640,8 @@ class HttpServer:
         self.requests = collections.Counter()
         self.loop = None
         self._date = (0, "")
+        self._spare = None                              # a reserve fd for EMFILE
+        self._emfile_logged = -100.0
 
     def bind(self):
         """Bind every listener now (before any child starts); BindError."""
@@ -4595,6 +4655,7 @@ class HttpServer:
 
     def start(self, loop, manager):
         self.loop = loop
+        self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         for listener in self.listeners:
             if listener.sock is None:
                 listener.bind()
@@ -4625,11 +4686,16 @@ class HttpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._spare is not None:
+                    # out of fds: use the spare one to accept and refuse, so
+                    # the backlog drains instead of waiting (libev's trick)
+                    if self._refuse_one(listener, exc):
+                        continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept connections on %s: %s; pausing 1s",
+                    log.error("cannot accept connections on %s: %s; pausing 0.1s",
                               listener.url, exc.strerror)
                     self.loop.remove_reader(listener.sock.fileno())
-                    self.loop.call_later(1.0, self._resume, listener)
+                    self.loop.call_later(0.1, self._resume, listener)
                 return
             sock.setblocking(False)
             endpoint = listener.endpoint
@@ -4646,6 +4712,26 @@ class HttpServer:
                 except OSError:
                     pass
             self.connections.add(Connection(self, listener, sock, remote))
+
+    def _refuse_one(self, listener, exc) -> bool:
+        now = time.monotonic()
+        if now - self._emfile_logged > 10:
+            log.error("out of file descriptors (%s): refusing connections on %s",
+                      exc.strerror, listener.url)
+            self._emfile_logged = now
+        os.close(self._spare)
+        self._spare = None
+        try:
+            sock, _ = listener.sock.accept()
+            sock.close()
+            refused = True
+        except OSError:
+            refused = False
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        return refused
 
     def _resume(self, listener):
         if listener.sock is not None:
@@ -4967,6 +5053,8 @@ class Connection:
             pass
         self.server.connections.discard(self)
         self.server.per_endpoint[self.endpoint.name] -= 1
+        self.out = bytearray()
+        self.parser.buf.clear()
         busy, self.busy = self.busy, None
         if busy is not None:
             busy._close()

@@ -219,7 +219,7 @@ def test_restart(daemon, watcher, child):
 
 
 def test_flap(daemon, watcher, child):
-    flapping = {"attempts": 2, "window": 1.0, "retry_in": 0.5, "max_retry": 1}
+    flapping = {"attempts": 2, "window": 5.0, "retry_in": 0.5, "max_retry": 1}
     daemon.json("POST", "/processes", template("fl", child, "exit1", flapping=flapping))
     # run, run, flap, (retry) run, run, flap -> gives up
     watcher.wait(lambda ev: [e["event"] for e in ev].count("flap") == 2, 10,

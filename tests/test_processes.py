@@ -189,7 +189,7 @@ def test_killed_child_is_replaced_within_50ms(daemon_factory, tmp_path, child):
 
 def test_crash_loop_is_stopped_by_flapping(daemon_factory, tmp_path, child):
     d = daemon_factory(section("crash", child, tmp_path, "exit1",
-                               flapping="2, 1., 0.5, 2"))
+                               flapping="2, 5., 0.5, 2"))
     wait_for(lambda: d.status("crash")["state"] == "retrying", 10, interval=0.005,
              message="state retrying")
     wait_for(lambda: d.status("crash")["state"] == "failed", 15,
@@ -228,7 +228,7 @@ def test_flapping_off_keeps_respawning(daemon_factory, tmp_path, child):
 
 
 def test_intentional_stops_do_not_count_as_flapping(daemon_factory, tmp_path, child):
-    d = daemon_factory(section("calm", child, tmp_path, flapping="2, 1., 0.5, 2"))
+    d = daemon_factory(section("calm", child, tmp_path, flapping="2, 5., 0.5, 2"))
     d.wait_running("calm", 1)
     w = EventWatcher(d)
     try:
@@ -799,7 +799,7 @@ def _fragile_daemon(daemon_factory, tmp_path, child):
     prog.write_text("#!/bin/sh\nexec %s 1000\n" % SLEEP)
     prog.chmod(0o755)
     config = (section("steady", child, tmp_path) +
-              "[process:fragile]\ncmd = %s\nflapping = 2, 1., 0.3, 1\n" % prog)
+              "[process:fragile]\ncmd = %s\nflapping = 2, 5., 0.3, 1\n" % prog)
     d = daemon_factory(config)
     d.wait_running("steady", 1)
     d.wait_running("fragile", 1)

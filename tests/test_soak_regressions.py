@@ -1,0 +1,127 @@
+"""Regression tests for what the soak suite (soak/run.py) found."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import weakref
+
+from conftest import PY, children_of, pid_alive, wait_for
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import gafferd  # noqa: E402
+
+# forks a grandchild that moves to a process group of its own and ignores
+# SIGTERM, then idles (the leader exits on SIGTERM as usual)
+LEAVER = r"""
+import os, signal, sys, time
+pid = os.fork()
+if pid == 0:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    while True:
+        time.sleep(1)
+while True:
+    time.sleep(1)
+"""
+
+# an orphan adopted by the daemon (the parent exits at once) that records
+# the SIGTERM it gets and then exits
+ORPHAN = r"""
+import os, signal, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+def term(*a):
+    open(sys.argv[1], "w").write("TERM")
+    os._exit(0)
+signal.signal(signal.SIGTERM, term)
+open(sys.argv[1] + ".pid", "w").write(str(os.getpid()))
+while True:
+    time.sleep(1)
+"""
+
+
+def test_cancelled_handles_release_their_callback():
+    loop = gafferd.Loop()
+
+    class Big:
+        def method(self):
+            pass
+    big = Big()
+    ref = weakref.ref(big)
+    handle = loop.call_later(60, big.method)
+    handle.cancel()
+    del big
+    assert ref() is None, "a cancelled timer still holds its callback"
+    loop.close()
+
+
+def test_grandchild_that_left_the_group_dies_after_a_stop(daemon_factory, tmp_path):
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    mark = tmp_path / "grandchild.pid"
+    d = daemon_factory("""
+        [process:leaver]
+        cmd = %s
+        args = %s %s
+        graceful_timeout = 1
+        """ % (PY, script, mark))
+    wait_for(mark.exists, message="the grandchild")
+    grandchild = int(wait_for(lambda: mark.read_text().strip(), message="its pid"))
+    assert os.getpgid(grandchild) == grandchild
+    t0 = time.monotonic()
+    assert d.json("POST", "/processes/leaver/_stop") == {"ok": True}
+    wait_for(lambda: not pid_alive(grandchild), 5.0, message="the grandchild to die")
+    assert time.monotonic() - t0 < 1.0 + 1.5
+
+
+def test_adopted_orphans_get_sigterm_at_the_start_of_shutdown(daemon_factory, tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    mark = tmp_path / "orphan"
+    d = daemon_factory("""
+        [process:parent]
+        cmd = %s
+        args = %s %s
+        flapping = off
+        [process:stubborn]
+        cmd = sh -c 'trap "" TERM; while true; do sleep 0.1; done'
+        graceful_timeout = 3
+        """ % (PY, script, mark))
+    orphan = int(wait_for(lambda: os.path.exists(str(mark) + ".pid") and
+                          open(str(mark) + ".pid").read().strip(), message="the orphan"))
+    wait_for(lambda: orphan in children_of(d.pid), message="the daemon to adopt the orphan")
+    d.wait_running("stubborn", 1)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    # the orphan hears of the shutdown at once, not after the stubborn
+    # template's 3 s of grace
+    wait_for(mark.exists, 2.5, message="the orphan to get SIGTERM")
+    assert time.monotonic() - t0 < 2.5
+    assert d.proc.wait(10) == 0
+    assert mark.read_text() == "TERM"
+    assert not pid_alive(orphan)
+
+
+def test_api_answers_while_hundreds_of_processes_start(daemon_factory):
+    d = daemon_factory("""
+        [process:many]
+        cmd = sleep 1000
+        numprocesses = 1
+        """)
+    d.wait_running("many", 1)
+    conn = d.connection()
+    conn.request("POST", "/processes/many/_add/300", body=b"")
+    assert conn.getresponse().read()
+    worst = 0.0
+    while d.status("many")["running"] < 301:
+        t0 = time.monotonic()
+        assert d.get("/ping").status == 200
+        worst = max(worst, time.monotonic() - t0)
+    conn.close()
+    # spawning gets a time budget per loop iteration, so /ping is never
+    # stuck behind all 300 spawns (generous bound: this is not a benchmark)
+    assert worst < 1.0, worst
