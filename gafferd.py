@@ -3918,6 +3918,21 @@ def _metric_labels(**labels) -> str:
         '"', '\\"').replace("\n", "\\n")) for k, v in labels.items())
 
 
+_EVENT_CACHE = [None, None, b""]      # (payload, mode, bytes) of the last event
+
+
+def format_event(name, payload, mode) -> bytes:
+    """A watch event as sent on ``mode``; the bus hands the same payload to
+    every subscriber in turn, so each event is encoded once, not once per
+    client."""
+    if _EVENT_CACHE[0] is payload and _EVENT_CACHE[1] == mode:
+        return _EVENT_CACHE[2]
+    data = json_dumps(payload)
+    out = sse_event(name, [data.decode("utf-8")]) if mode == "eventsource" else data + b"\r\n"
+    _EVENT_CACHE[:] = [payload, mode, out]
+    return out
+
+
 class _Heartbeat:
     """Writes ``beat`` to a sink every ``interval`` seconds."""
 
@@ -4174,13 +4189,9 @@ class Api:
             def listener(name, payload):
                 if sink.closed:
                     return
-                data = json_dumps(payload)
-                if mode == "eventsource":
-                    sink.write(sse_event(name, [data.decode("utf-8")]))
-                else:
-                    sink.write(data + b"\r\n")
-                    if mode != "continuous":
-                        sink.end()
+                sink.write(format_event(name, payload, mode))
+                if mode not in ("eventsource", "continuous"):
+                    sink.end()
             manager.subscribe(pattern, listener)
             beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
             sink.on_close(lambda: (manager.unsubscribe(pattern, listener), beat.cancel()))
@@ -4960,6 +4971,17 @@ class Connection:
     def write(self, data: bytes):
         if self.closed:
             return
+        if self.busy is not None:
+            # a stream: gather what this iteration produces, send it once
+            pending = bool(self.out)
+            self.out += data
+            if len(self.out) > STREAM_BUFFER_LIMIT:
+                self._throttle()
+                if self.closed:
+                    return
+            if not pending:
+                self.loop.call_soon(self._flush)
+            return
         if not self.out:
             try:
                 n = self.sock.send(data)
@@ -5014,6 +5036,14 @@ class Connection:
     def flush(self):
         if not self.out and self.closing:
             self.close()
+
+    def _flush(self):
+        """Send what a stream gathered during one loop iteration."""
+        if self.closed or not self.out:
+            return
+        self._on_writable()
+        if self.out and not self.closed:
+            self.loop.add_writer(self.fd, self._on_writable)
 
     def _on_writable(self):
         if self.handshaking:
