@@ -1221,14 +1221,14 @@ def cpu_seconds(fields) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def session_members(sid: int) -> list:
-    """Live processes whose session id is ``sid`` (one scan of /proc)."""
+def session_ids():
+    """(pid, session id) of every live process, from one scan of /proc."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = read_proc_stat(int(entry))
-            if fields and int(fields[3]) == sid and fields[0] != b"Z":
-                out.append(int(entry))
+            if fields and fields[0] != b"Z":
+                out.append((int(entry), int(fields[3])))
     return out
 
 
@@ -2418,6 +2418,7 @@ class Manager:
         self._logfiles = {}                            # path -> LogFile (shared)
         self._spawn_queue = collections.deque()        # templates waiting for spawns
         self._spawn_wanted = set()
+        self._doomed_sessions = set()                  # sessions to kill this iteration
         self._pump_scheduled = False
         self._budget_iteration = -1
         self._budget_end = 0.0
@@ -2960,22 +2961,33 @@ class Manager:
             except (ProcessLookupError, PermissionError):
                 return
             deadline = self.loop.time() + proc.spec.graceful_timeout
-        self.loop.call_at(deadline, self._kill_group, proc.pid)
+        self.loop.call_at(deadline, self._kill_group, proc.pid, proc.requested)
 
-    def _kill_group(self, pgid):
-        """SIGKILL what is left of a finished leader's process group, and of
-        its session (a grandchild may have moved to a group of its own)."""
+    def _kill_group(self, pgid, stopped):
+        """SIGKILL what is left of a finished leader's process group and,
+        after a stop that was asked for, of its session too (a grandchild
+        may have moved to a group of its own)."""
         if pgid in self._by_pid:
             return            # the number now leads a group of a new process of ours
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        for pid in session_members(pgid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        if stopped:
+            if not self._doomed_sessions:
+                self.loop.call_soon(self._kill_sessions)
+            self._doomed_sessions.add(pgid)
+
+    def _kill_sessions(self):
+        """One scan of /proc for every session whose deadline fell due in
+        this iteration (a stop of many processes scans once, not N times)."""
+        doomed, self._doomed_sessions = self._doomed_sessions, set()
+        for pid, sid in session_ids():
+            if sid in doomed and sid not in self._by_pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def _on_exit(self, proc, exit_status, term_signal):
         proc.exit_status, proc.term_signal = exit_status, term_signal
