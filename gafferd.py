@@ -3100,17 +3100,19 @@ class Manager:
         return count
 
     def _stopped(self):
-        for app in self.apps:
-            try:
-                app.stop()
-            except Exception:
-                log.exception("application %r failed to stop", app)
-        for logfile in self._logfiles.values():
-            self.log_writer.reopen(logfile)          # i.e. close; nothing follows
-        self.log_writer.stop()
-        callbacks, self._stop_callbacks = self._stop_callbacks, []
-        for callback in callbacks:
-            callback()
+        try:
+            for app in self.apps:
+                try:
+                    app.stop()
+                except Exception:
+                    log.exception("application %r failed to stop", app)
+            for logfile in self._logfiles.values():
+                self.log_writer.reopen(logfile)          # i.e. close; nothing follows
+            self.log_writer.stop()
+        finally:                                         # the daemon must exit, whatever failed
+            callbacks, self._stop_callbacks = self._stop_callbacks, []
+            for callback in callbacks:
+                callback()
 
 
 class _ChildWatcher:
