@@ -130,7 +130,9 @@ def test_http_check_restarts_a_process_that_stops_answering(hc, tmp_path):
         new = wait_for(lambda: (lambda p: p if p and p != old else None)(current_os_pid(d, "web")),
                        timeout=15, message="web to be restarted with a new OS pid")
         wait_for(lambda: not pid_alive(old), message="the old server to be gone")
-        fails = of(w.events, "web", "fail")
+        # events reach the watcher asynchronously: wait for the third one
+        fails = of(w.wait(lambda ev: len(of(ev, "web", "fail")) >= 3,
+                          message="three fail events"), "web", "fail")
         assert [e["failures"] for e in fails[:3]] == [1, 2, 3], fails
         for e in fails[:3]:
             assert e["name"] == "web" and e["check"] == "http", e
