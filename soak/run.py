@@ -2208,6 +2208,9 @@ def s6_hostile(sc):
         sc.check(ok, "%s not stopped within graceful_timeout + 1 s (%s still alive)"
                  % (name, [p for p in pids if alive(p)]))
         if mode == "pgroup":
+            # it never gets SIGTERM (another group); the session is killed
+            # when the grace period ends, within graceful_timeout + 1 s
+            wait_until(lambda: not any(alive(p) for p in pg), gt + 1.0, 0.01)
             left = [p for p in pg if alive(p)]
             sc.check(not left, "the grandchild that moved to its own process group survives a stop of "
                      "%s: %s (ppid now %s)" % (name, left, [int(proc_stat(p)[1]) for p in left]))
