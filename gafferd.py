@@ -247,8 +247,9 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-def http_date(epoch: float) -> str:
-    """RFC 9110 IMF-fixdate, e.g. ``Sun, 06 Nov 1994 08:49:37 GMT``."""
+def http_date(epoch=None) -> str:
+    """RFC 9110 IMF-fixdate, e.g. ``Sun, 06 Nov 1994 08:49:37 GMT`` (now,
+    when ``epoch`` is None)."""
     t = time.gmtime(epoch)
     return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
         _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
@@ -4699,9 +4700,10 @@ class HttpServer:
             conn.close()
 
     def date(self) -> str:
-        now = int(time.time())
+        """The Date header, formatted once a second (RFC 9110 6.6.1)."""
+        now = time.gmtime()[:6]
         if self._date[0] != now:
-            self._date = (now, http_date(now))
+            self._date = (now, http_date())
         return self._date[1]
 
     def _on_accept(self, listener):
