@@ -950,3 +950,19 @@ def shutdown_daemon(d, timeout=10.0):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+
+
+def script(tmp_path, name, text):
+    """Write a helper program ``name`` into ``tmp_path``; return its path."""
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def section(name, cmd, args="", **keys):
+    """An INI ``[process:NAME]`` section with ``cmd``, ``args`` and keys."""
+    lines = ["[process:%s]" % name, "cmd = %s" % cmd]
+    if args:
+        lines.append("args = %s" % args)
+    lines += ["%s = %s" % item for item in keys.items()]
+    return "\n".join(lines) + "\n\n"

@@ -14,7 +14,7 @@ import threading
 import time
 
 
-from conftest import GAFFERD, PY, run_gafferd, wait_for
+from conftest import script, section, GAFFERD, PY, run_gafferd, wait_for
 
 MiB = 1024 * 1024
 
@@ -44,20 +44,6 @@ for start in range(0, count, 650):
 time.sleep(3600)
 '''
 LINE_RE = re.compile(rb"(\d{9}) y{89}\Z")
-
-
-def script(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-def section(name, cmd, args="", **keys):
-    lines = ["[process:%s]" % name, "cmd = %s" % cmd]
-    if args:
-        lines.append("args = %s" % args)
-    lines += ["%s = %s" % item for item in keys.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 def talker(tmp_path, name="talk", **keys):

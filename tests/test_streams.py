@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import (EXAMPLES, PY, SSEParser, StreamReply, open_fds, settled_fds,
+from conftest import (script, section, EXAMPLES, PY, SSEParser, StreamReply, open_fds, settled_fds,
                       sse_until, vm_rss, wait_for)
 
 MiB = 1024 * 1024
@@ -92,20 +92,6 @@ FLOOD_BLOCK_BYTES = 10000 * 100
 def flood_block(k):
     """Block ``k`` of what flood.py writes (10,000 lines of 100 bytes)."""
     return b"".join(b"%09d %s\n" % (n, FLOOD_FILL) for n in range(k * 10000, (k + 1) * 10000))
-
-
-def script(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-def section(name, cmd, args="", **keys):
-    lines = ["[process:%s]" % name, "cmd = %s" % cmd]
-    if args:
-        lines.append("args = %s" % args)
-    lines += ["%s = %s" % item for item in keys.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 def talker(tmp_path, name="talk", args="", **keys):

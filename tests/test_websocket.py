@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import EXAMPLES, PY, open_fds, settled_fds, wait_for
+from conftest import script, section, EXAMPLES, PY, open_fds, settled_fds, wait_for
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
@@ -220,20 +220,6 @@ class WSClient:
 
 def close_code(payload):
     return struct.unpack("!H", payload[:2])[0] if payload else None
-
-
-def script(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-def section(name, cmd, args="", **keys):
-    lines = ["[process:%s]" % name, "cmd = %s" % cmd]
-    if args:
-        lines.append("args = %s" % args)
-    lines += ["%s = %s" % item for item in keys.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 ECHO = section("echo", PY, "-u " + os.path.join(EXAMPLES, "echo.py"),
