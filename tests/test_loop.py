@@ -150,3 +150,45 @@ def test_signal_wakes_the_loop_and_children_are_reaped():
     loop.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+def test_a_watcher_removed_by_an_earlier_callback_of_the_same_batch_does_not_run():
+    # Found by soak scenario 2: a child's pipe closed on its exit, accept()
+    # got the same fd number, and the dead pipe's reader, still in the
+    # batch select() had returned, read the HTTP request off the new
+    # connection.  Both ends here are readable in the same select(); the
+    # first callback closes the other fd and reuses its number.
+    loop = gafferd.Loop()
+    a_r, a_w = os.pipe()
+    b_r, b_w = os.pipe()
+    os.write(a_w, b"a")
+    os.write(b_w, b"b")
+    ran, reused = [], []
+
+    def first(me, mine, other_r, other_w):
+        if ran:
+            ran.append(("stale", me))        # must not happen
+            return
+        ran.append(me)
+        os.read(mine, 10)
+        loop.remove_reader(other_r)
+        os.close(other_r)
+        os.close(other_w)
+        r, w = os.pipe()                      # takes the lowest free numbers
+        reused.append((r, w))
+        os.write(w, b"new")
+        loop.add_reader(r, lambda: ran.append(("new", os.read(r, 10))))
+
+    loop.add_reader(a_r, first, "a", a_r, b_r, b_w)
+    loop.add_reader(b_r, first, "b", b_r, a_r, a_w)
+    loop.run_once()
+    assert len(ran) == 1 and ran[0] in ("a", "b"), ran
+    assert reused[0][0] in (a_r, b_r)        # the number was really reused
+    run_until(loop, lambda: len(ran) == 2)
+    assert ran[1] == ("new", b"new")         # the new watcher runs, on the next select
+    for fd in (a_r, a_w, b_r, b_w, *reused[0]):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    loop.close()

@@ -125,3 +125,31 @@ def test_api_answers_while_hundreds_of_processes_start(daemon_factory):
     # spawning gets a time budget per loop iteration, so /ping is never
     # stuck behind all 300 spawns (generous bound: this is not a benchmark)
     assert worst < 1.0, worst
+
+
+def test_no_request_is_lost_while_every_process_is_replaced(daemon_factory):
+    # Found by soak scenario 2: when many children exited in one loop
+    # iteration, their pipes were closed, accept() reused a pipe's fd number
+    # for a new connection, and the dead pipe's reader (still in that
+    # iteration's batch of events) read the request as process output: the
+    # client waited forever.  The deterministic check is in test_loop.py;
+    # this is the real-world shape (it failed within 1-3 restarts).
+    d = daemon_factory("""
+        [process:many]
+        cmd = sleep 1000
+        numprocesses = 200
+        redirect_output = stdout, stderr
+        """)
+    d.wait_running("many", 200, timeout=30)
+    for _ in range(5):
+        old = set(children_of(d.proc.pid))
+        conn = d.connection()
+        conn.request("POST", "/processes/many/_restart", body=b"")
+        pings, deadline = 0, time.monotonic() + 60
+        while old & set(children_of(d.proc.pid)) or d.status("many")["running"] < 200:
+            assert time.monotonic() < deadline, "the restart did not finish in 60 s"
+            assert d.get("/ping", timeout=5.0).status == 200
+            pings += 1
+        assert conn.getresponse().status == 200
+        conn.close()
+        assert pings > 0
