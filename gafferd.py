@@ -2789,6 +2789,7 @@ class Manager:
         if self._budget_iteration != self.loop.iteration:
             self._budget_iteration = self.loop.iteration
             self._budget_end = self.loop.time() + SPAWN_BUDGET
+            return True
         return self.loop.time() < self._budget_end
 
     def _pump(self):

@@ -1,6 +1,7 @@
 """Regression tests for what the soak suite (soak/run.py) found."""
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import sys
@@ -153,3 +154,92 @@ def test_no_request_is_lost_while_every_process_is_replaced(daemon_factory):
         assert conn.getresponse().status == 200
         conn.close()
         assert pings > 0
+
+
+def _in_process_manager():
+    loop = gafferd.Loop()
+    loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
+    return loop, gafferd.Manager(loop)
+
+
+def _run_loop_until(loop, predicate, timeout, message):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + message
+        loop.call_later(0.05, lambda: None)
+        loop.run_once()
+
+
+def _close_manager(loop, manager):
+    done = []
+    manager.stop(lambda: done.append(True))
+    _run_loop_until(loop, lambda: done, 15, "the manager to stop")
+    loop.close()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iteration(monkeypatch):
+    # Found by soak scenario 2: after a restart of 300 processes each loop
+    # iteration in which a grace deadline fell read /proc/N/stat of every
+    # process on the machine: 0.4 s of CPU, 5.5 % of a core over the idle
+    # window.  Deadlines due within SESSION_SCAN_DELAY now share one scan
+    # (and the scan uses getsid(), not a read of /proc/N/stat).
+    scans = []
+    real = gafferd.session_ids
+    monkeypatch.setattr(gafferd, "session_ids", lambda: scans.append(1) or real())
+    loop, manager = _in_process_manager()
+    try:
+        manager.add_process("many", "sleep 1000", numprocesses=100, graceful_timeout=0.5)
+        _run_loop_until(loop, lambda: len(manager.processes["many"].running) == 100, 30,
+                        "100 processes")
+        procs = list(manager.processes["many"].running)
+        old = [p.pid for p in procs]
+        # one stop per loop iteration or so, over 0.2 s, as a rolling
+        # restart does it; each grace deadline falls in its own iteration
+        for i, proc in enumerate(procs):
+            loop.call_later(i * 0.002, manager.stop_process, proc.id)
+        _run_loop_until(loop, lambda: not any(pid_alive(p) for p in old), 10, "the old ones to exit")
+        past = []
+        loop.call_later(0.5 + 0.2 + 1.0, past.append, True)   # past every grace deadline
+        _run_loop_until(loop, lambda: past, 10, "the grace deadlines")
+        assert 1 <= len(scans) <= 2, "%d scans of /proc for 100 stops" % len(scans)
+    finally:
+        _close_manager(loop, manager)
+
+
+def test_a_restart_keeps_to_the_spawn_budget(monkeypatch):
+    # Found by soak scenario 2: restarting a group of 20 templates spawned
+    # at least one process per template in the same loop iteration whatever
+    # the budget said, and /ping waited 130 ms.  With no budget at all
+    # (SPAWN_BUDGET 0) each iteration may spawn exactly one process.
+    monkeypatch.setattr(gafferd, "SPAWN_BUDGET", 0.0)
+    loop, manager = _in_process_manager()
+    try:
+        for i in range(10):
+            manager.add_process("g:t%d" % i, "sleep 1000", numprocesses=3)
+        _run_loop_until(loop, lambda: len(manager.running) == 30, 30, "30 processes")
+        old = set(manager.running)
+        per_iteration = collections.Counter()
+        spawn = manager._spawn
+
+        def counting_spawn(t):
+            per_iteration[loop.iteration] += 1
+            return spawn(t)
+        monkeypatch.setattr(manager, "_spawn", counting_spawn)
+        events = []
+        manager.subscribe(".", lambda name, payload: events.append(payload))
+        manager.restart_group("g")
+        _run_loop_until(loop, lambda: len(manager.running) == 30 and not old & set(manager.running),
+                        30, "every process replaced")
+        assert sum(per_iteration.values()) == 30
+        assert max(per_iteration.values()) == 1, per_iteration
+        # each template still sees its 3 spawns before its 3 reaps (SPEC 4.2)
+        _run_loop_until(loop, lambda: len([e for e in events if e["event"] == "reap"]) == 30,
+                        10, "30 reap events")
+        for i in range(10):
+            mine = [e["event"] for e in events if e.get("name") == "g:t%d" % i]
+            mine = mine[mine.index("restart"):]           # the bus delivers later
+            assert [e for e in mine if e in ("spawn", "reap")] == ["spawn"] * 3 + ["reap"] * 3, \
+                (i, mine)
+    finally:
+        _close_manager(loop, manager)
