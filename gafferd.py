@@ -2243,8 +2243,6 @@ class Process:
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
-        if label is None:
-            return                      # closed already; the number may be another's now
         try:
             data = os.read(fd, READ_CHUNK)
         except (BlockingIOError, InterruptedError):

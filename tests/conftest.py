@@ -40,6 +40,16 @@ def wait_for(predicate, timeout=10.0, interval=0.01, message="condition"):
         time.sleep(interval)
 
 
+def run_loop_until(loop, predicate, timeout=5.0, message="loop condition"):
+    """Run an in-process gafferd.Loop until ``predicate()``; each iteration
+    is bounded by a 50 ms timer, so a condition nothing wakes is seen."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for " + message
+        loop.call_later(0.05, lambda: None)
+        loop.run_once()
+
+
 def pid_alive(pid):
     """True if ``pid`` exists and is not a zombie."""
     try:

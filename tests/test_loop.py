@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from conftest import run_loop_until
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gafferd  # noqa: E402
 
@@ -90,14 +92,6 @@ def test_bus_payload_has_event_name():
     assert got == [{"name": "w", "event": "create"}]
 
 
-def run_until(loop, predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "loop condition not reached"
-        loop.call_later(0.05, lambda: None)   # bound each iteration
-        loop.run_once()
-
-
 def test_timers_run_in_order_and_cancel():
     loop = gafferd.Loop()
     got = []
@@ -106,7 +100,7 @@ def test_timers_run_in_order_and_cancel():
     h = loop.call_later(0.015, got.append, "never")
     h.cancel()
     loop.call_soon(got.append, "soon")
-    run_until(loop, lambda: len(got) >= 3)
+    run_loop_until(loop, lambda: len(got) >= 3)
     assert got == ["soon", "a", "b"]
     loop.close()
 
@@ -128,7 +122,7 @@ def test_reader_and_writer_callbacks():
     got = []
     loop.add_reader(r, lambda: got.append(os.read(r, 10)))
     loop.add_writer(w, lambda: (os.write(w, b"hi"), loop.remove_writer(w)))
-    run_until(loop, lambda: got)
+    run_loop_until(loop, lambda: got)
     assert got == [b"hi"]
     loop.remove_reader(r)
     os.close(r)
@@ -144,7 +138,7 @@ def test_signal_wakes_the_loop_and_children_are_reaped():
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     loop.watch_child(proc.pid, lambda pid, status, sig: got.append((pid, status, sig)))
     os.kill(os.getpid(), signal.SIGUSR2)
-    run_until(loop, lambda: len(got) >= 2)
+    run_loop_until(loop, lambda: len(got) >= 2)
     assert signal.SIGUSR2 in got
     assert (proc.pid, 3, 0) in got
     loop.close()
@@ -184,7 +178,7 @@ def test_a_watcher_removed_by_an_earlier_callback_of_the_same_batch_does_not_run
     loop.run_once()
     assert len(ran) == 1 and ran[0] in ("a", "b"), ran
     assert reused[0][0] in (a_r, b_r)        # the number was really reused
-    run_until(loop, lambda: len(ran) == 2)
+    run_loop_until(loop, lambda: len(ran) == 2)
     assert ran[1] == ("new", b"new")         # the new watcher runs, on the next select
     for fd in (a_r, a_w, b_r, b_w, *reused[0]):
         try:

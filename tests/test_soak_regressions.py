@@ -8,7 +8,7 @@ import sys
 import time
 import weakref
 
-from conftest import PY, children_of, pid_alive, wait_for
+from conftest import PY, children_of, pid_alive, run_loop_until, wait_for
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gafferd  # noqa: E402
@@ -162,18 +162,10 @@ def _in_process_manager():
     return loop, gafferd.Manager(loop)
 
 
-def _run_loop_until(loop, predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting for " + message
-        loop.call_later(0.05, lambda: None)
-        loop.run_once()
-
-
 def _close_manager(loop, manager):
     done = []
     manager.stop(lambda: done.append(True))
-    _run_loop_until(loop, lambda: done, 15, "the manager to stop")
+    run_loop_until(loop, lambda: done, 15, "the manager to stop")
     loop.close()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
@@ -190,7 +182,7 @@ def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iterat
     loop, manager = _in_process_manager()
     try:
         manager.add_process("many", "sleep 1000", numprocesses=100, graceful_timeout=0.5)
-        _run_loop_until(loop, lambda: len(manager.processes["many"].running) == 100, 30,
+        run_loop_until(loop, lambda: len(manager.processes["many"].running) == 100, 30,
                         "100 processes")
         procs = list(manager.processes["many"].running)
         old = [p.pid for p in procs]
@@ -198,10 +190,10 @@ def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iterat
         # restart does it; each grace deadline falls in its own iteration
         for i, proc in enumerate(procs):
             loop.call_later(i * 0.002, manager.stop_process, proc.id)
-        _run_loop_until(loop, lambda: not any(pid_alive(p) for p in old), 10, "the old ones to exit")
+        run_loop_until(loop, lambda: not any(pid_alive(p) for p in old), 10, "the old ones to exit")
         past = []
         loop.call_later(0.5 + 0.2 + 1.0, past.append, True)   # past every grace deadline
-        _run_loop_until(loop, lambda: past, 10, "the grace deadlines")
+        run_loop_until(loop, lambda: past, 10, "the grace deadlines")
         assert 1 <= len(scans) <= 2, "%d scans of /proc for 100 stops" % len(scans)
     finally:
         _close_manager(loop, manager)
@@ -217,7 +209,7 @@ def test_a_restart_keeps_to_the_spawn_budget(monkeypatch):
     try:
         for i in range(10):
             manager.add_process("g:t%d" % i, "sleep 1000", numprocesses=3)
-        _run_loop_until(loop, lambda: len(manager.running) == 30, 30, "30 processes")
+        run_loop_until(loop, lambda: len(manager.running) == 30, 30, "30 processes")
         old = set(manager.running)
         per_iteration = collections.Counter()
         spawn = manager._spawn
@@ -229,12 +221,12 @@ def test_a_restart_keeps_to_the_spawn_budget(monkeypatch):
         events = []
         manager.subscribe(".", lambda name, payload: events.append(payload))
         manager.restart_group("g")
-        _run_loop_until(loop, lambda: len(manager.running) == 30 and not old & set(manager.running),
+        run_loop_until(loop, lambda: len(manager.running) == 30 and not old & set(manager.running),
                         30, "every process replaced")
         assert sum(per_iteration.values()) == 30
         assert max(per_iteration.values()) == 1, per_iteration
         # each template still sees its 3 spawns before its 3 reaps (SPEC 4.2)
-        _run_loop_until(loop, lambda: len([e for e in events if e["event"] == "reap"]) == 30,
+        run_loop_until(loop, lambda: len([e for e in events if e["event"] == "reap"]) == 30,
                         10, "30 reap events")
         for i in range(10):
             mine = [e["event"] for e in events if e.get("name") == "g:t%d" % i]
