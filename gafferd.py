@@ -1760,6 +1760,7 @@ class Loop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.add_reader(self._wake_r.fileno(), self._on_wakeup)
+        self.trimmer = MemoryTrimmer(self)
 
     # -- time and callbacks -------------------------------------------------
     @staticmethod
@@ -1955,6 +1956,52 @@ class Loop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+_MALLOC_TRIM = []
+
+
+def malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: free heap pages go back to the kernel
+    (nothing happens with another libc)."""
+    if not _MALLOC_TRIM:
+        try:
+            _MALLOC_TRIM.append(lazy_import("ctypes").CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _MALLOC_TRIM.append(None)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
+
+
+class MemoryTrimmer:
+    """Gives the memory a burst freed (exited processes' rings, closed
+    connections' buffers) back to the kernel once the daemon has been
+    quiet for QUIET seconds; glibc keeps it otherwise, and RSS stayed
+    15 % up after soak scenario 8.  One timer while there is activity,
+    none when idle."""
+
+    QUIET = 1.0
+
+    def __init__(self, loop):
+        self.loop = loop
+        self._handle = None
+        self._last = 0.0
+        self.trims = 0
+
+    def touch(self) -> None:
+        """Something big was freed."""
+        self._last = self.loop.time()
+        if self._handle is None:
+            self._handle = self.loop.call_later(self.QUIET, self._fire)
+
+    def _fire(self):
+        wait = self._last + self.QUIET - self.loop.time()
+        if wait > 0:
+            self._handle = self.loop.call_later(wait, self._fire)
+            return
+        self._handle = None
+        self.trims += 1
+        malloc_trim()
 
 
 # § 8 processes (I/O) ------------------------------------------------------
@@ -3019,6 +3066,7 @@ class Manager:
                     pass
 
     def _on_exit(self, proc, exit_status, term_signal):
+        self.loop.trimmer.touch()
         proc.exit_status, proc.term_signal = exit_status, term_signal
         self._by_pid.pop(proc.pid, None)
         if proc.kill_handle is not None:
@@ -5127,6 +5175,8 @@ class Connection:
             pass
         self.server.connections.discard(self)
         self.server.per_endpoint[self.endpoint.name] -= 1
+        if self.sent >= READ_CHUNK:             # a stream or big replies: buffers worth giving back
+            self.loop.trimmer.touch()
         self.out = bytearray()
         self.parser.buf.clear()
         busy, self.busy = self.busy, None
@@ -5415,11 +5465,7 @@ def release_memory():
     malloc keeps otherwise)."""
     import gc
     gc.collect()
-    try:
-        ctypes = lazy_import("ctypes")
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim()
 
 
 class PidfileError(Exception):
