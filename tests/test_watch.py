@@ -12,19 +12,11 @@ import time
 
 import pytest
 
-from conftest import (SSEParser, StreamReply, open_fds, settled_fds, sse_until,
+from conftest import (SSEParser, StreamReply, open_fds, section, settled_fds, sse_until,
                       wait_for)
 
 KEYS = {"pid", "id", "name", "cpu", "mem", "mem_info1", "mem_info2", "ctime",
         "username", "nice", "cmdline", "children"}
-
-
-def section(name, cmd, args="", **keys):
-    lines = ["[process:%s]" % name, "cmd = %s" % cmd]
-    if args:
-        lines.append("args = %s" % args)
-    lines += ["%s = %s" % item for item in keys.items()]
-    return "\n".join(lines) + "\n\n"
 
 
 def open_stream(d, path):
