@@ -199,15 +199,17 @@ def test_freed_memory_is_given_back_once_the_daemon_is_quiet(monkeypatch):
     loop = gafferd.Loop()
     trimmer = loop.trimmer
     assert not loop._timers                       # idle: nothing scheduled
-    start = time.monotonic()
-    for _ in range(4):                            # activity for ~0.3 s postpones it
+    touches = [time.monotonic()]
+    while touches[-1] - touches[0] < 0.3:         # activity longer than QUIET postpones it
         trimmer.touch()
-        last_touch = time.monotonic()
-        loop.call_later(0.1, lambda: None)
+        touches.append(time.monotonic())
+        loop.call_later(0.05, lambda: None)
         loop.run_once()
-    run_loop_until(loop, lambda: trims)
-    assert len(trims) == 1
-    assert trims[0] - last_touch >= 0.19 and trims[0] - start >= 0.45
+    run_loop_until(loop, lambda: trims and trims[-1] > touches[-1])
+    # every trim came QUIET after the touch before it (a stalled machine
+    # may make a gap between touches, so more than one trim is allowed)
+    for t in trims:
+        assert t - max(x for x in touches if x <= t) >= 0.19
     # and then nothing (the other pending timers are this test's own)
     assert not [h for h in loop._timers if not h.cancelled and h.callback == trimmer._fire]
     loop.close()
