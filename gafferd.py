@@ -1986,7 +1986,6 @@ class MemoryTrimmer:
         self.loop = loop
         self._handle = None
         self._last = 0.0
-        self.trims = 0
 
     def touch(self) -> None:
         """Something big was freed."""
@@ -2000,7 +1999,6 @@ class MemoryTrimmer:
             self._handle = self.loop.call_later(wait, self._fire)
             return
         self._handle = None
-        self.trims += 1
         malloc_trim()
 
 
