@@ -133,6 +133,7 @@ MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
+UTF8_HOLD = 0.05                     # the start of a character cut by a read waits this for its end
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
@@ -1130,12 +1131,41 @@ class FlapState:
         return GIVE_UP
 
 
+def utf8_partial_tail(data) -> int:
+    """How many bytes (0-3) at the end of ``data`` begin a UTF-8 character
+    whose last bytes have not come yet (RFC 3629 section 3: a lead byte
+    says how long its sequence is).  ASCII, a complete character and
+    bytes that can never be UTF-8 give 0: only a real beginning waits."""
+    for back in (1, 2, 3):
+        if back > len(data):
+            return 0
+        byte = data[-back]
+        if 0x80 <= byte < 0xC0:             # a continuation byte: find its lead
+            continue
+        length = 2 if 0xC2 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else \
+            4 if 0xF0 <= byte < 0xF5 else 0
+        return back if length > back else 0
+    return 0
+
+
+def _utf8_boundary(data, pos: int) -> int:
+    """``pos``, moved past at most 3 continuation bytes: the start of the
+    next character, so a slice taken from there never begins mid-character."""
+    end = min(pos + 3, len(data))
+    while pos < end and 0x80 <= data[pos] < 0xC0:
+        pos += 1
+    return pos
+
+
 class OutputRing:
     """The last ``capacity`` bytes of one output stream.
 
     ``total`` counts every byte ever appended, so a byte offset names a
     position in the whole stream: it is the SSE event id of /streams and
-    what ``Last-Event-ID`` resumes from.
+    what ``Last-Event-ID`` resumes from.  The ring is fed whole characters
+    (see ``Process``) and, when it drops old bytes, drops the rest of a
+    character cut in two as well (up to 3 bytes more), so the oldest byte
+    kept, like every offset it hands out, starts a character.
     """
 
     __slots__ = ("capacity", "buf", "total")
@@ -1151,17 +1181,20 @@ class OutputRing:
         self.total += len(data)
         if len(data) >= self.capacity:
             self.buf[:] = data[-self.capacity:] if self.capacity else b""
+            del self.buf[:_utf8_boundary(self.buf, 0)]
             return
         self.buf += data
         excess = len(self.buf) - self.capacity
         if excess > 0:
-            del self.buf[:excess]
+            del self.buf[:_utf8_boundary(self.buf, excess)]
 
     def since(self, offset: int):
-        """Bytes from stream offset ``offset`` on, or None if overwritten."""
+        """Bytes from stream offset ``offset`` on, or None if overwritten.
+        An offset inside a character (no id ever handed out is one) starts
+        at the next character."""
         if offset < self.start or offset > self.total:
             return None
-        return bytes(self.buf[offset - self.start:])
+        return bytes(self.buf[_utf8_boundary(self.buf, offset - self.start):])
 
     def tail(self, lines: int) -> bytes:
         """The last ``lines`` lines (a trailing partial line counts)."""
@@ -2233,6 +2266,7 @@ class Process:
         self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
         self.sample = None              # (time, cpu seconds) for cpu%
         self._fds = {}                  # our read fd -> label (or custom label)
+        self._held = {}                 # read fd -> (start of a cut character, release timer)
         self._listeners = {}            # label -> [listener]
         self._exit_callbacks = []
         self._paused = set()            # clients that asked for back-pressure
@@ -2297,7 +2331,42 @@ class Process:
         if not data:
             self._close_fd(fd)
             return
-        self._dispatch(label, data)
+        data = self._whole_characters(fd, data)
+        if data:
+            self._dispatch(label, data)
+
+    def _whole_characters(self, fd, data):
+        """``data`` with the start of a UTF-8 character cut by this read
+        held back, and the start held from the previous read put in front.
+        So what rings, logs and listeners get never splits a character: an
+        HTTP chunk, an SSE event or a websocket frame decodes on its own.
+        Bytes that are not UTF-8 pass through as they are; at most 3 bytes
+        wait, for at most UTF8_HOLD seconds (then they go out alone: the
+        child stopped in the middle of a character), or until the end."""
+        held = self._held.pop(fd, None)
+        if held is not None:
+            held[1].cancel()
+            data = held[0] + data
+        cut = utf8_partial_tail(data)
+        if cut:
+            timer = self.manager.loop.call_later(UTF8_HOLD, self._release_held, fd)
+            self._held[fd] = (data[-cut:], timer)
+            data = data[:-cut]
+        return data
+
+    def _release_held(self, fd, final=False):
+        """Dispatch what ``_whole_characters`` holds for ``fd``; while a
+        client's back-pressure stops the reads the rest may be in the pipe,
+        so wait again (unless the stream is ending)."""
+        held = self._held.pop(fd, None)
+        if held is None:
+            return
+        held[1].cancel()
+        if self._paused and not final:
+            self._held[fd] = (held[0], self.manager.loop.call_later(
+                UTF8_HOLD, self._release_held, fd))
+        elif fd in self._fds:
+            self._dispatch(self._fds[fd], held[0])
 
     def pause_output(self, who):
         """Stop reading the pipes while ``who`` (a slow client) catches up;
@@ -2326,10 +2395,13 @@ class Process:
                     data = b""
                 if not data:
                     break
-                self._dispatch(self._fds[fd], data)
+                data = self._whole_characters(fd, data)
+                if data:
+                    self._dispatch(self._fds[fd], data)
             self._close_fd(fd)
 
     def _close_fd(self, fd):
+        self._release_held(fd, final=True)
         if self._fds.pop(fd, None) is not None:
             self.manager.loop.remove_reader(fd)
             close_quietly(fd)
