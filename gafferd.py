@@ -150,6 +150,7 @@ WEBHOOK_ATTEMPTS = 3
 WEBHOOK_QUEUE = 1000
 SHUTDOWN_DRAIN = 3.0                 # webhooks get this long at shutdown
 RECENT_PROCESSES = 10                # exited processes kept for _log
+EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -1364,13 +1365,36 @@ class EventBus:
     same listener under the same pattern is kept once.  ``publish`` only
     queues; delivery runs from ``call_soon``.  A listener that raises is
     logged and the others still run.
+
+    Each event gets an id when it is delivered: 1, 2, 3... in delivery
+    order, ``last_id`` being the latest.  While a listener runs,
+    ``current_id`` is the id of the event it was given.  The last
+    ``history_size`` events delivered are kept for ``since``, so a client
+    that lost its feed can resume where it stopped.
     """
 
-    def __init__(self, call_soon):
+    def __init__(self, call_soon, history_size=EVENT_HISTORY):
         self._call_soon = call_soon
         self._subs = {}                     # pattern -> [(listener, once)]
         self._queue = collections.deque()
         self._scheduled = False
+        self.last_id = 0
+        self.current_id = None
+        self._history = collections.deque(maxlen=history_size)   # (id, name, payload)
+
+    def since(self, event_id: int):
+        """``(missed, events)``: the ``(id, name, payload)`` delivered after
+        ``event_id``, oldest first, and how many events after it are no
+        longer kept (0: none lost).  An id this bus never handed out (one
+        from an earlier run of the daemon) gives ``missed = None`` and every
+        event kept, since what it lost cannot be told."""
+        history = self._history
+        oldest = history[0][0] if history else self.last_id + 1
+        if event_id > self.last_id:
+            return None, list(history)
+        if event_id + 1 >= oldest:
+            return 0, list(itertools.islice(history, event_id + 1 - oldest, None))
+        return oldest - event_id - 1, list(history)
 
     def subscribe(self, pattern, listener, once=False):
         pattern = normalize_pattern(pattern)
@@ -1401,6 +1425,9 @@ class EventBus:
         self._scheduled = False
         while self._queue:
             name, event = self._queue.popleft()
+            self.last_id += 1
+            self.current_id = self.last_id
+            self._history.append((self.last_id, name, event))
             for pattern in event_patterns(name):
                 subs = self._subs.get(pattern)
                 if not subs:
@@ -1412,6 +1439,7 @@ class EventBus:
                         listener(name, event)
                     except Exception:
                         log.exception("event listener %r failed on %s", listener, name)
+        self.current_id = None
 
 
 # § 6 HTTP/1.1 protocol (pure) ---------------------------------------------
@@ -4082,16 +4110,51 @@ def _metric_labels(**labels) -> str:
 _EVENT_CACHE = [None, None, b""]      # (payload, mode, bytes) of the last event
 
 
-def format_event(name, payload, mode) -> bytes:
-    """A watch event as sent on ``mode``; the bus hands the same payload to
-    every subscriber in turn, so each event is encoded once, not once per
-    client."""
-    if _EVENT_CACHE[0] is payload and _EVENT_CACHE[1] == mode:
+def format_event(name, payload, mode, event_id=None) -> bytes:
+    """A watch event as sent on ``mode`` (with its bus id as the SSE
+    ``id:``); the bus hands the same payload to every subscriber in turn,
+    so each event is encoded once, not once per client."""
+    if _EVENT_CACHE[0] is payload and _EVENT_CACHE[1] == (mode, event_id):
         return _EVENT_CACHE[2]
     data = json_dumps(payload)
-    out = sse_event(name, [data.decode("utf-8")]) if mode == "eventsource" else data + b"\r\n"
-    _EVENT_CACHE[:] = [payload, mode, out]
+    out = sse_event(name, [data.decode("utf-8")], event_id) if mode == "eventsource" \
+        else data + b"\r\n"
+    _EVENT_CACHE[:] = [payload, (mode, event_id), out]
     return out
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+def parse_last_event_id(req):
+    """The ``Last-Event-ID`` header (or ``last_event_id`` query parameter)
+    as a whole number, None when absent or empty; anything else but ASCII
+    digits is a 400."""
+    value = req.headers.get("last-event-id") or req.query.get("last_event_id") or ""
+    value = value.strip()
+    if not value:
+        return None
+    if not _EVENT_ID.fullmatch(value):
+        raise ApiError(400, "bad_value", "Last-Event-ID must be an event id (digits)")
+    return int(value)
+
+
+def watch_backlog(bus, pattern, last_id) -> bytes:
+    """The events of ``pattern`` delivered after ``last_id``, as SSE.  When
+    some are no longer kept, a ``missed`` event comes first: its data is
+    ``{"event": "missed", "missed": N}`` (N counts the events lost, of every
+    pattern; null for an id from an earlier run of the daemon)."""
+    missed, events = bus.since(last_id)
+    out = []
+    if missed != 0:
+        before = events[0][0] - 1 if events else bus.last_id
+        out.append(sse_event("missed", [json_dumps({"event": "missed", "missed": missed})
+                                        .decode("utf-8")], before))
+    wanted = normalize_pattern(pattern)
+    for event_id, name, payload in events:
+        if wanted in event_patterns(name):
+            out.append(format_event(name, payload, "eventsource", event_id))
+    return b"".join(out)
 
 
 class _Heartbeat:
@@ -4345,14 +4408,18 @@ class Api:
         pattern = ".".join(parts) if parts else "."
         mode, heartbeat = self._feed_args(req, "longpoll")
         manager = self.manager
+        last_id = parse_last_event_id(req) if mode == "eventsource" else None
 
         def opener(sink):
             def listener(name, payload):
                 if sink.closed:
                     return
-                sink.write(format_event(name, payload, mode))
+                sink.write(format_event(name, payload, mode, manager.bus.current_id
+                                        if mode == "eventsource" else None))
                 if mode not in ("eventsource", "continuous"):
                     sink.end()
+            if last_id is not None:         # the history, then live: no gap, no repeat
+                sink.write(watch_backlog(manager.bus, pattern, last_id))
             manager.subscribe(pattern, listener)
             beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
             sink.on_close(lambda: (manager.unsubscribe(pattern, listener), beat.cancel()))
