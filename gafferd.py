@@ -5522,6 +5522,18 @@ class Connection:
 _COLOURS = ["\x1b[36m", "\x1b[33m", "\x1b[32m", "\x1b[35m", "\x1b[31m", "\x1b[34m"]
 _COLOURS += ["\x1b[1m" + c for c in _COLOURS]
 
+# Every C0 control but TAB, DEL and every C1 control (ECMA-48 section 5):
+# a child's ESC sequences could move the cursor, rewrite lines already
+# shown, set the window title or, on some terminals, make the terminal
+# type an answer; \r and \b would overwrite what the operator reads.
+# They are shown as \xNN instead.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` safe for a terminal: each control character as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
 
 class Console:
     """The console application of ``-v``/``-vv``."""
@@ -5566,7 +5578,10 @@ class Console:
                 self.write(payload["name"], line.strip())
 
     def write(self, name, text):
-        line = "%s %s | %s\n" % (time.strftime("%H:%M:%S"), name, text)
+        """One line; ``name`` and ``text`` (child or client controlled) are
+        escaped, only our own colour codes reach the terminal."""
+        line = "%s %s | %s\n" % (time.strftime("%H:%M:%S"), escape_controls(name),
+                                  escape_controls(text))
         if self.colour:
             colour = self.colours.setdefault(name, _COLOURS[len(self.colours) % len(_COLOURS)])
             line = colour + line.rstrip("\n") + "\x1b[0m\n"
