@@ -133,6 +133,7 @@ MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
 REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
+UTF8_HOLD = 0.05                     # the start of a character cut by a read waits this for its end
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
@@ -149,6 +150,7 @@ WEBHOOK_ATTEMPTS = 3
 WEBHOOK_QUEUE = 1000
 SHUTDOWN_DRAIN = 3.0                 # webhooks get this long at shutdown
 RECENT_PROCESSES = 10                # exited processes kept for _log
+EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -1130,12 +1132,41 @@ class FlapState:
         return GIVE_UP
 
 
+def utf8_partial_tail(data) -> int:
+    """How many bytes (0-3) at the end of ``data`` begin a UTF-8 character
+    whose last bytes have not come yet (RFC 3629 section 3: a lead byte
+    says how long its sequence is).  ASCII, a complete character and
+    bytes that can never be UTF-8 give 0: only a real beginning waits."""
+    for back in (1, 2, 3):
+        if back > len(data):
+            return 0
+        byte = data[-back]
+        if 0x80 <= byte < 0xC0:             # a continuation byte: find its lead
+            continue
+        length = 2 if 0xC2 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else \
+            4 if 0xF0 <= byte < 0xF5 else 0
+        return back if length > back else 0
+    return 0
+
+
+def _utf8_boundary(data, pos: int) -> int:
+    """``pos``, moved past at most 3 continuation bytes: the start of the
+    next character, so a slice taken from there never begins mid-character."""
+    end = min(pos + 3, len(data))
+    while pos < end and 0x80 <= data[pos] < 0xC0:
+        pos += 1
+    return pos
+
+
 class OutputRing:
     """The last ``capacity`` bytes of one output stream.
 
     ``total`` counts every byte ever appended, so a byte offset names a
     position in the whole stream: it is the SSE event id of /streams and
-    what ``Last-Event-ID`` resumes from.
+    what ``Last-Event-ID`` resumes from.  The ring is fed whole characters
+    (see ``Process``) and, when it drops old bytes, drops the rest of a
+    character cut in two as well (up to 3 bytes more), so the oldest byte
+    kept, like every offset it hands out, starts a character.
     """
 
     __slots__ = ("capacity", "buf", "total")
@@ -1151,17 +1182,20 @@ class OutputRing:
         self.total += len(data)
         if len(data) >= self.capacity:
             self.buf[:] = data[-self.capacity:] if self.capacity else b""
+            del self.buf[:_utf8_boundary(self.buf, 0)]
             return
         self.buf += data
         excess = len(self.buf) - self.capacity
         if excess > 0:
-            del self.buf[:excess]
+            del self.buf[:_utf8_boundary(self.buf, excess)]
 
     def since(self, offset: int):
-        """Bytes from stream offset ``offset`` on, or None if overwritten."""
+        """Bytes from stream offset ``offset`` on, or None if overwritten.
+        An offset inside a character (no id ever handed out is one) starts
+        at the next character."""
         if offset < self.start or offset > self.total:
             return None
-        return bytes(self.buf[offset - self.start:])
+        return bytes(self.buf[_utf8_boundary(self.buf, offset - self.start):])
 
     def tail(self, lines: int) -> bytes:
         """The last ``lines`` lines (a trailing partial line counts)."""
@@ -1331,13 +1365,36 @@ class EventBus:
     same listener under the same pattern is kept once.  ``publish`` only
     queues; delivery runs from ``call_soon``.  A listener that raises is
     logged and the others still run.
+
+    Each event gets an id when it is delivered: 1, 2, 3... in delivery
+    order, ``last_id`` being the latest.  While a listener runs,
+    ``current_id`` is the id of the event it was given.  The last
+    ``history_size`` events delivered are kept for ``since``, so a client
+    that lost its feed can resume where it stopped.
     """
 
-    def __init__(self, call_soon):
+    def __init__(self, call_soon, history_size=EVENT_HISTORY):
         self._call_soon = call_soon
         self._subs = {}                     # pattern -> [(listener, once)]
         self._queue = collections.deque()
         self._scheduled = False
+        self.last_id = 0
+        self.current_id = None
+        self._history = collections.deque(maxlen=history_size)   # (id, name, payload)
+
+    def since(self, event_id: int):
+        """``(missed, events)``: the ``(id, name, payload)`` delivered after
+        ``event_id``, oldest first, and how many events after it are no
+        longer kept (0: none lost).  An id this bus never handed out (one
+        from an earlier run of the daemon) gives ``missed = None`` and every
+        event kept, since what it lost cannot be told."""
+        history = self._history
+        oldest = history[0][0] if history else self.last_id + 1
+        if event_id > self.last_id:
+            return None, list(history)
+        if event_id + 1 >= oldest:
+            return 0, list(itertools.islice(history, event_id + 1 - oldest, None))
+        return oldest - event_id - 1, list(history)
 
     def subscribe(self, pattern, listener, once=False):
         pattern = normalize_pattern(pattern)
@@ -1368,6 +1425,9 @@ class EventBus:
         self._scheduled = False
         while self._queue:
             name, event = self._queue.popleft()
+            self.last_id += 1
+            self.current_id = self.last_id
+            self._history.append((self.last_id, name, event))
             for pattern in event_patterns(name):
                 subs = self._subs.get(pattern)
                 if not subs:
@@ -1379,6 +1439,7 @@ class EventBus:
                         listener(name, event)
                     except Exception:
                         log.exception("event listener %r failed on %s", listener, name)
+        self.current_id = None
 
 
 # § 6 HTTP/1.1 protocol (pure) ---------------------------------------------
@@ -2233,6 +2294,7 @@ class Process:
         self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
         self.sample = None              # (time, cpu seconds) for cpu%
         self._fds = {}                  # our read fd -> label (or custom label)
+        self._held = {}                 # read fd -> (start of a cut character, release timer)
         self._listeners = {}            # label -> [listener]
         self._exit_callbacks = []
         self._paused = set()            # clients that asked for back-pressure
@@ -2297,7 +2359,42 @@ class Process:
         if not data:
             self._close_fd(fd)
             return
-        self._dispatch(label, data)
+        data = self._whole_characters(fd, data)
+        if data:
+            self._dispatch(label, data)
+
+    def _whole_characters(self, fd, data):
+        """``data`` with the start of a UTF-8 character cut by this read
+        held back, and the start held from the previous read put in front.
+        So what rings, logs and listeners get never splits a character: an
+        HTTP chunk, an SSE event or a websocket frame decodes on its own.
+        Bytes that are not UTF-8 pass through as they are; at most 3 bytes
+        wait, for at most UTF8_HOLD seconds (then they go out alone: the
+        child stopped in the middle of a character), or until the end."""
+        held = self._held.pop(fd, None)
+        if held is not None:
+            held[1].cancel()
+            data = held[0] + data
+        cut = utf8_partial_tail(data)
+        if cut:
+            timer = self.manager.loop.call_later(UTF8_HOLD, self._release_held, fd)
+            self._held[fd] = (data[-cut:], timer)
+            data = data[:-cut]
+        return data
+
+    def _release_held(self, fd, final=False):
+        """Dispatch what ``_whole_characters`` holds for ``fd``; while a
+        client's back-pressure stops the reads the rest may be in the pipe,
+        so wait again (unless the stream is ending)."""
+        held = self._held.pop(fd, None)
+        if held is None:
+            return
+        held[1].cancel()
+        if self._paused and not final:
+            self._held[fd] = (held[0], self.manager.loop.call_later(
+                UTF8_HOLD, self._release_held, fd))
+        elif fd in self._fds:
+            self._dispatch(self._fds[fd], held[0])
 
     def pause_output(self, who):
         """Stop reading the pipes while ``who`` (a slow client) catches up;
@@ -2326,10 +2423,13 @@ class Process:
                     data = b""
                 if not data:
                     break
-                self._dispatch(self._fds[fd], data)
+                data = self._whole_characters(fd, data)
+                if data:
+                    self._dispatch(self._fds[fd], data)
             self._close_fd(fd)
 
     def _close_fd(self, fd):
+        self._release_held(fd, final=True)
         if self._fds.pop(fd, None) is not None:
             self.manager.loop.remove_reader(fd)
             close_quietly(fd)
@@ -4010,16 +4110,51 @@ def _metric_labels(**labels) -> str:
 _EVENT_CACHE = [None, None, b""]      # (payload, mode, bytes) of the last event
 
 
-def format_event(name, payload, mode) -> bytes:
-    """A watch event as sent on ``mode``; the bus hands the same payload to
-    every subscriber in turn, so each event is encoded once, not once per
-    client."""
-    if _EVENT_CACHE[0] is payload and _EVENT_CACHE[1] == mode:
+def format_event(name, payload, mode, event_id=None) -> bytes:
+    """A watch event as sent on ``mode`` (with its bus id as the SSE
+    ``id:``); the bus hands the same payload to every subscriber in turn,
+    so each event is encoded once, not once per client."""
+    if _EVENT_CACHE[0] is payload and _EVENT_CACHE[1] == (mode, event_id):
         return _EVENT_CACHE[2]
     data = json_dumps(payload)
-    out = sse_event(name, [data.decode("utf-8")]) if mode == "eventsource" else data + b"\r\n"
-    _EVENT_CACHE[:] = [payload, mode, out]
+    out = sse_event(name, [data.decode("utf-8")], event_id) if mode == "eventsource" \
+        else data + b"\r\n"
+    _EVENT_CACHE[:] = [payload, (mode, event_id), out]
     return out
+
+
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
+
+
+def parse_last_event_id(req):
+    """The ``Last-Event-ID`` header (or ``last_event_id`` query parameter)
+    as a whole number, None when absent or empty; anything else but ASCII
+    digits is a 400."""
+    value = req.headers.get("last-event-id") or req.query.get("last_event_id") or ""
+    value = value.strip()
+    if not value:
+        return None
+    if not _EVENT_ID.fullmatch(value):
+        raise ApiError(400, "bad_value", "Last-Event-ID must be an event id (digits)")
+    return int(value)
+
+
+def watch_backlog(bus, pattern, last_id) -> bytes:
+    """The events of ``pattern`` delivered after ``last_id``, as SSE.  When
+    some are no longer kept, a ``missed`` event comes first: its data is
+    ``{"event": "missed", "missed": N}`` (N counts the events lost, of every
+    pattern; null for an id from an earlier run of the daemon)."""
+    missed, events = bus.since(last_id)
+    out = []
+    if missed != 0:
+        before = events[0][0] - 1 if events else bus.last_id
+        out.append(sse_event("missed", [json_dumps({"event": "missed", "missed": missed})
+                                        .decode("utf-8")], before))
+    wanted = normalize_pattern(pattern)
+    for event_id, name, payload in events:
+        if wanted in event_patterns(name):
+            out.append(format_event(name, payload, "eventsource", event_id))
+    return b"".join(out)
 
 
 class _Heartbeat:
@@ -4273,14 +4408,18 @@ class Api:
         pattern = ".".join(parts) if parts else "."
         mode, heartbeat = self._feed_args(req, "longpoll")
         manager = self.manager
+        last_id = parse_last_event_id(req) if mode == "eventsource" else None
 
         def opener(sink):
             def listener(name, payload):
                 if sink.closed:
                     return
-                sink.write(format_event(name, payload, mode))
+                sink.write(format_event(name, payload, mode, manager.bus.current_id
+                                        if mode == "eventsource" else None))
                 if mode not in ("eventsource", "continuous"):
                     sink.end()
+            if last_id is not None:         # the history, then live: no gap, no repeat
+                sink.write(watch_backlog(manager.bus, pattern, last_id))
             manager.subscribe(pattern, listener)
             beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
             sink.on_close(lambda: (manager.unsubscribe(pattern, listener), beat.cancel()))
@@ -5383,6 +5522,18 @@ class Connection:
 _COLOURS = ["\x1b[36m", "\x1b[33m", "\x1b[32m", "\x1b[35m", "\x1b[31m", "\x1b[34m"]
 _COLOURS += ["\x1b[1m" + c for c in _COLOURS]
 
+# Every C0 control but TAB, DEL and every C1 control (ECMA-48 section 5):
+# a child's ESC sequences could move the cursor, rewrite lines already
+# shown, set the window title or, on some terminals, make the terminal
+# type an answer; \r and \b would overwrite what the operator reads.
+# They are shown as \xNN instead.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` safe for a terminal: each control character as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
 
 class Console:
     """The console application of ``-v``/``-vv``."""
@@ -5427,7 +5578,10 @@ class Console:
                 self.write(payload["name"], line.strip())
 
     def write(self, name, text):
-        line = "%s %s | %s\n" % (time.strftime("%H:%M:%S"), name, text)
+        """One line; ``name`` and ``text`` (child or client controlled) are
+        escaped, only our own colour codes reach the terminal."""
+        line = "%s %s | %s\n" % (time.strftime("%H:%M:%S"), escape_controls(name),
+                                  escape_controls(text))
         if self.colour:
             colour = self.colours.setdefault(name, _COLOURS[len(self.colours) % len(_COLOURS)])
             line = colour + line.rstrip("\n") + "\x1b[0m\n"

@@ -555,3 +555,55 @@ def test_console_asks_for_the_token(daemon_factory, tmp_path, browser):
         10.0, message="dummy to be stopped")
     page.wait_js("%s === 'stopped'" % row_state("dummy"), message="the page to show dummy stopped")
     assert browser.exceptions == []
+
+
+@needs_chromium
+def test_console_misses_no_change_made_while_it_loads_and_does_not_scroll(
+        daemon_factory, tmp_path, browser):
+    """The daemon answers the page's GET /status, then a template is created,
+    then the page gets that (now stale) answer: the template must still be
+    shown. The browser holds the answer back (CDP Fetch, response stage)
+    until the page has seen the create event and re-read the new template,
+    so the stale answer lands last. Loading also leaves the view where it
+    was (no focus moved to the output pane, no scrolling)."""
+    d = daemon_factory(console_config(tmp_path))
+    d.wait_running("dummy", 1)
+    page = Page(browser, height=500)          # the output pane is below the fold
+    base = "http://127.0.0.1:%d" % d.port
+    held, late_reads = [], []
+
+    def on_paused(params, session):
+        url = params["request"]["url"]
+        if url == base + "/status" and "responseStatusCode" in params:
+            held.append(params["requestId"])  # the daemon answered; keep it here
+            return
+        if url == base + "/status/late":
+            late_reads.append(url)
+        browser.post("Fetch.continueRequest", {"requestId": params["requestId"]}, session)
+
+    browser.handlers["Fetch.requestPaused"] = on_paused
+    page.call("Fetch.enable", {"patterns": [
+        {"urlPattern": base + "/status", "requestStage": "Response"},
+        {"urlPattern": base + "/status/late", "requestStage": "Request"}]})
+    page.navigate(base + "/_plugin/console/")
+    page.wait_js("true")
+    wait_for(lambda: page.js("1") and held, 15.0, message="the page's GET /status answered")
+    # the answer is in the browser; now the change it cannot contain
+    r = d.post("/processes", body=json.dumps(
+        {"name": "late", "cmd": PY, "args": ["-c", "import time; time.sleep(3600)"]}).encode())
+    assert r.status == 200, r
+    d.wait_running("late", 1)
+    wait_for(lambda: page.js("1") and late_reads, 10.0,
+             message="the page to re-read 'late' on its create event (feed open before the read)")
+    page.wait_js("%s === 'running'" % row_state("late"), message="the row of 'late'")
+    page.call("Fetch.continueRequest", {"requestId": held[0]})   # the stale answer, last
+    page.wait_js("document.body.dataset.ready === '1'", message="the console to load")
+    page.wait_js(lists_exactly(TEMPLATES + ["late"]) + " && %s === 'running'" % row_state("late"),
+                 message="'late' listed after the stale /status was applied")
+    page.call("Fetch.disable")
+    page.wait_js("document.getElementById('log').textContent.includes('live stdout of')",
+                 message="the log pane to follow a process")
+    assert page.js("document.documentElement.scrollHeight > window.innerHeight") is True
+    assert page.js("window.scrollY") == 0
+    assert page.js("document.activeElement === document.getElementById('log')") is False
+    assert browser.exceptions == []

@@ -8,6 +8,7 @@ written into the test's directory; most of them act on commands written
 to their stdin, so each test decides exactly when output happens.
 """
 import hashlib
+import json
 import os
 import re
 import socket
@@ -541,3 +542,25 @@ def test_stalled_client_is_dropped_and_memory_stays_bounded(gafferd, tmp_path):
     assert not thread.is_alive() and reader.ended, "reply did not end when the process exited"
     assert progress["error"] is None, progress["error"]
     reader.close()
+
+
+# -- -vv: child output on the operator's terminal --------------------------------
+
+def test_vv_escapes_control_characters_of_child_output_and_names(gafferd, tmp_path):
+    """ESC sequences, \\r, \\b, BEL, DEL and C1 controls from a child (or in a
+    template name given over the API) reach the terminal as \\xNN; tabs and
+    non-ASCII text stay as they are."""
+    d = gafferd(talker(tmp_path), args=["-vv"])
+    pid = first_id(d, "talk")
+    hostile = "\x1b[2J\x1b]0;owned\x07red\x1b[31m\tx\bz\x7f \u009b6n caf\u00e9"
+    stdin(d, pid, ("say " + hostile + "\n").encode("utf-8"))
+    name = "evil\u009b8m\x7f"                 # C1 CSI and DEL pass the name rules
+    assert d.post("/processes", body=json.dumps({
+        "name": name, "cmd": PY, "args": ["-c", "pass"], "start": False}).encode()).status == 200
+    wait_for(lambda: "caf\u00e9" in d.output() and "evil" in d.output(), 10.0,
+             message="the line and the create event on the console")
+    out = d.output()
+    for control in "\x1b\x07\x08\x7f\u009b\r":
+        assert control not in out, repr(control)
+    assert "\\x1b[2J\\x1b]0;owned\\x07red\\x1b[31m\tx\\x08z\\x7f \\x9b6n caf\u00e9" in out, out
+    assert "create evil\\x9b8m\\x7f" in out, out

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import time
+import urllib.parse
 
 import pytest
 
@@ -145,16 +146,127 @@ def test_eventsource_is_valid_sse(gafferd):
             assert len(event.data) == 1, event
             payload = json.loads(event.data[0])
             assert payload["event"] == event.event and payload["name"] == "w"
-        # the exact framing of the contract: event, data, blank line, CRLF
-        assert re.fullmatch(rb"(event: [^\r\n]+\r\ndata: \{[^\r\n]*\}\r\n\r\n)+", bytes(es.body)), \
-            bytes(es.body[:300])
+        # the exact framing of the contract: id, event, data, blank line, CRLF
+        assert re.fullmatch(rb"(id: [0-9]+\r\nevent: [^\r\n]+\r\ndata: \{[^\r\n]*\}\r\n\r\n)+",
+                            bytes(es.body)), bytes(es.body[:300])
+        # ids count the daemon's events: consecutive here, shared by every feed
+        ids = [int(e.id) for e in parser.events]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), ids
         sse_until(proc, proc_parser, lambda p: len(p.events) >= 5, 5.0, "proc.w events")
         assert [e.event for e in proc_parser.events] == \
             [e for e in START_STOP if e.startswith("proc.w.")]
+        assert [int(e.id) for e in proc_parser.events] == \
+            [int(e.id) for e in parser.events if e.event.startswith("proc.w.")]
         assert parser.idle and proc_parser.idle
     finally:
         for s in (es, proc, all_events):
             s.close()
+
+
+def test_eventsource_resumes_from_last_event_id_without_gap_or_repeat(gafferd):
+    d = gafferd(W)
+    first = watch(d, "", "feed=eventsource&heartbeat=0")
+    parser = SSEParser()
+    all_events = watch(d, "")
+    try:
+        assert d.post("/processes/w/_start").status == 200
+        sse_until(first, parser, lambda p: len(p.events) >= 4, 5.0, "the start events")
+        events_until(all_events, 4)
+    finally:
+        first.close()                          # the client loses its feed here
+    seen = parser.events[:4]
+    try:
+        assert d.post("/processes/w/_stop").status == 200   # 6 events while away
+        events_until(all_events, len(START_STOP))
+    finally:
+        all_events.close()
+    # an EventSource reconnects with the header; the query parameter works too
+    for how in ("header", "query"):
+        path = "/watch?feed=eventsource&heartbeat=0"
+        if how == "query":
+            path += "&last_event_id=%s" % seen[-1].id
+        s = StreamReply(d.port, path, headers={"Last-Event-ID": seen[-1].id}
+                        if how == "header" else None)
+        s.read_headers(5.0)
+        assert s.status == 200
+        p2 = SSEParser()
+        try:
+            sse_until(s, p2, lambda p: len(p.events) >= 6, 5.0, "the missed events")
+            assert [e.event for e in seen + p2.events[:6]] == START_STOP
+            ids = [int(e.id) for e in p2.events]
+            assert ids == list(range(int(seen[-1].id) + 1, int(seen[-1].id) + 1 + len(ids)))
+            # then live events, none repeated
+            assert d.post("/processes/w/_start").status == 200
+            sse_until(s, p2, lambda p: len(p.events) >= len(ids) + 4, 5.0, "live events")
+            assert [e.event for e in p2.events[-4:]] == START_STOP[:4]
+            ids = [int(e.id) for e in p2.events]
+            assert ids == list(range(ids[0], ids[0] + len(ids)))
+        finally:
+            s.close()
+        assert d.post("/processes/w/_stop").status == 200
+        wait_for(lambda: d.status("w")["running"] == 0, 5.0)
+        # a pattern resumes with its own events only
+        s = StreamReply(d.port, "/watch/proc/w/exit?feed=eventsource&heartbeat=0",
+                        headers={"Last-Event-ID": seen[-1].id})
+        p3 = SSEParser()
+        try:
+            sse_until(s, p3, lambda p: len(p.events) >= 1, 5.0, "exit events")
+            assert {e.event for e in p3.events} == {"proc.w.exit"}
+        finally:
+            s.close()
+
+
+def test_last_event_id_too_old_unknown_or_bogus(gafferd):
+    d = gafferd(W)
+    # an id this daemon never gave (an earlier run's): "missed" with null,
+    # then every event kept, then live ones
+    s = StreamReply(d.port, "/watch?feed=eventsource&heartbeat=0",
+                    headers={"Last-Event-ID": "999999"})
+    s.read_headers(5.0)
+    parser = SSEParser()
+    try:
+        assert s.status == 200
+        assert d.post("/processes/w/_start").status == 200
+        sse_until(s, parser, lambda p: [e.event for e in p.events[-4:]] == START_STOP[:4],
+                  5.0, "missed, then events")
+        assert parser.events[0].event == "missed"
+        assert json.loads(parser.events[0].data[0]) == {"event": "missed", "missed": None}
+        assert int(parser.events[0].id) == int(parser.events[1].id) - 1 == 0
+        assert "create" in [e.event for e in parser.events]   # the start-up, kept
+    finally:
+        s.close()
+    # not an id: a 400, never a 500 (non-ASCII digits included)
+    for bad in ("abc", "-1", "1.5", "\u0663", "9" * 40):
+        target = "/watch?feed=eventsource&last_event_id=" + urllib.parse.quote(bad)
+        r = d.get(target)
+        assert r.status == 400 and r.json()["error"] == "bad_value", (bad, r)
+    assert d.get("/ping").status == 200
+
+
+def test_event_history_is_a_bounded_ring():
+    import gafferd as g
+    calls = []
+    bus = g.EventBus(calls.append, history_size=5)
+    got = []
+    bus.subscribe(".", lambda name, payload: got.append((bus.current_id, name)))
+    for i in range(8):
+        bus.publish("spawn" if i % 2 else "proc.w.spawn", {"name": "w", "n": i})
+    while calls:
+        calls.pop(0)()
+    assert got == [(i + 1, "spawn" if i % 2 else "proc.w.spawn") for i in range(8)]
+    assert bus.last_id == 8 and bus.current_id is None
+    assert bus.since(8) == (0, [])
+    assert [e[0] for e in bus.since(5)[1]] == [6, 7, 8] and bus.since(5)[0] == 0
+    assert [e[0] for e in bus.since(3)[1]] == [4, 5, 6, 7, 8]
+    missed, events = bus.since(1)                 # 2 and 3 fell out of the ring
+    assert missed == 2 and [e[0] for e in events] == [4, 5, 6, 7, 8]
+    assert bus.since(9)[0] is None                 # never handed out
+    # rendered for a feed: "missed" first (with the id before the oldest kept),
+    # then the kept events of the pattern, each with its id
+    text = g.watch_backlog(bus, "spawn", 1).decode()
+    assert text.startswith('id: 3\r\nevent: missed\r\ndata: {"event": "missed", "missed": 2}')
+    assert re.findall(r"id: (\d+)\r\nevent: spawn", text) == ["4", "6", "8"]
+    assert g.watch_backlog(bus, ".", 8) == b""
 
 
 def test_heartbeats_are_flushed(gafferd):

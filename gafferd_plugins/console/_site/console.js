@@ -12,6 +12,11 @@
  *     template schedules a (debounced) refresh of that template's row. Nothing
  *     polls the daemon for state; only CPU/memory figures are re-read on a slow
  *     timer, because no event announces that they changed.
+ *   - No change is ever missed, at start-up or after a lost feed: the feed is
+ *     opened first and the whole state read only once it is open (the daemon
+ *     subscribes before it answers). A change made while that read is in
+ *     flight may be missing from its reply, so every template named by an
+ *     event during the read is re-read after the read has been applied.
  *   - The output pane shows GET /processes/NAME/_log (recent output), then
  *     follows GET /streams/ID/LABEL?feed=eventsource.
  *
@@ -51,6 +56,10 @@
   let watchCtrl = null;
   let watchBackoff = 1000;
   let watchEverOpen = false;
+  // Full reloads in flight, and the templates named by events meanwhile
+  // (the reloads' replies may predate those events: re-read them after).
+  let reloads = 0;
+  const touchedDuringReload = new Set();
 
   /* ------------------------------------------------------------------ */
   /* HTTP                                                                 */
@@ -442,8 +451,22 @@
     metrics = {uptime: uptime, restarts: restarts, at: Date.now()};
   }
 
-  /* The whole picture: GET / and GET /status, then every template. */
+  /* The whole picture: GET / and GET /status, then every template. Templates
+   * named by events while it runs are refreshed again once it is applied. */
   async function reloadAll() {
+    reloads += 1;
+    try {
+      await readAll();
+    } finally {
+      reloads -= 1;
+      if (!reloads) {
+        touchedDuringReload.forEach(scheduleRefresh);
+        touchedDuringReload.clear();
+      }
+    }
+  }
+
+  async function readAll() {
     const [root, all] = await Promise.all([api("GET", "/"), api("GET", "/status")]);
     if (root && root.version) {
       $("daemon-version").textContent = "gafferd " + (root.gafferd || "?") + " · API " + root.version;
@@ -741,7 +764,7 @@
     if (!b || b.disabled) return;
     const name = b.dataset.name;
     const action = b.dataset.action;
-    if (action === "logs") { selectLog(name, Number(b.dataset.id)); return; }
+    if (action === "logs") { selectLog(name, Number(b.dataset.id), true); return; }
     const base = "/processes/" + enc(name);
     let method = "POST";
     let path;
@@ -842,8 +865,8 @@
           opened = true;
           watchBackoff = 1000;
           setWatchState("live", "live");
-          if (watchEverOpen) reloadAll().catch(showError);   // resync what we missed
           watchEverOpen = true;
+          onFeedOpen();          // subscribed: now read the state (first load or resync)
         },
         event: onWatchEvent,
       });
@@ -865,6 +888,7 @@
     try { payload = JSON.parse(ev.data); } catch (e) { return; }
     const name = payload.name;
     if (typeof name !== "string") return;
+    if (reloads) touchedDuringReload.add(name);
     switch (ev.event) {
       case "delete":
         forget(name);
@@ -949,14 +973,17 @@
     }
   }
 
-  function selectLog(name, id) {
+  /* Follow ``name`` (process ``id``, or its latest). ``focus`` moves the
+   * keyboard focus (and so the view) to the pane: for a user's click only,
+   * never when the page picks a process on its own while loading. */
+  function selectLog(name, id, focus) {
     log.name = name;
     log.id = id;
     renderLogSources();
     $("log-source").value = logKey(name, id);
     renderLogLabels(name);
     openLog();
-    $("log").focus();
+    if (focus) $("log").focus();
   }
 
   function logState(text) { $("log-state").textContent = text; }
@@ -1139,10 +1166,19 @@
   /* Start-up                                                             */
   /* ------------------------------------------------------------------ */
 
-  async function boot() {
+  /* Subscribe first, then read: the event feed is opened, and its opening
+   * (onFeedOpen) reads the state, so a change made during start-up is
+   * either in that reply or announced by an event (see reloadAll). */
+  function boot() {
     delete document.body.dataset.ready;
     stopWatch();
     $("logout").hidden = !token();
+    watchEverOpen = false;
+    startWatch();
+  }
+
+  /* The feed is open (first time or again): read the whole state. */
+  async function onFeedOpen() {
     try {
       await reloadAll();
     } catch (e) {
@@ -1150,14 +1186,14 @@
       renderEmpty();
       return;
     }
+    if (document.body.dataset.ready) return;         // a resync: nothing else to do
     document.body.dataset.ready = "1";
     renderEmpty();
-    startWatch();
     if (!log.name) {
       // follow the first template that has a live process and captures its output
       const live = Array.from(templates.values()).filter((t) => t.procs.length);
       const first = live.find(redirects) || live[0];
-      if (first) selectLog(first.name, null);
+      if (first) selectLog(first.name, null, false);
     } else if (!log.ctrl) {
       openLog();
     }
