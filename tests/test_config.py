@@ -876,3 +876,264 @@ def test_default_section_values_apply_to_every_process(tmp_path, gafferd):
     d = start(gafferd, path)
     assert definition(d, "inherits")["numprocesses"] == 2
     assert definition(d, "overrides")["numprocesses"] == 1
+
+
+# -- unknown keys in a reload and over HTTP ----------------------------------------
+
+DID_YOU_MEAN = "numproceses: unknown key, ignored; did you mean 'numprocesses'?"
+
+
+def test_reload_with_a_misspelt_key_warns_and_restarts_nothing(tmp_path, gafferd):
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:web]
+        cmd = @SLEEP@ 60
+        """))
+    d = start(gafferd, path)
+    d.wait_running("web", 1)
+    before = os_pids(d, "web")
+    with open(path, "a") as f:
+        f.write("numproceses = 3\n")
+    d.signal(__import__("signal").SIGHUP)
+    wait_for(lambda: DID_YOU_MEAN in d.log(), message="the reload's warning")
+    assert "[process:web]" in [l for l in d.log().splitlines() if DID_YOU_MEAN in l][0]
+    r = d.json("POST", "/reload")
+    assert r["changed"] == [] and r["unchanged"] == ["web"], r
+    assert [w for w in r["warnings"] if w.endswith(DID_YOU_MEAN)], r
+    assert os_pids(d, "web") == before
+    assert "numproceses" not in definition(d, "web")
+    assert d.status("web")["running"] == 1
+
+
+def test_a_failed_reload_still_shows_its_warnings(tmp_path, gafferd):
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:web]
+        cmd = @SLEEP@ 60
+        """))
+    d = start(gafferd, path)
+    with open(path, "a") as f:
+        f.write("numproceses = 3\nnumprocesses = many\n")
+    r = d.request("POST", "/reload")
+    assert r.status == 400
+    body = r.json()
+    assert [w for w in body["warnings"] if w.endswith(DID_YOU_MEAN)], body
+    assert any("many" in e for e in body["errors"]), body
+
+
+def test_post_and_put_processes_warn_about_unknown_keys(tmp_path, gafferd):
+    d = start(gafferd, write(tmp_path / "gaffer.ini", "[gaffer]\n"))
+    body = {"name": "api", "cmd": SLEEP, "args": ["60"], "numproceses": 3}
+    r = d.json("POST", "/processes", body)
+    assert r == {"ok": True, "warnings": [DID_YOU_MEAN]}
+    assert "numproceses" not in definition(d, "api")
+    assert DID_YOU_MEAN in d.log()
+    d.wait_running("api", 1)
+    # The same definition plus an unknown key: nothing stored, nothing new.
+    r = d.json("PUT", "/processes/api", dict(body, numproceses=5, colour="red"))
+    assert r["warnings"] == [DID_YOU_MEAN, "colour: unknown key, ignored"]
+    assert set(definition(d, "api")) == {"name", "cmd", "args"}
+    # Known keys only: no warnings key at all (the 0.4.4 reply).
+    assert d.json("POST", "/processes", {"name": "b", "cmd": SLEEP, "args": ["60"]}) \
+        == {"ok": True}
+
+
+# -- a log file captures its stream ---------------------------------------------------
+
+PRINTER = """\
+import sys
+sys.stdout.write("to-stdout\\n"); sys.stdout.flush()
+sys.stderr.write("to-stderr\\n"); sys.stderr.flush()
+import time
+time.sleep(60)
+"""
+
+
+def _log_has(path, text):
+    return os.path.exists(path) and text in open(path).read()
+
+
+def test_stdout_and_stderr_logfile_without_redirect_output(tmp_path, gafferd):
+    write(tmp_path / "printer.py", PRINTER)
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:p]
+        cmd = @PY@
+        args = printer.py
+        stdout_logfile = out.log
+        stderr_logfile = err.log
+        """))
+    r = check(path)
+    assert r.returncode == 0, r.stderr
+    assert "# resolved: stdout -> label 'stdout', file %s" % (tmp_path / "out.log") in r.stdout
+    assert "# resolved: stderr -> label 'stderr', file %s" % (tmp_path / "err.log") in r.stdout
+    d = start(gafferd, path)
+    out, err = str(tmp_path / "out.log"), str(tmp_path / "err.log")
+    wait_for(lambda: _log_has(out, "to-stdout") and _log_has(err, "to-stderr"),
+             message="both log files written")
+    assert "to-stderr" not in open(out).read() and "to-stdout" not in open(err).read()
+
+
+def test_logfile_alone_captures_both_streams(tmp_path, gafferd):
+    write(tmp_path / "printer.py", PRINTER)
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:p]
+        cmd = @PY@
+        args = printer.py
+        logfile = all.log
+        """))
+    d = start(gafferd, path)
+    both = str(tmp_path / "all.log")
+    wait_for(lambda: _log_has(both, "to-stdout") and _log_has(both, "to-stderr"),
+             message="the log file to get both streams")
+
+
+def test_a_logfile_for_the_second_stream_adds_only_that_label(tmp_path, gafferd):
+    write(tmp_path / "printer.py", PRINTER)
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:p]
+        cmd = @PY@
+        args = printer.py
+        redirect_output = out
+        stderr_logfile = err.log
+        """))
+    d = start(gafferd, path)
+    wait_for(lambda: _log_has(str(tmp_path / "err.log"), "to-stderr"), message="err.log")
+    assert "to-stdout" not in open(str(tmp_path / "err.log")).read()
+    wait_for(lambda: "to-stdout" in d.get("/processes/p/_log?label=out").body.decode(),
+             message="stdout on its own label")
+
+
+# -- every mistake in one run -----------------------------------------------------------
+
+def test_every_bad_value_of_a_section_in_one_run(tmp_path):
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:web]
+        cmd = @SLEEP@ 60
+        numprocesses = two
+        priority = high
+        graceful_timeout = soon
+        shell = maybe
+        logfile_maxbytes = lots
+        uid = no-such-user-here
+        numproceses = 3
+        """))
+    r = check(path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [l for l in stderr_lines(r) if "WARNING" not in l]
+    keys = ["numprocesses", "priority", "graceful_timeout", "shell", "logfile_maxbytes", "uid"]
+    assert len(errors) == len(keys), r.stderr
+    for key, line in zip(keys, errors):
+        assert line.startswith("%s: [process:web] %s: " % (path, key)), line
+    warnings = [l for l in stderr_lines(r) if "WARNING" in l]
+    assert len(warnings) == 1 and DID_YOU_MEAN in warnings[0], r.stderr
+
+
+def test_mistakes_in_several_sections_and_endpoints_in_one_run(tmp_path):
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [gaffer]
+        http_endpoints = a
+        [endpoint:a]
+        bind = 127.0.0.1:0
+        backlog = many
+        max_body_size = huge
+        [process:one]
+        cmd = @SLEEP@ 60
+        numprocesses = x
+        [process:two]
+        numprocesses = y
+        """))
+    r = check(path)
+    assert r.returncode == 2
+    lines = stderr_lines(r)
+    assert len(lines) == 5, r.stderr
+    for fragment in ("[endpoint:a] backlog", "[endpoint:a] max_body_size",
+                     "[process:one] numprocesses", "[process:two] cmd",
+                     "[process:two] numprocesses"):
+        assert [l for l in lines if fragment in l], (fragment, r.stderr)
+
+
+def test_every_unparsable_line_in_one_run(tmp_path):
+    path = write(tmp_path / "gaffer.ini", sub("""
+        [process:web]
+        cmd = @SLEEP@ 60
+        first bad line
+        second bad line
+        """))
+    r = check(path)
+    assert r.returncode == 2
+    lines = stderr_lines(r)
+    assert len(lines) == 2 and "first bad line" in lines[0] and "second" in lines[1], r.stderr
+
+
+def test_check_prints_the_absolute_executable(tmp_path):
+    write(tmp_path / "bin" / "tool", "#!/bin/sh\nsleep 60\n", mode=0o755)
+    path = write(tmp_path / "conf" / "gaffer.ini", sub("""
+        [process:bare]
+        cmd = sleep 60
+        [process:relative]
+        cmd = ../bin/tool
+        [process:on_a_relative_path]
+        cmd = tool
+        cwd = ..
+        [env:on_a_relative_path]
+        PATH = bin
+        """))
+    r = check(path, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert "# resolved: executable = %s" % SLEEP in r.stdout
+    tool = str(tmp_path / "bin" / "tool")
+    assert r.stdout.count("# resolved: executable = %s\n" % tool) == 2, r.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["--check", "CONFIG"],
+                                  ["CONFIG", "--bind", "127.0.0.1:0", "--check"]])
+def test_no_traceback_when_the_reader_of_the_output_is_gone(tmp_path, args):
+    # The `| head -1` case made certain: the pipe is closed before gafferd writes.
+    lines = "".join("[process:p%d]\ncmd = @SLEEP@ 60\n" % i for i in range(300))
+    path = write(tmp_path / "gaffer.ini", sub(lines))
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        p = subprocess.run([PY, os.path.join(os.path.dirname(__file__), "..", "gafferd.py")]
+                           + [path if a == "CONFIG" else a for a in args],
+                           stdout=w_fd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                           timeout=30, universal_newlines=True)
+    finally:
+        os.close(w_fd)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.stderr == "", p.stderr
+    assert p.returncode in (-13, 141, 0), p.returncode
+
+
+def test_help_describes_the_program():
+    r = run_gafferd(["--help"])
+    assert r.returncode == 0
+    assert "watchers" not in r.stdout
+    assert "process supervisor" in r.stdout
+
+
+# -- template names -----------------------------------------------------------------------
+
+BAD_NAMES = [".", "..", "x" * 201, "..:web", "grp:..", ".:x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=["dot", "dotdot", "201-chars", "dotdot-group",
+                                                 "dotdot-in-group", "dot-group"])
+def test_bad_template_names_are_refused_in_the_config(tmp_path, name):
+    path = write(tmp_path / "gaffer.ini", sub("[process:%s]\ncmd = @SLEEP@ 60\n" % name))
+    line = single_error_line(check(path))
+    assert "invalid template name" in line, line
+    assert "at most 200" in line or "'.' and '..'" in line, line
+
+
+def test_bad_template_names_are_refused_over_http(tmp_path, gafferd):
+    d = start(gafferd, write(tmp_path / "gaffer.ini", "[gaffer]\n"))
+    for name in BAD_NAMES:
+        r = d.request("POST", "/processes", {"name": name, "cmd": SLEEP, "args": ["60"]})
+        assert r.status == 400, (name, r)
+        assert r.json()["error"] == "invalid_process_info"
+        assert "invalid template name" in r.json()["message"]
+    assert d.json("GET", "/processes") == []
+    ok = "x" * 200
+    assert d.json("POST", "/processes", {"name": ok, "cmd": SLEEP, "args": ["60"]}) == \
+        {"ok": True}
+    assert d.json("GET", "/processes") == [ok]
