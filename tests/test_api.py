@@ -257,14 +257,13 @@ class TestCreate:
 
     def test_definition_echoed_back(self, api, tpl):
         name = tpl(args=["300"], cmd=SLEEP, env={"A": "1"}, numprocesses=1,
-                   redirect_output=["out", "err"], extra_key={"x": [1, 2]},
+                   redirect_output=["out", "err"],
                    flapping={"attempts": 3, "window": 2.0, "retry_in": 5.0, "max_retry": 4})
         body = api.json("GET", "/processes/" + name)
         assert body["name"] == name and body["cmd"] == SLEEP
         assert body["args"] == ["300"]
         assert body["env"] == {"A": "1"}
         assert body["redirect_output"] == ["out", "err"]
-        assert "extra_key" not in body          # unknown keys are warned about, never stored
         assert body["flapping"] == {"attempts": 3, "window": 2.0, "retry_in": 5.0,
                                     "max_retry": 4}
         assert "start" not in body
