@@ -797,7 +797,8 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
     ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
 ])
-GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir")
+GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
+               "logfile", "logfile_maxbytes", "logfile_backups")
 
 
 class EndpointSpec:
@@ -898,6 +899,9 @@ class Config:
         self.plugins_dirs = []
         self.defaults = {}                 # [gaffer] endpoint defaults
         self.warnings = []
+        self.logfile = None                # [gaffer] logfile: the daemon's own log
+        self.logfile_maxbytes = 50 * 1024 ** 2
+        self.logfile_backups = 10
 
 
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
@@ -971,6 +975,23 @@ def _include_paths(values, base_dir, recursive_dirs):
     return paths
 
 
+_DAEMON_LOG_KEYS = (("logfile", _c_logfile), ("logfile_maxbytes", _c_size),
+                    ("logfile_backups", _c_count))
+
+
+def _daemon_logfile(cfg, files, label, base_dir, errors):
+    """[gaffer] logfile, logfile_maxbytes, logfile_backups: the daemon's
+    own log.  Only keys written in a [gaffer] section count ([DEFAULT]
+    values are meant for the programs' log files)."""
+    for key, convert in _DAEMON_LOG_KEYS:
+        values = [p.get("gaffer", key) for _, p, _ in files if p.has_option("gaffer", key)]
+        if values:
+            try:
+                setattr(cfg, key, convert(values[-1], {"base_dir": base_dir}))
+            except ValueError as exc:
+                errors.append(ConfigError(label, "gaffer", key, str(exc)))
+
+
 def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     """Read ``path`` and its includes; raise ConfigErrors listing every
     mistake, one line each."""
@@ -1027,6 +1048,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
                             for p in shlex.split(pdirs)]
     elif plugins_dir:
         cfg.plugins_dirs = [os.path.abspath(os.path.expanduser(plugins_dir))]
+    _daemon_logfile(cfg, files, g_label, g_dir, errors)
     env_sections = {}
     process_sections = []
     for section in combined.sections():
@@ -2347,18 +2369,18 @@ class LogFile:
                 data = b""
             self._last_error = None
         except UnsafeFileError as exc:
+            self.close()
             if self._refused != exc.reason:
+                self._refused = exc.reason       # first: the daemon's own log comes back here
                 log.error("refusing to write log file %s: %s (output dropped until that "
                           "changes)", self.path, exc.reason)
-                self._refused = exc.reason
-            self.close()
         except OSError as exc:
+            self.close()
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
+                self._last_error = now
                 log.error("cannot write log file %s: %s (output dropped until it works)",
                           self.path, exc.strerror or exc)
-                self._last_error = now
-            self.close()
 
     def _write_all(self, data):
         if self._stream:
@@ -2386,9 +2408,9 @@ class LogFile:
             self.dropped += excess
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
+                self._last_error = now
                 log.warning("%s is not being read: %d bytes of output dropped",
                             "stdout" if self.path == "-" else self.path, self.dropped)
-                self._last_error = now
 
     def _rotate(self):
         """Rename FILE.N-1 .. FILE to FILE.N .. FILE.1 inside the directory
@@ -5874,6 +5896,9 @@ def build_arg_parser():
                         help="like verbose mode but output stream too")
     parser.add_argument("--daemon", action="store_true", help="Start gaffer in the background")
     parser.add_argument("--pidfile", help="write the daemon's PID to this file")
+    parser.add_argument("--log-file", dest="log_file", metavar="FILE",
+                        help="also write the daemon's own log to FILE (rotated like program "
+                             "logs, reopened on SIGUSR1); wins over [gaffer] logfile")
     parser.add_argument("--bind", default=DEFAULT_BIND, help="default HTTP binding")
     parser.add_argument("--certfile", help="SSL certificate file for the default binding")
     parser.add_argument("--keyfile", help="SSL key file for the default binding")
@@ -5885,6 +5910,59 @@ def build_arg_parser():
     return parser
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class DaemonLog(logging.Handler):
+    """The daemon's own log file (``--log-file``, ``[gaffer] logfile``).
+
+    A ``LogFile`` like the programs' (same safe open, rotation and
+    SIGUSR1 reopen).  Until ``start()`` records are written at once (the
+    start-up, before any fork); after it, through a ``LogWriter`` thread
+    of its own, so a slow disk never stalls the loop and the writer
+    outlives the manager's to record the end of the shutdown."""
+
+    def __init__(self, path, maxbytes, backups):
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.logfile = LogFile(path, maxbytes, backups)
+        self.writer = None
+
+    def open(self):
+        """Open the file now, so a bad path is reported at start-up; OSError."""
+        self.logfile.open_now()
+
+    def start(self):
+        """Write from a thread from now on (after daemonize(): a fork keeps no thread)."""
+        self.writer = LogWriter(None)
+
+    def emit(self, record):
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+        except Exception:
+            self.handleError(record)
+            return
+        if self.writer is None:
+            self.logfile.write_now(data)
+        else:
+            self.writer.submit(self.logfile, data)
+
+    def reopen(self):
+        if self.writer is None:
+            self.logfile.reopen()
+        else:
+            self.writer.reopen(self.logfile)
+
+    def close(self):
+        """Write what is queued and close the file."""
+        if self.writer is not None:
+            self.writer.reopen(self.logfile)         # i.e. close; nothing follows
+            self.writer.stop()
+        else:
+            self.logfile.close()
+        super().close()
+
+
 class Daemon:
     """Wires config, loop, manager, applications and signals together."""
 
@@ -5893,6 +5971,7 @@ class Daemon:
         self.config_path = args.config or args.config_file
         self.config = None
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
+        self.log_file = None               # DaemonLog, set by main()
 
     def load(self):
         """Read the config and settle the endpoints; ConfigError(s)."""
@@ -5962,7 +6041,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_quit_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        loop.add_signal_handler(signal.SIGUSR1, lambda signum: manager.reopen_logs())
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
         self.webhooks = Webhooks(self.config.webhooks)
         manager.cfg = self.config.parser
@@ -5984,6 +6063,11 @@ class Daemon:
 
     def _after_stop(self):
         self.webhooks.drain(self.loop.stop)
+
+    def _on_usr1(self, signum):
+        self.manager.reopen_logs()
+        if self.log_file is not None:
+            self.log_file.reopen()
 
     def _on_hup(self, signum):
         if not self.config_path:
@@ -6048,10 +6132,30 @@ class Daemon:
         return result
 
 
+def open_daemon_log(args, config):
+    """The DaemonLog that ``--log-file`` or ``[gaffer] logfile`` asks for
+    (opened, attached to the root logger), or None; ConfigError when the
+    file cannot be opened or is refused."""
+    path = os.path.abspath(args.log_file) if args.log_file else config.logfile
+    if path is None:
+        return None
+    where = ("command line", None, "--log-file") if args.log_file else (
+        config.path, "gaffer", "logfile")
+    handler = DaemonLog(path, config.logfile_maxbytes, config.logfile_backups)
+    try:
+        handler.open()
+    except UnsafeFileError as exc:
+        raise ConfigError(*where, "refusing %s: %s" % (path, exc.reason)) from None
+    except OSError as exc:
+        raise ConfigError(*where, "cannot open %s: %s" % (path, exc.strerror or exc)) from None
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def main(argv=None) -> int:
     args = build_arg_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -6061,6 +6165,7 @@ def main(argv=None) -> int:
         if args.check:
             print(daemon.describe())
             return 0
+        daemon.log_file = open_daemon_log(args, daemon.config)
         if args.pidfile:
             check_pidfile(args.pidfile)
         daemon.prepare()
@@ -6077,8 +6182,26 @@ def main(argv=None) -> int:
     except PidfileError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    try:
+        return _run_daemon(daemon, args)
+    finally:
+        if daemon.log_file is not None:
+            root.removeHandler(daemon.log_file)
+            daemon.log_file.close()
+
+
+def _run_daemon(daemon, args) -> int:
+    """main() from the fork on: pidfile, the loop, the pidfile's removal."""
     if args.daemon:
+        if daemon.log_file is not None:
+            where = "goes to %s" % daemon.log_file.logfile.path
+        else:
+            where = ("is discarded (stderr becomes /dev/null); keep it with --log-file FILE "
+                     "or [gaffer] logfile")
+        print("gafferd: running in the background; its log %s" % where, file=sys.stderr)
         daemonize()
+    if daemon.log_file is not None:
+        daemon.log_file.start()
     if args.pidfile:
         try:
             write_pidfile(args.pidfile)

@@ -317,3 +317,20 @@ def test_open_safely_follows_only_trusted_links(tmp_path):
         assert (f.regular, f.rotatable) == (False, False)
     finally:
         f.close()
+
+
+def test_the_daemons_own_log_swapped_for_a_link_is_refused_at_reopen(gafferd, tmp_path):
+    logs = open_dir(tmp_path)
+    target = victim(tmp_path)
+    log = logs / "gafferd.log"
+    d = gafferd(None, args=["--log-file", str(log)])
+    wait_for(lambda: b"ready (pid" in read(log), 5.0, message="ready in the daemon log")
+    os.unlink(str(log))
+    os.symlink(str(target), str(log))
+    d.signal(signal.SIGUSR1)
+    d.signal(signal.SIGHUP)                        # logs a line: the file is opened again
+    refused(d, log, "is a symbolic link")
+    assert target.read_bytes() == SECRET
+    assert d.get("/ping").status == 200
+    assert d.stop() == 0
+    assert target.read_bytes() == SECRET
