@@ -4,7 +4,7 @@
 Usage::
 
     python3 gafferd.py [-c CONFIG] [-p PLUGINS_DIR] [-v | -vv] [--daemon]
-                       [--pidfile FILE] [--bind ADDR] [--certfile F]
+                       [--pidfile FILE] [--log-file FILE] [--bind ADDR] [--certfile F]
                        [--keyfile F] [--backlog N] [--check] [--version]
                        [config]
 
