@@ -4,7 +4,7 @@
 Usage::
 
     python3 gafferd.py [-c CONFIG] [-p PLUGINS_DIR] [-v | -vv] [--daemon]
-                       [--pidfile FILE] [--bind ADDR] [--certfile F]
+                       [--pidfile FILE] [--log-file FILE] [--bind ADDR] [--certfile F]
                        [--keyfile F] [--backlog N] [--check] [--version]
                        [config]
 
@@ -855,7 +855,8 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
     ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
 ])
-GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir")
+GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
+               "logfile", "logfile_maxbytes", "logfile_backups")
 
 
 class EndpointSpec:
@@ -963,6 +964,9 @@ class Config:
         self.plugins_dirs = []
         self.defaults = {}                 # [gaffer] endpoint defaults
         self.warnings = []
+        self.logfile = None                # [gaffer] logfile: the daemon's own log
+        self.logfile_maxbytes = 50 * 1024 ** 2
+        self.logfile_backups = 10
 
 
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
@@ -1036,6 +1040,23 @@ def _include_paths(values, base_dir, recursive_dirs):
     return paths
 
 
+_DAEMON_LOG_KEYS = (("logfile", _c_logfile), ("logfile_maxbytes", _c_size),
+                    ("logfile_backups", _c_count))
+
+
+def _daemon_logfile(cfg, files, label, base_dir, errors):
+    """[gaffer] logfile, logfile_maxbytes, logfile_backups: the daemon's
+    own log.  Only keys written in a [gaffer] section count ([DEFAULT]
+    values are meant for the programs' log files)."""
+    for key, convert in _DAEMON_LOG_KEYS:
+        values = [p.get("gaffer", key) for _, p, _ in files if p.has_option("gaffer", key)]
+        if values:
+            try:
+                setattr(cfg, key, convert(values[-1], {"base_dir": base_dir}))
+            except ValueError as exc:
+                errors.append(ConfigError(label, "gaffer", key, str(exc)))
+
+
 def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     """Read ``path`` and its includes; raise ConfigErrors listing every
     mistake, one line each."""
@@ -1093,6 +1114,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
                             for p in shlex.split(pdirs)]
     elif plugins_dir:
         cfg.plugins_dirs = [os.path.abspath(os.path.expanduser(plugins_dir))]
+    _daemon_logfile(cfg, files, g_label, g_dir, errors)
     env_sections = {}
     process_sections = []
     for section in combined.sections():
@@ -2133,30 +2155,281 @@ class MemoryTrimmer:
 
 # § 8 processes (I/O) ------------------------------------------------------
 # Owns: spawning children (SPEC 3.3-3.6), their pipes, ring buffers and
-# log files, stopping them (SIGTERM to the process group, SIGKILL after
+# log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
 # graceful_timeout), reacting to exits (respawn, flapping), and the
 # ``Manager`` that holds templates, processes and groups.  Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§14) drive it through the
 # Manager methods listed in its docstring.
 
 
+# -- files the daemon writes ---------------------------------------------------
+# The daemon runs as root and writes files in directories its children may
+# be able to write (a program under ``uid = app`` owns its log directory).
+# Whatever such a user puts at a path -- a symbolic link to /etc/shadow, a
+# hard link, a FIFO that never gets a reader, a device -- must never make
+# root write, truncate or create a file elsewhere, nor block.  So every
+# file the daemon writes (log files, their rotation, the pidfile, its own
+# log) is opened by ``open_safely``:
+#
+# * the path is walked one component at a time from ``/`` with O_NOFOLLOW,
+#   each directory held by its fd, so nothing can be swapped in behind the
+#   walk;
+# * a symbolic link (in the middle or at the end) is followed only when it
+#   is *trusted*: owned by root or the daemon's user, and every directory
+#   on the way to it is owned by root or the daemon's user and not
+#   writable by group or others (a sticky directory such as /tmp counts
+#   when the entry passed through it is owned by root or the daemon's
+#   user, as nobody else may rename or remove that entry).  /dev/stdout
+#   qualifies; a link in a program's own log directory does not.  A
+#   trusted link is resolved by the walk itself, hop by hop, so its target
+#   obeys the same rule; a /proc link (/proc/self/fd/1) names an object
+#   the kernel already holds and is followed by the kernel;
+# * the file itself is opened with O_NOFOLLOW | O_NONBLOCK | O_NOCTTY |
+#   O_CLOEXEC (a FIFO without a reader fails with ENXIO instead of
+#   blocking), then checked with fstat: a regular file must have exactly
+#   one link; anything else (FIFO, tty, device, socket) is accepted only
+#   when it is owned by root or the daemon's user in a trusted directory,
+#   or reached through a /proc link, and is then written to but never
+#   rotated, renamed or truncated;
+# * a refusal is an ``UnsafeFileError`` naming the path and the reason.
+
+_SYMLOOP_MAX = 40                    # as the kernel's limit on links in a path
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class UnsafeFileError(OSError):
+    """A path the daemon must not write; ``str()`` is one clear line."""
+
+    def __init__(self, path, reason):
+        super().__init__(errno.EPERM, reason, path)
+        self.path, self.reason = path, reason
+
+    def __str__(self):
+        return "%s: %s" % (self.path, self.reason)
+
+
+class SafeFile:
+    """What ``open_safely`` opened.
+
+    ``fd`` the open file; ``dir_fd`` the directory that holds it (the
+    caller closes both, ``close()`` does); ``name`` its entry in
+    ``dir_fd``; ``regular`` is it a regular file; ``rotatable`` may it be
+    renamed or truncated: a regular file reached without following a link
+    at its own name."""
+
+    def __init__(self, fd, dir_fd, name, regular, rotatable):
+        self.fd, self.dir_fd, self.name = fd, dir_fd, name
+        self.regular, self.rotatable = regular, rotatable
+
+    def close(self):
+        for fd in (self.fd, self.dir_fd):
+            if fd is not None:
+                close_quietly(fd)
+        self.fd = self.dir_fd = None
+
+
+def _owned_by_us(st) -> bool:
+    return st.st_uid in (0, os.geteuid())
+
+
+def _safe_step(dir_st, entry_st) -> bool:
+    """May nobody but root or us replace ``entry`` in this directory?"""
+    if not _owned_by_us(dir_st):
+        return False
+    if not dir_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return True
+    return bool(dir_st.st_mode & stat.S_ISVTX) and _owned_by_us(entry_st)
+
+
+def _is_procfs(dir_fd) -> bool:
+    try:
+        return os.fstat(dir_fd).st_dev == os.stat("/proc").st_dev
+    except OSError:
+        return False
+
+
+class _Walk:
+    """The directory walk of ``open_safely``: ``fd`` is the directory
+    reached, ``trusted`` says whether every step to it was safe."""
+
+    def __init__(self, path):
+        self.path, self.hops = path, 0
+        self.fd = None
+        self._restart()
+
+    def _restart(self):
+        if self.fd is not None:
+            close_quietly(self.fd)
+        self.fd = os.open("/", _DIR_FLAGS)
+        self.trusted = _owned_by_us(os.fstat(self.fd))
+
+    def close(self):
+        if self.fd is not None:
+            close_quietly(self.fd)
+        self.fd = None
+
+    def follow(self, name) -> str:
+        """The target of the link ``name`` in the current directory, if it
+        is trusted; None for a /proc link (for the kernel to follow)."""
+        link_st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        if not (self.trusted and _owned_by_us(link_st)
+                and _safe_step(os.fstat(self.fd), link_st)):
+            raise UnsafeFileError(self.path, "%r is a symbolic link that another user could "
+                                  "have made or changed; not followed" % name)
+        self.hops += 1
+        if self.hops > _SYMLOOP_MAX:
+            raise UnsafeFileError(self.path, "too many levels of symbolic links")
+        if _is_procfs(self.fd):
+            return None
+        return os.readlink(name, dir_fd=self.fd)
+
+    def walk(self, parts) -> str:
+        """Walk the directory components of ``parts``; return the last."""
+        parts = [p for p in parts if p not in ("", ".")]
+        if not parts:
+            raise UnsafeFileError(self.path, "is a directory")
+        pending = list(reversed(parts))
+        while len(pending) > 1:
+            name = pending.pop()
+            try:
+                fd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=self.fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                if not stat.S_ISLNK(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode):
+                    raise
+                target = self.follow(name)
+                if target is None:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+                else:
+                    if target.startswith("/"):
+                        self._restart()
+                    pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+                    continue
+            # ".." leads to a directory whose own ancestors were not checked
+            self.trusted = (self.trusted and name != ".."
+                            and _safe_step(os.fstat(self.fd), os.fstat(fd)))
+            close_quietly(self.fd)
+            self.fd = fd
+        return pending[0]
+
+
+def _file_kind(mode) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _refuse_special(walk, name, exc):
+    """Say why ``name`` could not be opened: a directory, or a FIFO (or
+    socket) nobody reads, refused outright when another user could have
+    put it there."""
+    st = os.stat(name, dir_fd=walk.fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        raise UnsafeFileError(walk.path, "is a directory")
+    if not (walk.trusted and _owned_by_us(st) and _safe_step(os.fstat(walk.fd), st)):
+        raise UnsafeFileError(walk.path, "is a %s in a place another user can write"
+                              % _file_kind(st.st_mode))
+    raise OSError(exc.errno, "is a %s that nobody reads" % _file_kind(st.st_mode), walk.path)
+
+
+def open_directory_of(path):
+    """Open the directory that holds ``path``'s last component, walking
+    it under the rules above; return ``(dir_fd, name)``.  Raises
+    UnsafeFileError or OSError."""
+    walk = _Walk(os.path.abspath(path))
+    try:
+        name = walk.walk(walk.path.split("/"))
+    except BaseException:
+        walk.close()
+        raise
+    return walk.fd, name
+
+
+def open_safely(path, flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o644,
+                follow=True) -> SafeFile:
+    """Open ``path`` under the rules above and return a SafeFile.
+
+    ``flags`` are added to O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC;
+    ``follow=False`` refuses a link at the last component even when it is
+    trusted.  Never blocks.  Raises UnsafeFileError for a refusal, OSError
+    for any other failure (ENXIO: a FIFO nobody reads)."""
+    walk = _Walk(os.path.abspath(path))
+    fd, via_link, via_proc = None, False, False
+    try:
+        parts = walk.path.split("/")
+        while fd is None:
+            name = walk.walk(parts)
+            try:
+                fd = os.open(name, flags | _FILE_FLAGS, mode, dir_fd=walk.fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENXIO, errno.EISDIR):
+                    _refuse_special(walk, name, exc)
+                if exc.errno != errno.ELOOP:
+                    raise
+                if not follow:
+                    raise UnsafeFileError(walk.path, "is a symbolic link; not followed")
+                via_link = True
+                target = walk.follow(name)
+                if target is None:
+                    via_proc = True
+                    fd = os.open(name, (flags & ~os.O_CREAT) | (_FILE_FLAGS & ~os.O_NOFOLLOW),
+                                 dir_fd=walk.fd)   # the kernel's own link: no path to walk
+                    break
+                if target.startswith("/"):
+                    walk._restart()
+                parts = target.split("/")
+        st = os.fstat(fd)
+        regular = stat.S_ISREG(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeFileError(walk.path, "is a directory")
+        if regular and st.st_nlink != 1 and not via_proc:
+            raise UnsafeFileError(walk.path, "has %d hard links (another name could point at "
+                                  "any file)" % st.st_nlink)
+        if not regular and not via_proc and not (
+                walk.trusted and _owned_by_us(st) and _safe_step(os.fstat(walk.fd), st)):
+            raise UnsafeFileError(walk.path, "is a %s in a place another user can write"
+                                  % _file_kind(st.st_mode))
+    except BaseException:
+        if fd is not None:
+            close_quietly(fd)
+        walk.close()
+        raise
+    return SafeFile(fd, walk.fd, name, regular, regular and not via_link)
+
+
 class LogFile:
     """An append-only log file with size-based rotation (FILE.1 newest).
 
     Rotation happens at a line boundary when one fits, so lines stay
-    whole.  A write error (a full disk) is logged at most once a minute
-    and the data is dropped; the next write tries again.  ``-`` is the
-    daemon's own stdout (written with os.write, no seeking).
+    whole.  The file is opened with ``open_safely``: a path that is
+    refused (a link another user could have made, a hard link, a FIFO in
+    a program's directory...) is logged once, with the reason, and its
+    output dropped until it is fixed; it is tried again at the next write.
+    Rotation renames entries of the directory held since the open, never
+    through a path; ``backups = 0`` empties the file through the fd held.
+    What is not a regular file once opened (a pipe, a tty, /dev/null, a
+    file reached through a link) is written to but never rotated.  A write
+    error (a full disk) is logged at most once a minute and the data is
+    dropped; the next write tries again.  ``-`` is the daemon's own stdout
+    (written with os.write, no seeking).  Writes to what is not a regular
+    file never block: what it does not take waits for the next write.
     """
 
     def __init__(self, path, maxbytes, backups, timestamps=False):
         self.path, self.maxbytes, self.backups = path, maxbytes, backups
         self.timestamps = timestamps
         self._fd = None
+        self._file = None                # SafeFile while open (not for '-')
+        self._stream = path == "-"       # written without blocking, never rotated
         self._size = 0
         self._line_start = True
         self._last_error = None
-        self._pending = bytearray()      # '-' only: what stdout did not take yet
+        self._refused = None             # the refusal last logged
+        self._pending = bytearray()      # streams: what the reader did not take yet
         self.dropped = 0
         self.users = 0
 
@@ -2170,16 +2443,28 @@ class LogFile:
             except OSError:
                 self._fd = os.dup(1)
             return
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self._file = open_safely(self.path)
+        self._fd = self._file.fd
+        self._stream = not self._file.rotatable
         self._size = os.fstat(self._fd).st_size
+        if self._refused is not None:
+            log.info("log file %s: writing again", self.path)
+            self._refused = None
+
+    def open_now(self):
+        """Open at once (the daemon's own log at start-up); OSError."""
+        if self._fd is None:
+            self._open()
 
     def reopen(self):
         self.close()
 
     def close(self):
-        if self._fd is not None:
+        if self._file is not None:
+            self._file.close()
+        elif self._fd is not None:
             close_quietly(self._fd)
-        self._fd = None
+        self._fd = self._file = None
 
     def _stamp(self, data: bytes) -> bytes:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z ").encode()
@@ -2199,7 +2484,7 @@ class LogFile:
             if self._fd is None:
                 self._open()
             while data:
-                if self.path != "-" and self.maxbytes and self._size + len(data) > self.maxbytes:
+                if not self._stream and self.maxbytes and self._size + len(data) > self.maxbytes:
                     room = self.maxbytes - self._size
                     cut = data.rfind(b"\n", 0, room) + 1
                     if cut <= 0 and self._size == 0:
@@ -2212,17 +2497,23 @@ class LogFile:
                 self._write_all(data)
                 data = b""
             self._last_error = None
+        except UnsafeFileError as exc:
+            self.close()
+            if self._refused != exc.reason:
+                self._refused = exc.reason       # first: the daemon's own log comes back here
+                log.error("refusing to write log file %s: %s (output dropped until that "
+                          "changes)", self.path, exc.reason)
         except OSError as exc:
+            self.close()
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
-                log.error("cannot write log file %s: %s (output dropped until it works)",
-                          self.path, exc.strerror)
                 self._last_error = now
-            self.close()
+                log.error("cannot write log file %s: %s (output dropped until it works)",
+                          self.path, exc.strerror or exc)
 
     def _write_all(self, data):
-        if self.path == "-":
-            self._write_stdout(data)
+        if self._stream:
+            self._write_stream(data)
             return
         view = memoryview(data)
         while view:
@@ -2230,7 +2521,7 @@ class LogFile:
             view = view[n:]
             self._size += n
 
-    def _write_stdout(self, data):
+    def _write_stream(self, data):
         """Never blocks: what the pipe does not take waits (up to
         STREAM_BUFFER_LIMIT, then the oldest is dropped) for the next write."""
         self._pending += data
@@ -2246,21 +2537,30 @@ class LogFile:
             self.dropped += excess
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
-                log.warning("stdout is not being read: %d bytes of child output dropped",
-                            self.dropped)
                 self._last_error = now
+                log.warning("%s is not being read: %d bytes of output dropped",
+                            "stdout" if self.path == "-" else self.path, self.dropped)
 
     def _rotate(self):
-        self.close()
+        """Rename FILE.N-1 .. FILE to FILE.N .. FILE.1 inside the directory
+        held since the open (rename(2) moves a link, never what it points
+        to), then open FILE afresh.  With no backups the file is emptied
+        through its fd, after checking it is still a regular file."""
+        held = self._file
         if self.backups <= 0:
-            os.truncate(self.path, 0) if os.path.exists(self.path) else None
-        else:
-            for i in range(self.backups - 1, 0, -1):
-                src = "%s.%d" % (self.path, i)
-                if os.path.exists(src):
-                    os.replace(src, "%s.%d" % (self.path, i + 1))
-            if os.path.exists(self.path):
-                os.replace(self.path, self.path + ".1")
+            if not stat.S_ISREG(os.fstat(held.fd).st_mode):
+                raise UnsafeFileError(self.path, "is no longer a regular file")
+            os.ftruncate(held.fd, 0)
+            self._size = 0
+            return
+        dir_fd, name = held.dir_fd, held.name
+        for i in range(self.backups, 0, -1):
+            src = "%s.%d" % (name, i - 1) if i > 1 else name
+            try:
+                os.replace(src, "%s.%d" % (name, i), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        self.close()
         self._open()
 
 
@@ -5704,18 +6004,34 @@ class PidfileError(Exception):
     pass
 
 
+def _read_pidfile(path):
+    """The pidfile's text, or None when there is none.  A link, a hard
+    link or anything but a regular file there is a PidfileError: it is
+    neither read (a FIFO would block) nor replaced."""
+    try:
+        f = open_safely(path, os.O_RDONLY, follow=False)
+    except FileNotFoundError:
+        return None
+    except UnsafeFileError as exc:
+        raise PidfileError("refusing pid file %s: %s; remove it" % (exc.path, exc.reason))
+    except OSError:
+        return None
+    try:
+        if not f.regular:
+            raise PidfileError("refusing pid file %s: not a regular file; remove it" % path)
+        return os.read(f.fd, 64).decode("ascii", "replace")
+    finally:
+        f.close()
+
+
 def check_pidfile(path):
     """Refuse when a live process other than us holds ``path`` (SPEC 8.4)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise PidfileError("%s doesn't exist. Can't create pidfile." % directory)
-    try:
-        with open(path) as f:
-            content = f.read().strip()
-    except OSError:
-        return
+    content = (_read_pidfile(path) or "").strip()
     if not content.isdigit() or int(content) <= 0:
-        return                                   # garbage: stale
+        return                                   # none, or garbage: stale
     pid = int(content)
     if pid == os.getpid():
         return
@@ -5729,21 +6045,41 @@ def check_pidfile(path):
 
 
 def write_pidfile(path):
+    """Write our PID to a new file of a random name (O_EXCL: nothing that
+    was there is followed or reused) in the pidfile's directory, then
+    rename it over ``path``: readers see the old file or the whole new one."""
     check_pidfile(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
-    with open(tmp, "w") as f:
-        f.write("%d\n" % os.getpid())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    dir_fd, name = open_directory_of(path)
+    try:
+        tmp = ".%s.%s.tmp" % (name, os.urandom(8).hex())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=dir_fd)
+        try:
+            os.write(fd, b"%d\n" % os.getpid())
+            os.fchmod(fd, 0o644)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dir_fd)
 
 
 def remove_pidfile(path):
     try:
-        with open(path) as f:
-            if f.read().strip() == str(os.getpid()):
-                os.unlink(path)
-    except OSError:
+        if (_read_pidfile(path) or "").strip() != str(os.getpid()):
+            return
+        dir_fd, name = open_directory_of(path)
+        try:
+            os.unlink(name, dir_fd=dir_fd)           # unlink(2) never follows a link
+        finally:
+            os.close(dir_fd)
+    except (OSError, PidfileError):
         pass
 
 
@@ -5800,6 +6136,9 @@ def build_arg_parser():
                         help="like verbose mode but output stream too")
     parser.add_argument("--daemon", action="store_true", help="Start gaffer in the background")
     parser.add_argument("--pidfile", help="write the daemon's PID to this file")
+    parser.add_argument("--log-file", dest="log_file", metavar="FILE",
+                        help="also write the daemon's own log to FILE (rotated like program "
+                             "logs, reopened on SIGUSR1); wins over [gaffer] logfile")
     parser.add_argument("--bind", default=DEFAULT_BIND, help="default HTTP binding")
     parser.add_argument("--certfile", help="SSL certificate file for the default binding")
     parser.add_argument("--keyfile", help="SSL key file for the default binding")
@@ -5811,6 +6150,59 @@ def build_arg_parser():
     return parser
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class DaemonLog(logging.Handler):
+    """The daemon's own log file (``--log-file``, ``[gaffer] logfile``).
+
+    A ``LogFile`` like the programs' (same safe open, rotation and
+    SIGUSR1 reopen).  Until ``start()`` records are written at once (the
+    start-up, before any fork); after it, through a ``LogWriter`` thread
+    of its own, so a slow disk never stalls the loop and the writer
+    outlives the manager's to record the end of the shutdown."""
+
+    def __init__(self, path, maxbytes, backups):
+        super().__init__()
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.logfile = LogFile(path, maxbytes, backups)
+        self.writer = None
+
+    def open(self):
+        """Open the file now, so a bad path is reported at start-up; OSError."""
+        self.logfile.open_now()
+
+    def start(self):
+        """Write from a thread from now on (after daemonize(): a fork keeps no thread)."""
+        self.writer = LogWriter(None)
+
+    def emit(self, record):
+        try:
+            data = (self.format(record) + "\n").encode("utf-8", "replace")
+        except Exception:
+            self.handleError(record)
+            return
+        if self.writer is None:
+            self.logfile.write_now(data)
+        else:
+            self.writer.submit(self.logfile, data)
+
+    def reopen(self):
+        if self.writer is None:
+            self.logfile.reopen()
+        else:
+            self.writer.reopen(self.logfile)
+
+    def close(self):
+        """Write what is queued and close the file."""
+        if self.writer is not None:
+            self.writer.reopen(self.logfile)         # i.e. close; nothing follows
+            self.writer.stop()
+        else:
+            self.logfile.close()
+        super().close()
+
+
 class Daemon:
     """Wires config, loop, manager, applications and signals together."""
 
@@ -5819,6 +6211,7 @@ class Daemon:
         self.config_path = args.config or args.config_file
         self.config = None
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
+        self.log_file = None               # DaemonLog, set by main()
 
     def load(self):
         """Read the config and settle the endpoints; ConfigError(s)."""
@@ -5897,7 +6290,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, self._on_quit_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-        loop.add_signal_handler(signal.SIGUSR1, lambda signum: manager.reopen_logs())
+        loop.add_signal_handler(signal.SIGUSR1, self._on_usr1)
         loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
         self.webhooks = Webhooks(self.config.webhooks)
         manager.cfg = self.config.parser
@@ -5919,6 +6312,11 @@ class Daemon:
 
     def _after_stop(self):
         self.webhooks.drain(self.loop.stop)
+
+    def _on_usr1(self, signum):
+        self.manager.reopen_logs()
+        if self.log_file is not None:
+            self.log_file.reopen()
 
     def _on_hup(self, signum):
         if not self.config_path:
@@ -5990,6 +6388,26 @@ class Daemon:
         return result
 
 
+def open_daemon_log(args, config):
+    """The DaemonLog that ``--log-file`` or ``[gaffer] logfile`` asks for
+    (opened, attached to the root logger), or None; ConfigError when the
+    file cannot be opened or is refused."""
+    path = os.path.abspath(args.log_file) if args.log_file else config.logfile
+    if path is None:
+        return None
+    where = ("command line", None, "--log-file") if args.log_file else (
+        config.path, "gaffer", "logfile")
+    handler = DaemonLog(path, config.logfile_maxbytes, config.logfile_backups)
+    try:
+        handler.open()
+    except UnsafeFileError as exc:
+        raise ConfigError(*where, "refusing %s: %s" % (path, exc.reason)) from None
+    except OSError as exc:
+        raise ConfigError(*where, "cannot open %s: %s" % (path, exc.strerror or exc)) from None
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
 def main(argv=None) -> int:
     # Until the daemon starts, gafferd is a command whose output may go to
     # `head`: a closed pipe ends it quietly, as it does cat or grep.  The
@@ -5999,7 +6417,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_arg_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -6009,6 +6427,7 @@ def main(argv=None) -> int:
         if args.check:
             print(daemon.describe())
             return 0
+        daemon.log_file = open_daemon_log(args, daemon.config)
         if args.pidfile:
             check_pidfile(args.pidfile)
         signal.signal(signal.SIGPIPE, quiet_pipe)
@@ -6028,8 +6447,26 @@ def main(argv=None) -> int:
     except PidfileError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    try:
+        return _run_daemon(daemon, args)
+    finally:
+        if daemon.log_file is not None:
+            root.removeHandler(daemon.log_file)
+            daemon.log_file.close()
+
+
+def _run_daemon(daemon, args) -> int:
+    """main() from the fork on: pidfile, the loop, the pidfile's removal."""
     if args.daemon:
+        if daemon.log_file is not None:
+            where = "goes to %s" % daemon.log_file.logfile.path
+        else:
+            where = ("is discarded (stderr becomes /dev/null); keep it with --log-file FILE "
+                     "or [gaffer] logfile")
+        print("gafferd: running in the background; its log %s" % where, file=sys.stderr)
         daemonize()
+    if daemon.log_file is not None:
+        daemon.log_file.start()
     if args.pidfile:
         try:
             write_pidfile(args.pidfile)

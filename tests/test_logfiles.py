@@ -310,3 +310,87 @@ def test_without_v_stdout_stays_empty(gafferd, tmp_path):
     d = gafferd(talker(tmp_path, name="hush"))
     say_and_wait(d, "hush", "secret words")
     assert d.output() == ""
+
+
+# -- the daemon's own log: --log-file, [gaffer] logfile -----------------------------
+
+def read_pid(pidfile):
+    text = read(pidfile).strip()
+    return int(text) if text.isdigit() else None
+
+
+def stop_pid(pid, timeout=20.0):
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists("/proc/%d" % pid) or
+             open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z",
+             timeout, message="the daemon to exit")
+
+
+def test_daemon_with_log_file_logs_there_and_reopens_on_sigusr1(tmp_path):
+    log, pidfile = tmp_path / "gafferd.log", tmp_path / "g.pid"
+    r = run_gafferd(["--daemon", "--log-file", str(log), "--pidfile", str(pidfile),
+                     "--bind", "127.0.0.1:0"], cwd=str(tmp_path), timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "gafferd: running in the background; its log goes to %s" % log in r.stderr
+    pid = wait_for(lambda: read_pid(pidfile), 10.0, message="the pidfile")
+    try:
+        wait_for(lambda: b"ready (pid %d)" % pid in read(log), 10.0, message="ready in the log")
+        assert re.search(rb"listening on http://127\.0\.0\.1:\d+", read(log))
+        os.rename(str(log), str(tmp_path / "gafferd.log.old"))
+        os.kill(pid, signal.SIGUSR1)
+        n = [0]
+
+        def logged_in_new_file():   # SIGHUP logs a line: it lands in the reopened file
+            n[0] += 1
+            os.kill(pid, signal.SIGHUP)
+            return b"SIGHUP" in read(log)
+        wait_for(logged_in_new_file, 10.0, interval=0.1, message="a line in the reopened log")
+        assert b"ready" not in read(log)
+    finally:
+        stop_pid(pid)
+    assert b"shutting down" in read(log)
+
+
+def test_daemon_without_log_file_says_where_its_log_goes(tmp_path):
+    pidfile = tmp_path / "g.pid"
+    r = run_gafferd(["--daemon", "--pidfile", str(pidfile), "--bind", "127.0.0.1:0"],
+                    cwd=str(tmp_path), timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "its log is discarded" in r.stderr and "--log-file" in r.stderr, r.stderr
+    stop_pid(wait_for(lambda: read_pid(pidfile), 10.0, message="the pidfile"))
+
+
+def test_gaffer_logfile_rotates_like_program_logs(gafferd, tmp_path):
+    (tmp_path / "logs").mkdir()
+    d = gafferd("[gaffer]\nlogfile = logs/gafferd.log\nlogfile_maxbytes = 400\n"
+                "logfile_backups = 2\n\n[DEFAULT]\nlogfile = ignored.log\n\n")
+    log = tmp_path / "logs" / "gafferd.log"
+    for n in range(1, 16):                    # each reload logs a line of ~150 bytes
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.log().count("reloaded ") >= n, 10.0, message="reload %d" % n)
+    wait_for(lambda: os.path.exists(str(log) + ".2"), 10.0, message="two rotations")
+    assert sorted(os.listdir(str(tmp_path / "logs"))) == ["gafferd.log", "gafferd.log.1",
+                                                         "gafferd.log.2"]
+    for name in ("gafferd.log.1", "gafferd.log.2"):
+        part = read(tmp_path / "logs" / name)
+        assert 0 < len(part) <= 400 and part.endswith(b"\n"), part
+    assert not (tmp_path / "ignored.log").exists()
+    assert "unknown key" not in d.log()
+
+
+def test_bad_daemon_log_file_is_refused_at_start(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(str(shared), 0o777)
+    os.symlink(str(tmp_path / "elsewhere"), str(shared / "gafferd.log"))
+    r = run_gafferd(["--log-file", str(shared / "gafferd.log"), "--bind", "127.0.0.1:0"],
+                    cwd=str(tmp_path), timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert "--log-file: refusing %s: " % (shared / "gafferd.log") in r.stderr, r.stderr
+    assert not os.path.lexists(str(tmp_path / "elsewhere"))
+    config = tmp_path / "bad.ini"
+    config.write_text("[gaffer]\nlogfile = no-such-dir/g.log\nlogfile_backups = -1\n")
+    r = run_gafferd(["--check", str(config)], cwd=str(tmp_path), timeout=20)
+    assert r.returncode == 2, r.stderr
+    assert "[gaffer] logfile: " in r.stderr and "[gaffer] logfile_backups: " in r.stderr
+    assert "Traceback" not in r.stderr
