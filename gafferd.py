@@ -2330,9 +2330,29 @@ class Process:
             self._close_fd(fd)
 
     def _close_fd(self, fd):
-        if self._fds.pop(fd, None) is not None:
-            self.manager.loop.remove_reader(fd)
+        """Stop reading ``fd``; close it unless a custom stream's socket
+        object owns it.  That socket stays open (the child may only have
+        shut down its writing half and still read what we send) and is
+        closed once, by ``close_custom_streams`` at the exit: closing its
+        number here too would leave the object to write to, and later
+        close, whatever reused that number (another client's socket)."""
+        label = self._fds.pop(fd, None)
+        if label is None:
+            return
+        self.manager.loop.remove_reader(fd)
+        sock = self.custom_fds.get(label)
+        if sock is None or sock.fileno() != fd:
             close_quietly(fd)
+
+    def close_custom_streams(self):
+        """Close our end of every custom stream, exactly once."""
+        for label, sock in list(self.custom_fds.items()):
+            fd = sock.fileno()
+            if fd in self._fds:
+                self._fds.pop(fd)
+                self.manager.loop.remove_reader(fd)
+            sock.close()
+        self.custom_fds.clear()
 
     # -- input ------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -2886,6 +2906,7 @@ class Manager:
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
         ours, theirs = [], []                # pipe ends to keep / to close after fork
+        held = []                            # fd numbers reserved during the fork
         stdio = [subprocess.DEVNULL] * 3
         try:
             if proc.redirect_input:
@@ -2911,22 +2932,25 @@ class Manager:
                 custom.append(theirs[-1])
             kwargs = self._identity(spec)
             if custom:
-                kwargs["close_fds"] = False
+                # close_fds stays on: the child gets 0-2, the custom streams
+                # on 3.. (kept through pass_fds once preexec_fn put them
+                # there) and nothing else the daemon holds or inherited
+                kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
+                held = _hold_fd_numbers(3 + len(custom))
             proc.popen = subprocess.Popen(
                 argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
                 stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
-                restore_signals=True, **dict({"close_fds": True}, **kwargs))
+                restore_signals=True, close_fds=True, **kwargs)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             for fd in ours:
                 close_quietly(fd)
-            for sock in proc.custom_fds.values():
-                sock.close()
+            proc.close_custom_streams()
             proc._fds.clear()
             proc.stdin_fd = None
             raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
         finally:
-            for fd in theirs:
+            for fd in theirs + held:
                 close_quietly(fd)
         proc.pid = proc.popen.pid
         for fd in ours:
@@ -3071,8 +3095,7 @@ class Manager:
             proc.kill_handle.cancel()
         proc._drain()
         proc._close_stdin()
-        for sock in proc.custom_fds.values():
-            sock.close()
+        proc.close_custom_streams()
         if proc.popen is not None:
             proc.popen.returncode = exit_status or -term_signal
         t = proc.template
@@ -3206,7 +3229,13 @@ class _ChildWatcher:
 
 
 def _chain_preexec(first, custom_fds):
-    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5)."""
+    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5).
+
+    It runs in the child after the fork and before subprocess closes the
+    fds not in ``pass_fds``; ``pass_fds`` must be exactly 3, 4, ... so
+    that what survives is the stdio and the custom streams.  The fds are
+    first moved above the target range, since one of them may already
+    sit on a target number."""
     def preexec():
         if first is not None:
             first()
@@ -3215,6 +3244,27 @@ def _chain_preexec(first, custom_fds):
             os.dup2(fd, 3 + index)
             os.close(fd)
     return preexec
+
+
+def _hold_fd_numbers(below: int) -> list:
+    """Occupy every free fd number under ``below`` with /dev/null
+    (close-on-exec); the caller closes the returned fds.
+
+    Held during a spawn with custom streams, so that the pipe subprocess
+    uses to report a failed exec cannot be given a number that
+    ``_chain_preexec`` then overwrites in the child."""
+    held = []
+    try:
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if fd >= below:
+                os.close(fd)
+                return held
+            held.append(fd)
+    except OSError:                      # EMFILE: give the numbers back
+        for fd in held:
+            os.close(fd)
+        raise
 
 
 # § 9 HTTP client and webhooks (I/O) -------------------------------------------
@@ -4416,9 +4466,13 @@ class Api:
         elif label in proc.custom_fds:
             sock = proc.custom_fds[label]
             try:
-                sock.send(req.body)
-            except OSError as exc:
+                sent = sock.send(req.body)
+            except OSError as exc:               # EPIPE: the child closed its end
                 raise ApiError(503, "write_failed", str(exc)) from None
+            if sent < len(req.body):
+                raise ApiError(503, "write_failed", "process %d is not reading custom "
+                               "stream %r: %d of %d bytes written"
+                               % (proc.id, label, sent, len(req.body)))
         else:
             raise ApiError(404, "not_found", "write to 'stdin' (or a custom stream)")
         return json_reply(200, OK)
