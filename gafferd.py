@@ -686,10 +686,27 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
     """SPEC 3.4 re-implementation: the daemon's environment (if os_env)
-    overlaid with the explicit env, a new dict every time."""
+    overlaid with the explicit env, a new dict every time.
+
+    With a ``uid``, HOME, USER, LOGNAME and SHELL are those of that user
+    (from the password database, as ``su -`` and supervisord set them),
+    so a program run as ``nobody`` does not write into root's home; a
+    variable the template's own env sets wins over them."""
     env = dict(environ) if spec.os_env else {}
+    if spec.uid is not None:
+        env.update(_user_environment(spec.uid))
     env.update(spec.env)
     return env
+
+
+def _user_environment(uid: int) -> dict:
+    """HOME, USER, LOGNAME and SHELL of ``uid``; {} if it has no entry."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return {}
+    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name,
+            "SHELL": entry.pw_shell or "/bin/sh"}
 
 
 def command_line(spec: TemplateSpec, env) -> list:
@@ -2905,6 +2922,7 @@ class Manager:
         executable = find_executable(argv[0], spec, env)
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
+        kwargs = self._identity(spec)        # SpawnError before any fd is opened
         ours, theirs = [], []                # pipe ends to keep / to close after fork
         held = []                            # fd numbers reserved during the fork
         stdio = [subprocess.DEVNULL] * 3
@@ -2930,7 +2948,6 @@ class Manager:
                 proc.custom_fds[label] = mine
                 theirs.append(child.detach())
                 custom.append(theirs[-1])
-            kwargs = self._identity(spec)
             if custom:
                 # close_fds stays on: the child gets 0-2, the custom streams
                 # on 3.. (kept through pass_fds once preexec_fn put them
@@ -2976,7 +2993,10 @@ class Manager:
         uid, gid = spec.uid, spec.gid
         user = None
         if uid is not None:
-            entry = pwd.getpwuid(uid)
+            try:
+                entry = pwd.getpwuid(uid)
+            except KeyError:                 # the user was deleted since the config was read
+                raise SpawnError("unknown user id %d" % uid) from None
             user = entry.pw_name
             gid = entry.pw_gid if gid is None else gid
         groups = os.getgrouplist(user, gid) if user else [gid]
