@@ -204,3 +204,92 @@ def test_children_get_their_custom_streams_and_no_other_fd(tmp_path):
     finally:
         d.close()
         os.close(r)
+
+
+# -- adopted orphans: logged, counted, listed ---------------------------------------
+
+def metric(d, name):
+    """The value of an unlabelled sample of /metrics."""
+    text = d.get("/metrics").body.decode()
+    m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+    assert m, "no %s in /metrics" % name
+    return float(m.group(1))
+
+
+def pid_of_cmdline(words):
+    """The pid whose command line is exactly ``words`` (None if none)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    if f.read().split(b"\0")[:-1] == [w.encode() for w in words]:
+                        return int(entry)
+            except OSError:
+                pass
+    return None
+
+
+def test_a_daemon_left_behind_is_logged_counted_and_listed_until_reaped(daemon_factory):
+    """A program starts a daemon in a session of its own (so no stop
+    reaches it) and is stopped: the daemon adopts the leftover, logs it,
+    counts it in /metrics, lists it at GET /orphans, and logs and counts
+    its exit."""
+    d = daemon_factory(section("leaky", "/bin/sh",
+                               "-c 'setsid %s 1002 & exec %s 1003'" % (SLEEP, SLEEP)))
+    d.wait_running("leaky", 1)
+    leftover = wait_for(lambda: pid_of_cmdline([SLEEP, "1002"]), message="the leftover daemon")
+    assert d.json("GET", "/orphans") == {"orphans": [], "reaped_total": 0, "reaped": []}
+    assert metric(d, "gafferd_orphans") == 0
+    assert metric(d, "gafferd_orphans_reaped_total") == 0
+    assert d.json("POST", "/processes/leaky/_stop") == {"ok": True}
+    # found after the exit, without anyone asking
+    wait_for(lambda: "adopted orphan pid %d: %s 1002" % (leftover, SLEEP) in d.log(),
+             message="the adoption logged")
+    assert pid_alive(leftover)
+    reply = d.json("GET", "/orphans")
+    assert [(o["os_pid"], o["cmdline"]) for o in reply["orphans"]] == [
+        (leftover, "%s 1002" % SLEEP)]
+    assert reply["orphans"][0]["seen_ago"] >= 0
+    assert metric(d, "gafferd_orphans") == 1
+    os.kill(leftover, signal.SIGKILL)
+    wait_for(lambda: "reaped adopted orphan pid %d (%s 1002): killed by SIGKILL"
+             % (leftover, SLEEP) in d.log(), message="the reap logged")
+    reply = d.json("GET", "/orphans")
+    assert reply["orphans"] == [] and reply["reaped_total"] == 1
+    (gone,) = reply["reaped"]
+    assert (gone["os_pid"], gone["cmdline"], gone["exit_status"], gone["term_signal"]) == \
+        (leftover, "%s 1002" % SLEEP, 0, signal.SIGKILL)
+    assert metric(d, "gafferd_orphans") == 0
+    assert metric(d, "gafferd_orphans_reaped_total") == 1
+
+
+def test_a_double_forked_grandchild_of_a_live_program_is_listed(daemon_factory):
+    """The grandchild outlives its parent while the program runs on: the
+    kernel tells nobody, GET /orphans finds it; at shutdown it is stopped
+    and its exit logged, then the end of the shutdown."""
+    d = daemon_factory(section("forker", "/bin/sh",
+                               "-c '(setsid %s 1004 &); exec %s 1005'" % (SLEEP, SLEEP)))
+    d.wait_running("forker", 1)
+    grandchild = wait_for(lambda: pid_of_cmdline([SLEEP, "1004"]), message="the grandchild")
+    wait_for(lambda: int(open("/proc/%d/stat" % grandchild).read().rsplit(")", 1)[1].split()[1])
+             == d.pid, message="the grandchild to be re-parented to the daemon")
+    reply = d.json("GET", "/orphans")
+    assert [o["os_pid"] for o in reply["orphans"]] == [grandchild]
+    assert "adopted orphan pid %d: %s 1004" % (grandchild, SLEEP) in d.log()
+    assert d.stop() == 0
+    assert not pid_alive(grandchild)
+    log = d.log()
+    assert "reaped adopted orphan pid %d (%s 1004): killed by SIGTERM" % (grandchild, SLEEP) \
+        in log, log
+    assert re.search(r"gafferd stopped \(pid %d\): shutdown took \d+\.\d\ds; "
+                     r"1 adopted orphan\(s\) reaped since start" % d.pid, log), log
+
+
+def test_an_orphan_that_comes_and_goes_between_looks_is_still_logged(daemon_factory):
+    """A leftover killed with its parent's group is reaped before any look
+    found it: its exit is logged with the name the kernel still has."""
+    d = daemon_factory(section("brief", "/bin/sh", "-c '%s 1006 & exit 3'" % SLEEP))
+    wait_for(lambda: "reaped adopted orphan pid" in d.log(), message="an orphan reaped")
+    assert re.search(r"reaped adopted orphan pid \d+ \((\[sleep\]|%s 1006)\): "
+                     r"killed by SIGTERM" % re.escape(SLEEP), d.log()), d.log()
+    assert metric(d, "gafferd_orphans_reaped_total") >= 1
