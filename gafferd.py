@@ -1287,6 +1287,9 @@ def child_pids(pid: int) -> list:
         return []
 
 
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def read_cmdline(pid: int, limit: int = MAX_CMDLINE):
     """The command line of ``pid`` as one line (arguments joined by
     spaces, cut at ``limit`` characters), ``[comm]`` for a process with
@@ -1304,9 +1307,6 @@ def read_cmdline(pid: int, limit: int = MAX_CMDLINE):
     # a newline or an escape sequence in an argument must not forge log lines
     text = _CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def process_stats(pid: int, previous, now: float, kids=None, depth=0):

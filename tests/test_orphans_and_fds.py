@@ -293,3 +293,24 @@ def test_an_orphan_that_comes_and_goes_between_looks_is_still_logged(daemon_fact
     assert re.search(r"reaped adopted orphan pid \d+ \((\[sleep\]|%s 1006)\): "
                      r"killed by SIGTERM" % re.escape(SLEEP), d.log()), d.log()
     assert metric(d, "gafferd_orphans_reaped_total") >= 1
+
+
+def test_an_orphans_command_line_cannot_forge_log_lines():
+    """Control characters of an argument are escaped; a zombie has its
+    kernel name in brackets."""
+    import gafferd
+    p = subprocess.Popen(["/bin/sh", "-c", "read x", "x\n2026 INFO forged\x1b[2J"],
+                         stdin=subprocess.PIPE)
+    try:
+        line = wait_for(lambda: (lambda c: c and "forged" in c and c)(gafferd.read_cmdline(p.pid)),
+                        message="the command line")
+        assert "\n" not in line and "\x1b" not in line
+        assert line.endswith("x\\x0a2026 INFO forged\\x1b[2J"), line
+    finally:
+        p.stdin.close()
+        p.wait()
+    p = subprocess.Popen(["/bin/sh", "-c", "exit 0"])
+    wait_for(lambda: os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT),
+             message="a zombie")
+    assert gafferd.read_cmdline(p.pid) == "[sh]"
+    p.wait()
