@@ -151,6 +151,9 @@ WEBHOOK_QUEUE = 1000
 SHUTDOWN_DRAIN = 3.0                 # webhooks get this long at shutdown
 RECENT_PROCESSES = 10                # exited processes kept for _log
 EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
+RECENT_ORPHANS = 50                  # reaped adopted orphans kept for GET /orphans
+ORPHAN_SCAN_DELAY = 0.5              # after exits, one look for new orphans per this
+MAX_CMDLINE = 1024                   # characters of an orphan's command line kept
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -742,10 +745,27 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
     """SPEC 3.4 re-implementation: the daemon's environment (if os_env)
-    overlaid with the explicit env, a new dict every time."""
+    overlaid with the explicit env, a new dict every time.
+
+    With a ``uid``, HOME, USER, LOGNAME and SHELL are those of that user
+    (from the password database, as ``su -`` and supervisord set them),
+    so a program run as ``nobody`` does not write into root's home; a
+    variable the template's own env sets wins over them."""
     env = dict(environ) if spec.os_env else {}
+    if spec.uid is not None:
+        env.update(_user_environment(spec.uid))
     env.update(spec.env)
     return env
+
+
+def _user_environment(uid: int) -> dict:
+    """HOME, USER, LOGNAME and SHELL of ``uid``; {} if it has no entry."""
+    try:
+        entry = pwd.getpwuid(uid)
+    except KeyError:
+        return {}
+    return {"HOME": entry.pw_dir, "USER": entry.pw_name, "LOGNAME": entry.pw_name,
+            "SHELL": entry.pw_shell or "/bin/sh"}
 
 
 def command_line(spec: TemplateSpec, env) -> list:
@@ -1373,6 +1393,46 @@ def children_map() -> dict:
     return kids
 
 
+def child_pids(pid: int) -> list:
+    """Direct children of ``pid`` (zombies included), read from
+    /proc/PID/task/*/children (Linux 3.5+, CONFIG_PROC_CHILDREN; a
+    child belongs to the thread that forked it, or that adopted it), or
+    from one scan of /proc where the kernel lacks those files."""
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+        out = []
+        for tid in tasks:
+            with open("/proc/%d/task/%s/children" % (pid, tid), "rb") as f:
+                out.extend(int(n) for n in f.read().split())
+        return out
+    except FileNotFoundError:
+        return list(children_map().get(pid, ()))
+    except OSError:
+        return []
+
+
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def read_cmdline(pid: int, limit: int = MAX_CMDLINE):
+    """The command line of ``pid`` as one line (arguments joined by
+    spaces, cut at ``limit`` characters), ``[comm]`` for a process with
+    none (a zombie, a kernel thread), None once it is gone."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            raw = f.read(limit * 4)
+        if not raw:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+            raw = b"[" + stat[stat.index(b"(") + 1:stat.rindex(b")")] + b"]"
+    except (OSError, ValueError):
+        return None
+    text = " ".join(raw.rstrip(b"\0").decode("utf-8", "replace").split("\0"))
+    # a newline or an escape sequence in an argument must not forge log lines
+    text = _CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def process_stats(pid: int, previous, now: float, kids=None, depth=0):
     """SPEC 9.1 stats dict for ``pid``; ``previous`` is (time, cpu seconds)
     of the last sample, for the CPU percentage.  None if the process is
@@ -1907,6 +1967,7 @@ class Loop:
         self.iteration = 0                 # run_once calls, for per-iteration budgets
         self._signal_handlers = {}
         self._child_watchers = {}
+        self.unwatched_child = None        # watcher of children nobody watches
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -2009,8 +2070,13 @@ class Loop:
         """``callback(pid, exit_status, term_signal)`` when child ``pid``
         exits.  A callback may also have ``before_reap(pid)``, called
         while the child is still a zombie (its pid and process group
-        cannot be reused yet)."""
+        cannot be reused yet).  A child nobody watches (an orphan the
+        daemon adopted as subreaper) goes to ``unwatched_child``, a
+        watcher of the same shape, when one is set."""
         self._child_watchers[pid] = callback
+
+    def watches_child(self, pid) -> bool:
+        return pid in self._child_watchers
 
     def reap_children(self):
         """Reap every child that has exited (SIGCHLD, gunicorn style).
@@ -2029,6 +2095,8 @@ class Loop:
                 return
             pid = info.si_pid
             watcher = self._child_watchers.pop(pid, None)
+            if watcher is None:
+                watcher = self.unwatched_child
             before = getattr(watcher, "before_reap", None)
             if before is not None:
                 try:
@@ -2797,10 +2865,30 @@ class Process:
             self._close_fd(fd)
 
     def _close_fd(self, fd):
+        """Stop reading ``fd``; close it unless a custom stream's socket
+        object owns it.  That socket stays open (the child may only have
+        shut down its writing half and still read what we send) and is
+        closed once, by ``close_custom_streams`` at the exit: closing its
+        number here too would leave the object to write to, and later
+        close, whatever reused that number (another client's socket)."""
         self._release_held(fd, final=True)
-        if self._fds.pop(fd, None) is not None:
-            self.manager.loop.remove_reader(fd)
+        label = self._fds.pop(fd, None)
+        if label is None:
+            return
+        self.manager.loop.remove_reader(fd)
+        sock = self.custom_fds.get(label)
+        if sock is None or sock.fileno() != fd:
             close_quietly(fd)
+
+    def close_custom_streams(self):
+        """Close our end of every custom stream, exactly once."""
+        for label, sock in list(self.custom_fds.items()):
+            fd = sock.fileno()
+            if fd in self._fds:
+                self._fds.pop(fd)
+                self.manager.loop.remove_reader(fd)
+            sock.close()
+        self.custom_fds.clear()
 
     # -- input ------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -2960,6 +3048,12 @@ class Manager:
         self.started = loop.time()
         self.spawned_total = 0
         self.spawn_failures = 0
+        self.orphans = Orphans(loop, self._is_ours)
+        loop.unwatched_child = self.orphans
+
+    def _is_ours(self, os_pid) -> bool:
+        """A child the daemon started (a process, or one a plugin watches)."""
+        return os_pid in self._by_pid or self.loop.watches_child(os_pid)
 
     # -- events ----------------------------------------------------------------
     def subscribe(self, pattern, listener):
@@ -3357,7 +3451,9 @@ class Manager:
         executable = find_executable(argv[0], spec, env)
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
+        kwargs = self._identity(spec)        # SpawnError before any fd is opened
         ours, theirs = [], []                # pipe ends to keep / to close after fork
+        held = []                            # fd numbers reserved during the fork
         stdio = [subprocess.DEVNULL] * 3
         try:
             if proc.redirect_input:
@@ -3381,24 +3477,26 @@ class Manager:
                 proc.custom_fds[label] = mine
                 theirs.append(child.detach())
                 custom.append(theirs[-1])
-            kwargs = self._identity(spec)
             if custom:
-                kwargs["close_fds"] = False
+                # close_fds stays on: the child gets 0-2, the custom streams
+                # on 3.. (kept through pass_fds once preexec_fn put them
+                # there) and nothing else the daemon holds or inherited
+                kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
+                held = _hold_fd_numbers(3 + len(custom))
             proc.popen = subprocess.Popen(
                 argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
                 stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
-                restore_signals=True, **dict({"close_fds": True}, **kwargs))
+                restore_signals=True, close_fds=True, **kwargs)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             for fd in ours:
                 close_quietly(fd)
-            for sock in proc.custom_fds.values():
-                sock.close()
+            proc.close_custom_streams()
             proc._fds.clear()
             proc.stdin_fd = None
             raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
         finally:
-            for fd in theirs:
+            for fd in theirs + held:
                 close_quietly(fd)
         proc.pid = proc.popen.pid
         for fd in ours:
@@ -3424,7 +3522,10 @@ class Manager:
         uid, gid = spec.uid, spec.gid
         user = None
         if uid is not None:
-            entry = pwd.getpwuid(uid)
+            try:
+                entry = pwd.getpwuid(uid)
+            except KeyError:                 # the user was deleted since the config was read
+                raise SpawnError("unknown user id %d" % uid) from None
             user = entry.pw_name
             gid = entry.pw_gid if gid is None else gid
         groups = os.getgrouplist(user, gid) if user else [gid]
@@ -3448,9 +3549,11 @@ class Manager:
                                                      spec.logfile_backups, spec.log_timestamps)
         return logfile
 
-    def reopen_logs(self):
+    def reopen_logs(self) -> int:
+        """Reopen every program log file (SIGUSR1); returns how many."""
         for logfile in self._logfiles.values():
             self.log_writer.reopen(logfile)
+        return len(self._logfiles)
 
     def _on_spawn_failure(self, t):
         """An exec that failed counts as an exit nobody asked for."""
@@ -3543,8 +3646,7 @@ class Manager:
             proc.kill_handle.cancel()
         proc._drain()
         proc._close_stdin()
-        for sock in proc.custom_fds.values():
-            sock.close()
+        proc.close_custom_streams()
         if proc.popen is not None:
             proc.popen.returncode = exit_status or -term_signal
         t = proc.template
@@ -3557,6 +3659,7 @@ class Manager:
         for callback in proc._exit_callbacks:
             self.loop.call_soon(callback, proc)
         proc._exit_callbacks = []
+        self.orphans.scan_soon()        # what it left running is ours now
         if self.stopping:
             self._check_stopped()
             return
@@ -3677,8 +3780,91 @@ class _ChildWatcher:
         self.manager._on_exit(self.proc, exit_status, term_signal)
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "signal %d" % signum
+
+
+class Orphans:
+    """Processes the daemon adopted without starting them.
+
+    gafferd is a child subreaper (PR_SET_CHILD_SUBREAPER; in a PID
+    namespace it is init), so a descendant whose parent dies (the
+    grandchild of a program that double-forked, a daemon it left behind)
+    becomes the daemon's child.  The kernel says nothing when that
+    happens, so the children are looked at after exits (coalesced, one
+    look per ORPHAN_SCAN_DELAY) and whenever the API asks; each orphan
+    found is logged with its command line, and each one reaped is logged
+    with its exit status and counted.  A child a plugin started without
+    ``loop.watch_child`` is indistinguishable from an orphan and is
+    treated as one.
+
+    Public: ``live`` (os pid -> {"os_pid", "cmdline", "seen"}, "seen" in
+    loop time), ``reaped_total``, ``recent`` (the last RECENT_ORPHANS
+    reaped, oldest first), ``scan()``, ``scan_soon()``.  The loop calls
+    ``before_reap(pid)`` and ``__call__(pid, exit_status, term_signal)``
+    for every child nobody watches.
+    """
+
+    def __init__(self, loop, is_ours):
+        self.loop, self._is_ours = loop, is_ours
+        self.live = collections.OrderedDict()
+        self.reaped_total = 0
+        self.recent = collections.deque(maxlen=RECENT_ORPHANS)
+        self._scan_handle = None
+
+    def scan(self) -> dict:
+        """Record (and log) children that are not ours; returns ``live``."""
+        for pid in child_pids(os.getpid()):
+            if pid in self.live or self._is_ours(pid):
+                continue
+            fields = read_proc_stat(pid)
+            if fields is None or fields[0] == b"Z":
+                continue                  # about to be reaped: before_reap records it
+            self._adopt(pid, read_cmdline(pid))
+        return self.live
+
+    def scan_soon(self):
+        """One scan after ORPHAN_SCAN_DELAY, however many exits ask for it."""
+        if self._scan_handle is None:
+            self._scan_handle = self.loop.call_later(ORPHAN_SCAN_DELAY, self._scan_later)
+
+    def _scan_later(self):
+        self._scan_handle = None
+        self.scan()
+
+    def _adopt(self, pid, cmdline):
+        entry = {"os_pid": pid, "cmdline": cmdline or "?", "seen": self.loop.time()}
+        self.live[pid] = entry
+        log.info("adopted orphan pid %d: %s", pid, entry["cmdline"])
+        return entry
+
+    def before_reap(self, pid):
+        if pid not in self.live:          # it came and went between two looks
+            self._adopt(pid, read_cmdline(pid))
+
+    def __call__(self, pid, exit_status, term_signal):
+        entry = self.live.pop(pid, None) or {"os_pid": pid, "cmdline": "?",
+                                             "seen": self.loop.time()}
+        self.reaped_total += 1
+        self.recent.append(dict(entry, exit_status=exit_status, term_signal=term_signal,
+                                reaped=self.loop.time()))
+        log.info("reaped adopted orphan pid %d (%s): %s", pid, entry["cmdline"],
+                 "killed by %s" % _signal_name(term_signal) if term_signal
+                 else "exit status %d" % exit_status)
+        self.scan_soon()                  # its own children are ours now
+
+
 def _chain_preexec(first, custom_fds):
-    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5)."""
+    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5).
+
+    It runs in the child after the fork and before subprocess closes the
+    fds not in ``pass_fds``; ``pass_fds`` must be exactly 3, 4, ... so
+    that what survives is the stdio and the custom streams.  The fds are
+    first moved above the target range, since one of them may already
+    sit on a target number."""
     def preexec():
         if first is not None:
             first()
@@ -3687,6 +3873,27 @@ def _chain_preexec(first, custom_fds):
             os.dup2(fd, 3 + index)
             os.close(fd)
     return preexec
+
+
+def _hold_fd_numbers(below: int) -> list:
+    """Occupy every free fd number under ``below`` with /dev/null
+    (close-on-exec); the caller closes the returned fds.
+
+    Held during a spawn with custom streams, so that the pipe subprocess
+    uses to report a failed exec cannot be given a number that
+    ``_chain_preexec`` then overwrites in the child."""
+    held = []
+    try:
+        while True:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            if fd >= below:
+                os.close(fd)
+                return held
+            held.append(fd)
+    except OSError:                      # EMFILE: give the numbers back
+        for fd in held:
+            os.close(fd)
+        raise
 
 
 # § 9 HTTP client and webhooks (I/O) -------------------------------------------
@@ -4409,6 +4616,7 @@ ROUTES = [
     (r"/status", {"GET": "status_all"}),
     (r"/metrics", {"GET": "metrics"}),
     (r"/reload", {"POST": "reload"}),
+    (r"/orphans", {"GET": "orphans"}),
     (r"/processes", {"GET": "list_templates", "POST": "create_template"}),
     (r"/processes/(\d+)", {"HEAD": "head_process", "GET": "get_process",
                            "DELETE": "delete_process"}),
@@ -4434,6 +4642,16 @@ ROUTES = [
     (r"/_plugin/([^/]+)(/.*)", {"GET": "plugin_site"}),
 ]
 NO_OPTIONS = {"wstream", "plugin_site", "plugin_api"}
+
+
+def _asked_by(req) -> str:
+    """Who made a request, for the log: the API and the client's address."""
+    remote = req.remote
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        where = ("[%s]:%s" if ":" in str(remote[0]) else "%s:%s") % (remote[0], remote[1])
+    else:
+        where = "a unix socket"
+    return "the API (%s %s from %s)" % (req.method, req.path, where)
 
 
 def parse_signal(text) -> int:
@@ -4547,8 +4765,8 @@ class _Heartbeat:
 
 
 class Api:
-    """The route handlers.  ``reload(dry_run)`` and ``server`` are set by
-    the daemon (§14) and the server (§12)."""
+    """The route handlers.  ``reload(dry_run, who)`` and ``server`` are
+    set by the daemon (§14) and the server (§12)."""
 
     def __init__(self, manager, plugins=None, reload=None):
         self.manager, self.plugins, self.reload_config = manager, plugins, reload
@@ -4625,7 +4843,7 @@ class Api:
             raise ApiError(400, "no_config", "the daemon was started without a config file")
         dry_run = req.query.get("dry_run", "0").strip().lower() in _TRUE
         try:
-            return json_reply(200, self.reload_config(dry_run))
+            return json_reply(200, self.reload_config(dry_run, _asked_by(req)))
         except ConfigErrors as exc:
             return json_reply(400, {"error": "invalid_config", "message": str(exc),
                                     "errors": [str(e) for e in exc.errors],
@@ -4633,6 +4851,17 @@ class Api:
         except ConfigError as exc:
             return json_reply(400, {"error": "invalid_config", "message": str(exc),
                                     "errors": [str(exc)]})
+
+    def orphans(self, req):
+        """Adopted orphans alive now, and the last RECENT_ORPHANS reaped."""
+        now, orphans = self.loop.time(), self.manager.orphans
+        live = [{"os_pid": e["os_pid"], "cmdline": e["cmdline"],
+                 "seen_ago": round(now - e["seen"], 3)} for e in orphans.scan().values()]
+        reaped = [{"os_pid": e["os_pid"], "cmdline": e["cmdline"],
+                   "exit_status": e["exit_status"], "term_signal": e["term_signal"],
+                   "reaped_ago": round(now - e["reaped"], 3)} for e in orphans.recent]
+        return json_reply(200, {"orphans": live, "reaped_total": orphans.reaped_total,
+                                "reaped": reaped})
 
     # -- templates ------------------------------------------------------------------------
     def list_templates(self, req):
@@ -4935,9 +5164,13 @@ class Api:
         elif label in proc.custom_fds:
             sock = proc.custom_fds[label]
             try:
-                sock.send(req.body)
-            except OSError as exc:
+                sent = sock.send(req.body)
+            except OSError as exc:               # EPIPE: the child closed its end
                 raise ApiError(503, "write_failed", str(exc)) from None
+            if sent < len(req.body):
+                raise ApiError(503, "write_failed", "process %d is not reading custom "
+                               "stream %r: %d of %d bytes written"
+                               % (proc.id, label, sent, len(req.body)))
         else:
             raise ApiError(404, "not_found", "write to 'stdin' (or a custom stream)")
         return json_reply(200, OK)
@@ -5036,6 +5269,10 @@ class Api:
         metric("gafferd_spawns_total", "counter", "Processes spawned.", [({}, m.spawned_total)])
         metric("gafferd_spawn_failures_total", "counter", "Spawns that failed.",
                [({}, m.spawn_failures)])
+        metric("gafferd_orphans", "gauge", "Adopted orphans alive (children the daemon "
+               "did not start; see GET /orphans).", [({}, len(m.orphans.scan()))])
+        metric("gafferd_orphans_reaped_total", "counter", "Adopted orphans reaped.",
+               [({}, m.orphans.reaped_total)])
         metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
                [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
                 for s in ("running", "stopped", "retrying", "failed")])
@@ -6212,6 +6449,7 @@ class Daemon:
         self.config = None
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
         self.log_file = None               # DaemonLog, set by main()
+        self._stop_asked = None            # loop time of the first stop signal
 
     def load(self):
         """Read the config and settle the endpoints; ConfigError(s)."""
@@ -6276,7 +6514,7 @@ class Daemon:
         self.loop = Loop()
         self.manager = Manager(self.loop)
         self.api = Api(self.manager, self.plugins,
-                       self.reload if self.config_path else None)
+                       self.logged_reload if self.config_path else None)
         self.server = HttpServer(self.config.endpoints, self.api)
         self.server.bind()
 
@@ -6303,20 +6541,28 @@ class Daemon:
         release_memory()
         log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
         loop.run()
+        log.info("gafferd stopped (pid %d): shutdown took %.2fs; %d adopted orphan(s) "
+                 "reaped since start", os.getpid(), loop.time() - (self._stop_asked or
+                                                                 loop.time()),
+                 manager.orphans.reaped_total)
         loop.close()
         return 0
 
     def _on_quit_signal(self, signum):
         log.info("received %s: shutting down", signal.Signals(signum).name)
+        if self._stop_asked is None:
+            self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
 
     def _after_stop(self):
         self.webhooks.drain(self.loop.stop)
 
     def _on_usr1(self, signum):
-        self.manager.reopen_logs()
+        count = self.manager.reopen_logs()
         if self.log_file is not None:
             self.log_file.reopen()
+            count += 1
+        log.info("received SIGUSR1: reopened %d log file(s)", count)
 
     def _on_hup(self, signum):
         if not self.config_path:
@@ -6326,12 +6572,24 @@ class Daemon:
                     app.restart()
             return
         try:
-            result = self.reload()
+            self.logged_reload(who="SIGHUP")
+        except (ConfigError, ConfigErrors):
+            pass                                         # logged; nothing changed
+
+    def logged_reload(self, dry_run=False, who="SIGHUP") -> dict:
+        """``reload`` plus one log line that says who asked (SIGHUP, or the
+        API and the client's address) and what changed, or why nothing
+        did.  ConfigError(s) are logged, then raised again."""
+        try:
+            result = self.reload(dry_run)
         except (ConfigError, ConfigErrors) as exc:
-            log.error("reload failed, nothing changed: %s", "; ".join(str(exc).splitlines()))
-            return
-        log.info("reloaded %s: added %s, removed %s, changed %s", self.config_path,
-                 result["added"], result["removed"], result["changed"])
+            log.error("reload failed, nothing changed (asked by %s): %s", who,
+                      "; ".join(str(exc).splitlines()))
+            raise
+        log.info("%s %s (asked by %s): added %s, removed %s, changed %s",
+                 "dry run: would reload" if dry_run else "reloaded", self.config_path,
+                 who, result["added"], result["removed"], result["changed"])
+        return result
 
     def reload(self, dry_run=False) -> dict:
         """Re-read the config and apply the difference (issue 2)."""

@@ -521,6 +521,42 @@ def test_sighup_with_broken_config_changes_nothing(tmp_path, gafferd):
 
 # -- -v and -vv ------------------------------------------------------------------------------
 
+def test_reloads_sigusr1_and_the_end_of_shutdown_are_logged_with_who_asked(tmp_path, gafferd):
+    """POST /reload logs like SIGHUP and says who asked (the API and the
+    client's address); a failed one too; SIGUSR1's reopen and the end of
+    the shutdown are logged."""
+    logfile = tmp_path / "out.log"
+    d = gafferd(sub(RELOAD_V1) + "stdout_logfile = %s\nredirect_output = out\n" % logfile)
+    wait_os_pids(d, "scale", 1)
+    write(d.config_path, sub(RELOAD_V2))
+    r = d.post("/reload?dry_run=1")
+    assert r.status == 200 and r.json()["dry_run"] is True
+    wait_for(lambda: re.search(
+        r"INFO gafferd: dry run: would reload \S+gaffer\.ini \(asked by the API "
+        r"\(POST /reload from 127\.0\.0\.1:\d+\)\): added \['added'\], removed \['gone'\], "
+        r"changed \['change', 'scale'\]", d.log()), message="the dry run logged")
+    assert d.post("/reload").status == 200
+    wait_for(lambda: re.search(
+        r"INFO gafferd: reloaded \S+gaffer\.ini \(asked by the API \(POST /reload from "
+        r"127\.0\.0\.1:\d+\)\): added \['added'\], removed \['gone'\]", d.log()),
+        message="the API reload logged")
+    write(d.config_path, sub(RELOAD_V2).replace("numprocesses = 3", "numprocesses = three"))
+    assert d.post("/reload").status == 400
+    wait_for(lambda: re.search(r"ERROR gafferd: reload failed, nothing changed \(asked by the "
+                               r"API \(POST /reload from 127\.0\.0\.1:\d+\)\):.*'three'",
+                               d.log()), message="the failed API reload logged")
+    write(d.config_path, sub(RELOAD_V1))
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: re.search(r"INFO gafferd: reloaded \S+ \(asked by SIGHUP\): "
+                               r"added \['gone'\]", d.log()), message="the SIGHUP reload logged")
+    d.signal(signal.SIGUSR1)
+    wait_for(lambda: "INFO gafferd: received SIGUSR1: reopened" in d.log(),
+             message="the reopen logged")
+    assert d.stop() == 0
+    assert re.search(r"INFO gafferd: gafferd stopped \(pid %d\): shutdown took \d+\.\d\ds"
+                     % d.pid, d.log()), d.log()
+
+
 def test_verbose_prints_each_lifecycle_event_once(tmp_path, gafferd):
     d = gafferd(sub("""
         [process:v]

@@ -720,6 +720,34 @@ def test_uid_and_gid(daemon_factory, tmp_path):
     assert proc_status(os_pids(d, "json")[0])["Uid"].split() == ["65534"] * 4
 
 
+def test_uid_change_sets_the_users_home_user_logname_and_shell(daemon_factory, tmp_path):
+    """A uid change gives the child that user's HOME, USER, LOGNAME and
+    SHELL (as su - does), with or without os_env; the template's own env
+    wins over them; without a uid the daemon's values pass through."""
+    import pwd
+    assert os.geteuid() == 0, "this test needs root"
+    nobody = pwd.getpwnam("nobody")
+    user_env = {"HOME": nobody.pw_dir, "USER": "nobody", "LOGNAME": "nobody",
+                "SHELL": nobody.pw_shell or "/bin/sh"}
+    config = ("[process:dropped]\ncmd = %s 1000\nuid = nobody\ncwd = /\n\n"
+              "[process:explicit]\ncmd = %s 1001\nuid = nobody\ncwd = /\n\n"
+              "[env:explicit]\nhome = /srv/app\nshell = /bin/false\n\n"
+              "[process:bare]\ncmd = %s 1002\nuid = 65534\nos_env = false\ncwd = /\n\n"
+              "[process:same]\ncmd = %s 1003\n\n" % (SLEEP, SLEEP, SLEEP, SLEEP))
+    d = daemon_factory(config, env={"HOME": "/root", "USER": "root", "LOGNAME": "root",
+                                    "SHELL": "/bin/bash", "KEEP": "1"})
+    for name in ("dropped", "explicit", "bare", "same"):
+        d.wait_running(name, 1)
+    env = environ_of(os_pids(d, "dropped")[0])
+    assert {k: env[k] for k in user_env} == user_env
+    assert env["KEEP"] == "1"
+    env = environ_of(os_pids(d, "explicit")[0])
+    assert {k: env[k] for k in user_env} == dict(user_env, HOME="/srv/app", SHELL="/bin/false")
+    assert environ_of(os_pids(d, "bare")[0]) == user_env
+    env = environ_of(os_pids(d, "same")[0])
+    assert (env["HOME"], env["USER"], env["SHELL"]) == ("/root", "root", "/bin/bash")
+
+
 def test_detach_is_still_supervised(daemon_factory, tmp_path, child):
     d = daemon_factory()
     w = EventWatcher(d)
