@@ -1856,7 +1856,7 @@ class Loop:
         means now; nan, infinities and more than MAX_DURATION (one week)
         are a ValueError."""
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or \
-                not delay <= MAX_DURATION:
+                not -MAX_ID <= delay <= MAX_DURATION:
             raise ValueError("call_later(%r): the delay must be a number of seconds "
                              "up to %g" % (delay, MAX_DURATION))
         return self.call_at(self.time() + max(0.0, delay), callback, *args)
