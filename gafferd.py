@@ -264,11 +264,11 @@ def parse_size(value, maximum=None) -> int:
     at most ``maximum``."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return _check_range(value, value, None, maximum, " bytes")
-    m = re.match(r"^[ \t]*([0-9]{1,19})[ \t]*([A-Za-z]*)[ \t]*$", str(value), re.ASCII)
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
+    m = re.match(r"([0-9]{1,19})(?:[ \t]*([A-Za-z]+))?\Z", str(value), re.ASCII)
+    unit = m and (m.group(2) or "").upper()
+    if not m or unit not in _SIZE_UNITS:
         raise ValueError("%r is not a size (bytes, or with KB, MB or GB)" % (value,))
-    return _check_range(value, int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()],
-                        None, maximum, " bytes")
+    return _check_range(value, int(m.group(1)) * _SIZE_UNITS[unit], None, maximum, " bytes")
 
 
 def parse_list(value) -> list:
@@ -516,7 +516,7 @@ def _c_env(value, ctx):
 def _lookup_id(value, by_id, by_name, what):
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif is_ascii_digits(value.strip() if isinstance(value, str) else None):
+    elif is_ascii_digits(value):
         number = int(value)
     elif isinstance(value, str) and value.strip():
         try:
@@ -526,6 +526,8 @@ def _lookup_id(value, by_id, by_name, what):
     else:
         raise ValueError("%r is not a %s name or id" % (value, what))
     try:
+        if not 0 <= number < 1 << 32:               # uid_t and gid_t are 32 bits
+            raise KeyError(number)
         by_id(number)
     except KeyError:
         raise ValueError("unknown %s id %d" % (what, number)) from None
@@ -4070,7 +4072,7 @@ def parse_signal(text) -> int:
     """A signal number, or a name such as HUP or SIGHUP (SPEC 6.4.9)."""
     if text is None or not str(text).strip():
         raise ApiError(400, "no_signal_number", "give a signal: _signal/15 or _signal/TERM")
-    text = str(text).strip()
+    text = str(text)
     if is_ascii_digits(text):
         number = int(text)
     else:
@@ -4084,11 +4086,11 @@ def parse_signal(text) -> int:
     return number
 
 
-def parse_number(name, text, parse=parse_int):
+def parse_number(name, text, parse=parse_int, range_name=None):
     """A number from a query parameter or a path: ``parse`` (parse_int or
-    parse_float: ASCII digits only) within ``RANGES[name]``.  Anything
-    else is ApiError 400 bad_value naming ``name`` and the range."""
-    minimum, maximum = RANGES[name]
+    parse_float: ASCII digits only) within ``RANGES[range_name or name]``.
+    Anything else is ApiError 400 bad_value naming ``name`` and the range."""
+    minimum, maximum = RANGES[range_name or name]
     try:
         return parse(text, minimum, maximum)
     except ValueError:
@@ -4360,7 +4362,7 @@ class Api:
         procs = {p.id: p for p in itertools.chain(
             t.recent, t.running, (p for p in self.manager._by_pid.values() if p.template is t))}
         if "pid" in req.query:
-            wanted = self._id(req.query["pid"])
+            wanted = parse_number("pid", req.query["pid"], range_name="id")
             procs = {k: v for k, v in procs.items() if k == wanted}
         lines = []
         for proc_id in sorted(procs):
@@ -4470,7 +4472,7 @@ class Api:
         backlog = b""
         last_id = req.headers.get("last-event-id") or req.query.get("last_event_id")
         if last_id is not None:
-            last_id = parse_number("last_event_id", last_id.strip())
+            last_id = parse_number("last_event_id", last_id)
         if "tail" in req.query:
             tail = parse_number("tail", req.query["tail"])
         if ring is not None and last_id is not None:
@@ -5671,7 +5673,8 @@ def build_arg_parser():
     parser.add_argument("--bind", default=DEFAULT_BIND, help="default HTTP binding")
     parser.add_argument("--certfile", help="SSL certificate file for the default binding")
     parser.add_argument("--keyfile", help="SSL key file for the default binding")
-    parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="default backlog")
+    parser.add_argument("--backlog", default=str(DEFAULT_BACKLOG),   # checked like the INI key
+                        help="default backlog")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print the templates, exit 0 (or 2)")
     parser.add_argument("--version", action="version",
@@ -5696,7 +5699,7 @@ class Daemon:
             self.config = Config(None)
             self.config.plugins_dirs = [os.path.abspath(os.path.expanduser(self.args.plugins_dir))]
         if not self.config.endpoints:
-            items = {"bind": self.args.bind, "backlog": str(self.args.backlog)}
+            items = {"bind": self.args.bind, "backlog": self.args.backlog}
             if self.args.certfile:
                 items["certfile"] = self.args.certfile
             if self.args.keyfile:
