@@ -4096,7 +4096,7 @@ def parse_number(name, text, parse=parse_int, range_name=None):
     except ValueError:
         raise ApiError(400, "bad_value", "%s must be %s from %s to %s, not %r" % (
             name, "a whole number" if parse is parse_int else "a number of seconds",
-            minimum, "%g" % maximum if isinstance(maximum, float) else maximum,
+            *("%g" % n if isinstance(n, float) else n for n in (minimum, maximum)),
             text)) from None
 
 
