@@ -48,15 +48,20 @@ Architecture
 
 Error boundaries (everywhere else exceptions travel)
     * a loop callback (§7): logged with its traceback, the loop goes on;
+    * a loop iteration (§7): an error in the loop's own code is logged and
+      the loop goes on; only a loop failing 100 iterations in a row stops;
     * an HTTP dispatch (§12): a client mistake is an ``ApiError`` and a
       JSON reply, a bug is a logged traceback and a 500;
     * a plugin call (§10): logged with the plugin's name, plugin skipped;
-    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2.
+    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2;
+      an internal error that ends the loop stops every child, then exit 1.
 
 Loop API offered to plugins (``start(loop, manager)``)
     loop.time()                          monotonic clock, seconds
     loop.call_soon(cb, *args)            run cb on the next iteration
-    loop.call_later(delay, cb, *args)    -> handle with .cancel()
+    loop.call_later(delay, cb, *args)    -> handle with .cancel(); delay
+                                         at most MAX_DURATION (a week),
+                                         else ValueError
     loop.call_at(when, cb, *args)        -> handle with .cancel()
     loop.cancel(handle)                  same as handle.cancel()
     loop.add_reader(fd, cb, *args)       cb(*args) when fd is readable
