@@ -606,7 +606,8 @@ PROCESS_KEYS = collections.OrderedDict([
     ("detach", (_c_bool, False, "reported as 'detached' in spawn events")),
     ("shell", (_c_bool, False, "run as: sh -c 'cmd args'")),
     ("os_env", (_c_bool, True, "start from the daemon's environment")),
-    ("numprocesses", (_c_ranged(parse_int, "numprocesses"), 1, "how many processes to keep running")),
+    ("numprocesses", (_c_ranged(parse_int, "numprocesses"), 1,
+                      "how many processes to keep running")),
     ("start", (_c_bool, True, "start when loaded")),
     ("priority", (_c_ranged(parse_int, "priority"), sys.maxsize, "start-up order, lowest first")),
     ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
@@ -618,8 +619,10 @@ PROCESS_KEYS = collections.OrderedDict([
     ("stdout_logfile", (_c_logfile, None, "file for the first output label ('-' = stdout)")),
     ("stderr_logfile", (_c_logfile, None, "file for the second output label")),
     ("logfile", (_c_logfile, None, "file for every output label")),
-    ("logfile_maxbytes", (_c_ranged(parse_size, "logfile_maxbytes"), 50 * 1024 ** 2, "rotate log files at this size")),
-    ("logfile_backups", (_c_ranged(parse_int, "logfile_backups"), 10, "rotated log files kept (FILE.1 newest)")),
+    ("logfile_maxbytes", (_c_ranged(parse_size, "logfile_maxbytes"), 50 * 1024 ** 2,
+                          "rotate log files at this size")),
+    ("logfile_backups", (_c_ranged(parse_int, "logfile_backups"), 10,
+                         "rotated log files kept (FILE.1 newest)")),
     ("log_timestamps", (_c_bool, False, "prefix each logged line with an ISO time")),
     ("output_buffer", (_c_ranged(parse_size, "output_buffer"),
                        DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
@@ -1806,8 +1809,21 @@ def _no_op_handler(signum, frame):
 SELECT_TIMEOUT_MAX = 24 * 3600.0
 
 
+def _is_real(number) -> bool:
+    """An int or a float that is finite (and fits in a float)."""
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return False
+    try:
+        number = float(number)
+    except OverflowError:
+        return False
+    return number - number == 0              # False for nan and the infinities
+
+
 class Loop:
     """Single-threaded event loop; see the module docstring for its API."""
+
+    MAX_DELAY = RANGES["delay"][1]       # call_later / call_at, one week
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -1850,10 +1866,9 @@ class Loop:
         """Run ``callback(*args)`` at loop time ``when``: a finite number
         at most MAX_DURATION (one week) ahead, ValueError otherwise (a nan
         would corrupt the heap's order, an infinity the select timeout)."""
-        if isinstance(when, bool) or not isinstance(when, (int, float)) or \
-                when != when or when - self.time() > MAX_DURATION:
+        if not _is_real(when) or when - self.time() > self.MAX_DELAY:
             raise ValueError("call_at(%r): not a time within %g s from now"
-                             % (when, MAX_DURATION))
+                             % (when, self.MAX_DELAY))
         handle = Handle(when, next(self._seq), callback, args)
         heapq.heappush(self._timers, handle)
         return handle
@@ -1862,10 +1877,9 @@ class Loop:
         """Run ``callback(*args)`` in ``delay`` seconds: a negative delay
         means now; nan, infinities and more than MAX_DURATION (one week)
         are a ValueError."""
-        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or \
-                not -MAX_ID <= delay <= MAX_DURATION:
+        if not _is_real(delay) or delay > self.MAX_DELAY:
             raise ValueError("call_later(%r): the delay must be a number of seconds "
-                             "up to %g" % (delay, MAX_DURATION))
+                             "up to %g" % (delay, self.MAX_DELAY))
         return self.call_at(self.time() + max(0.0, delay), callback, *args)
 
     @staticmethod
