@@ -5830,10 +5830,11 @@ class Daemon:
                 if not pids or remaining <= 0:
                     break
                 try:
-                    lazy_import("select").select([loop._wake_r], [], [], min(remaining, 0.5))
-                    loop._wake_r.recv(4096)
+                    if lazy_import("select").select([loop._wake_r], [], [],
+                                                    min(remaining, 0.5))[0]:
+                        loop._wake_r.recv(4096)
                 except (OSError, ValueError):
-                    pass
+                    break                          # no way to wait: on to SIGKILL
             if not pids:
                 break
         log.warning("%s", "every process stopped" if not pids else
