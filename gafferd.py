@@ -48,15 +48,20 @@ Architecture
 
 Error boundaries (everywhere else exceptions travel)
     * a loop callback (§7): logged with its traceback, the loop goes on;
+    * a loop iteration (§7): an error in the loop's own code is logged and
+      the loop goes on; only a loop failing 100 iterations in a row stops;
     * an HTTP dispatch (§12): a client mistake is an ``ApiError`` and a
       JSON reply, a bug is a logged traceback and a 500;
     * a plugin call (§10): logged with the plugin's name, plugin skipped;
-    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2.
+    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2;
+      an internal error that ends the loop stops every child, then exit 1.
 
 Loop API offered to plugins (``start(loop, manager)``)
     loop.time()                          monotonic clock, seconds
     loop.call_soon(cb, *args)            run cb on the next iteration
-    loop.call_later(delay, cb, *args)    -> handle with .cancel()
+    loop.call_later(delay, cb, *args)    -> handle with .cancel(); delay
+                                         at most MAX_DURATION (a week),
+                                         else ValueError
     loop.call_at(when, cb, *args)        -> handle with .cancel()
     loop.cancel(handle)                  same as handle.cancel()
     loop.add_reader(fd, cb, *args)       cb(*args) when fd is readable
@@ -177,40 +182,103 @@ def parse_bool(value) -> bool:
                      % (value,))
 
 
-def parse_int(value, minimum=None) -> int:
+# Every number a config file, a request or a plugin can give has a range
+# here; a value outside it is a config error naming file, section and
+# key, or a 400 naming the parameter.  Nothing larger reaches a timer
+# (epoll refuses timeouts beyond 2**31 ms, select() raises on them) or
+# sizes a buffer.  README "Configuration" and "HTTP API" quote this table.
+MAX_DURATION = 7 * 24 * 3600.0       # one week: every timeout, interval and delay
+MAX_COUNT = 1000000                  # retries, attempts, lines, connections
+MAX_BUFFER = 1 << 30                 # bytes held in memory (ring, request body)
+MAX_FILE_SIZE = 1 << 40              # bytes written to a log file before rotation
+MAX_ID = (1 << 63) - 1               # process ids, stream offsets, priorities
+RANGES = {
+    # config keys: [process:*]
+    "numprocesses": (0, MAX_NUMPROCESSES),
+    "priority": (-MAX_ID, MAX_ID),
+    "graceful_timeout": (0.0, MAX_DURATION),
+    "flapping.attempts": (1, MAX_COUNT),
+    "flapping.window": (0.0, MAX_DURATION),
+    "flapping.retry_in": (0.0, MAX_DURATION),
+    "flapping.max_retry": (0, MAX_COUNT),
+    "logfile_maxbytes": (0, MAX_FILE_SIZE),
+    "logfile_backups": (0, 1000),
+    "output_buffer": (0, MAX_BUFFER),
+    # config keys: [gaffer] and [endpoint:*]
+    "backlog": (0, 65535),
+    "max_body_size": (0, MAX_BUFFER),
+    "keepalive_timeout": (0.0, MAX_DURATION),
+    "max_connections": (1, MAX_COUNT),
+    # query parameters and numbers in paths
+    "heartbeat": (0.0, MAX_DURATION),
+    "lines": (0, MAX_COUNT),
+    "tail": (0, MAX_BUFFER),
+    "id": (0, MAX_ID),
+    "last_event_id": (0, MAX_ID),
+    "count": (0, MAX_NUMPROCESSES),
+    # plugin calls: loop.call_later(delay), http_request(timeout=...)
+    "delay": (0.0, MAX_DURATION),
+}
+
+# ASCII only: str.isdigit() and int() also take '\u0661\u0662', '\xb2',
+# '1_0', '+5' and ' 12 ', none of which a config file or HTTP allows.
+_INT_RE = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+_DECIMAL_RE = re.compile(r"-?(?:[0-9]{1,19}(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+
+
+def is_ascii_digits(text) -> bool:
+    """``text`` is 1 to 19 ASCII digits 0-9 and nothing else (an id, a
+    Content-Length, a count in a path)."""
+    return isinstance(text, str) and _INT_RE.fullmatch(text) is not None and text[0] != "-"
+
+
+def _check_range(value, number, minimum, maximum, unit=""):
+    def show(limit):
+        return "%g" % limit if isinstance(limit, float) else str(limit)
+    if minimum is not None and number < minimum:
+        raise ValueError("%r must be at least %s%s" % (value, show(minimum), unit))
+    if maximum is not None and number > maximum:
+        raise ValueError("%r must be at most %s%s" % (value, show(maximum), unit))
+    return number
+
+
+def parse_int(value, minimum=None, maximum=None) -> int:
+    """A JSON integer or a string of ASCII digits with an optional ``-``,
+    within [minimum, maximum]; ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError("%r is not an integer" % (value,))
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError("%r is not an integer" % (value,)) from None
-    if minimum is not None and number < minimum:
-        raise ValueError("%r must be at least %d" % (value, minimum))
-    return number
+    if isinstance(value, str) and not _INT_RE.fullmatch(value):
+        raise ValueError("%r is not an integer (ASCII digits 0-9%s)" % (
+            value, "; too many digits" if re.fullmatch(r"-?[0-9]+", value, re.ASCII) else ""))
+    return _check_range(value, int(value), minimum, maximum)
 
 
-def parse_float(value, minimum=None) -> float:
+def parse_float(value, minimum=None, maximum=None) -> float:
+    """A JSON number or a decimal such as ``2``, ``2.5``, ``2.`` or ``.5``
+    (ASCII, no exponent, no ``+``), finite, within [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("%r is not a number" % (value,))
+    if isinstance(value, str) and not _DECIMAL_RE.fullmatch(value):
+        raise ValueError("%r is not a number (ASCII digits and a decimal point)" % (value,))
     try:
         number = float(value)
-    except ValueError:
-        raise ValueError("%r is not a number" % (value,)) from None
+    except OverflowError:                   # a JSON integer beyond any float
+        raise ValueError("%r is too large" % (value,)) from None
     if number != number or number in (float("inf"), float("-inf")):
         raise ValueError("%r is not a finite number" % (value,))
-    if minimum is not None and number < minimum:
-        raise ValueError("%r must be at least %s" % (value, minimum))
-    return number
+    return _check_range(value, number, minimum, maximum)
 
 
-def parse_size(value) -> int:
-    """Bytes, or a number with a K/KB/M/MB/G/GB suffix (powers of 1024)."""
+def parse_size(value, maximum=None) -> int:
+    """Bytes, or a number with a K/KB/M/MB/G/GB suffix (powers of 1024),
+    at most ``maximum``."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    m = re.match(r"^\s*(\d+)\s*([A-Za-z]*)\s*$", str(value))
-    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        return _check_range(value, value, None, maximum, " bytes")
+    m = re.match(r"([0-9]{1,19})(?:[ \t]*([A-Za-z]+))?\Z", str(value), re.ASCII)
+    unit = m and (m.group(2) or "").upper()
+    if not m or unit not in _SIZE_UNITS:
         raise ValueError("%r is not a size (bytes, or with KB, MB or GB)" % (value,))
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    return _check_range(value, int(m.group(1)) * _SIZE_UNITS[unit], None, maximum, " bytes")
 
 
 def parse_list(value) -> list:
@@ -426,17 +494,13 @@ class Flapping:
             values += [d for _, _, d in cls.FIELDS[len(values):]]
         out = []
         for (field, kind, _), v in zip(cls.FIELDS, values):
+            minimum, maximum = RANGES["flapping." + field]
+            if kind is int and isinstance(v, float) and v == v and v == int(v):
+                v = int(v)                         # JSON 3.0 is 3
             try:
-                number = float(v) if not isinstance(v, bool) else None
-            except (TypeError, ValueError):
-                number = None
-            if number is None or number != number or number < 0 or \
-                    (kind is int and number != int(number)):
-                raise ValueError("%s %r is not a %s" % (
-                    field, v, "whole number" if kind is int else "number >= 0"))
-            out.append(kind(number))
-        if out[0] < 1:
-            raise ValueError("attempts must be at least 1")
+                out.append((parse_int if kind is int else parse_float)(v, minimum, maximum))
+            except ValueError as exc:
+                raise ValueError("%s %s" % (field, exc)) from None
         return cls(*out)
 
 
@@ -473,7 +537,7 @@ def _c_env(value, ctx):
 def _lookup_id(value, by_id, by_name, what):
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif is_ascii_digits(value):
         number = int(value)
     elif isinstance(value, str) and value.strip():
         try:
@@ -483,6 +547,8 @@ def _lookup_id(value, by_id, by_name, what):
     else:
         raise ValueError("%r is not a %s name or id" % (value, what))
     try:
+        if not 0 <= number < 1 << 32:               # uid_t and gid_t are 32 bits
+            raise KeyError(number)
         by_id(number)
     except KeyError:
         raise ValueError("unknown %s id %d" % (what, number)) from None
@@ -526,27 +592,13 @@ def _c_bool(value, ctx):
     return parse_bool(value)
 
 
-def _c_count(value, ctx):
-    return parse_int(value, 0)
-
-
-def _c_numprocesses(value, ctx):
-    number = parse_int(value, 0)
-    if number > MAX_NUMPROCESSES:
-        raise ValueError("%r is more than %d processes" % (value, MAX_NUMPROCESSES))
-    return number
-
-
-def _c_int(value, ctx):
-    return parse_int(value)
-
-
-def _c_seconds(value, ctx):
-    return parse_float(value, 0)
-
-
-def _c_size(value, ctx):
-    return parse_size(value)
+def _c_ranged(parse, key):
+    """A coerce function: ``parse`` (parse_int, parse_float or parse_size)
+    within ``RANGES[key]``."""
+    minimum, maximum = RANGES[key]
+    if parse is parse_size:
+        return lambda value, ctx: parse_size(value, maximum)
+    return lambda value, ctx: parse(value, minimum, maximum)
 
 
 def _c_labels(value, ctx):
@@ -570,21 +622,26 @@ PROCESS_KEYS = collections.OrderedDict([
     ("detach", (_c_bool, False, "reported as 'detached' in spawn events")),
     ("shell", (_c_bool, False, "run as: sh -c 'cmd args'")),
     ("os_env", (_c_bool, True, "start from the daemon's environment")),
-    ("numprocesses", (_c_numprocesses, 1, "how many processes to keep running")),
+    ("numprocesses", (_c_ranged(parse_int, "numprocesses"), 1,
+                      "how many processes to keep running")),
     ("start", (_c_bool, True, "start when loaded")),
-    ("priority", (_c_int, sys.maxsize, "start-up order, lowest first")),
+    ("priority", (_c_ranged(parse_int, "priority"), sys.maxsize, "start-up order, lowest first")),
     ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
     ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
-    ("graceful_timeout", (_c_seconds, DEFAULT_GRACEFUL_TIMEOUT, "seconds from SIGTERM to SIGKILL")),
+    ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
+                          DEFAULT_GRACEFUL_TIMEOUT, "seconds from SIGTERM to SIGKILL")),
     ("custom_streams", (_c_labels, [], "extra two-way pipes on fd 3, 4, ...")),
     ("stdout_logfile", (_c_logfile, None, "file for the first output label ('-' = stdout)")),
     ("stderr_logfile", (_c_logfile, None, "file for the second output label")),
     ("logfile", (_c_logfile, None, "file for every output label")),
-    ("logfile_maxbytes", (_c_size, 50 * 1024 ** 2, "rotate log files at this size")),
-    ("logfile_backups", (_c_count, 10, "rotated log files kept (FILE.1 newest)")),
+    ("logfile_maxbytes", (_c_ranged(parse_size, "logfile_maxbytes"), 50 * 1024 ** 2,
+                          "rotate log files at this size")),
+    ("logfile_backups", (_c_ranged(parse_int, "logfile_backups"), 10,
+                         "rotated log files kept (FILE.1 newest)")),
     ("log_timestamps", (_c_bool, False, "prefix each logged line with an ISO time")),
-    ("output_buffer", (_c_size, DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
+    ("output_buffer", (_c_ranged(parse_size, "output_buffer"),
+                       DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
 ])
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
@@ -837,7 +894,7 @@ class Address:
             host, port = text, None
         if port is None or port == "":
             port = DEFAULT_PORT
-        elif not port.isdigit() or int(port) > 65535:
+        elif not is_ascii_digits(port) or int(port) > 65535:
             raise ValueError("%r: port %r is not a number from 0 to 65535" % (text, port))
         return cls(text, "tcp", host=host or "0.0.0.0", port=int(port))
 
@@ -893,7 +950,7 @@ class EndpointSpec:
         return bool(self.certfile or self.keyfile)
 
 
-def _endpoint_value(kind, value, base_dir):
+def _endpoint_value(kind, value, base_dir, key=None):
     if kind == "addresses":
         addresses = []
         for text in str(value).split(","):
@@ -905,8 +962,9 @@ def _endpoint_value(kind, value, base_dir):
         return addresses or [Address.parse("")]
     if kind == "path":
         return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
+    minimum, maximum = RANGES.get(key, (0, None))
     if kind == "count":
-        return parse_int(value, 0)
+        return parse_int(value, minimum, maximum)
     if kind == "list":
         return parse_list(value)
     if kind == "origins":
@@ -918,9 +976,9 @@ def _endpoint_value(kind, value, base_dir):
     if kind == "bool":
         return parse_bool(value)
     if kind == "size":
-        return parse_size(value)
+        return parse_size(value, maximum)
     if kind == "seconds":
-        return parse_float(value, 0)
+        return parse_float(value, minimum, maximum)
     return str(value).strip() or None
 
 
@@ -931,7 +989,7 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
         if key not in ENDPOINT_KEYS:
             continue
         try:
-            values[key] = _endpoint_value(ENDPOINT_KEYS[key][0], value, base_dir)
+            values[key] = _endpoint_value(ENDPOINT_KEYS[key][0], value, base_dir, key)
             problems.pop(key, None)
         except ValueError as exc:          # a bad [gaffer] default is reported there
             problems[key] = ConfigError(source, section, key, str(exc))
@@ -1125,7 +1183,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
     for key, value in cfg.defaults.items():
         try:
-            _endpoint_value(ENDPOINT_KEYS[key][0], value, g_dir)
+            _endpoint_value(ENDPOINT_KEYS[key][0], value, g_dir, key)
         except ValueError as exc:
             errors.append(ConfigError(g_label, "gaffer", key, str(exc)))
     pdirs = g.get("plugins_dir") or g.get("plugin_dir")
@@ -1740,8 +1798,10 @@ class RequestParser:
             self._chunk_state = "size"
             self._chunk_left = 0
         elif "content-length" in headers:
-            length = headers["content-length"].strip()
-            if not length.isdigit() or len(length) > 15:
+            # RFC 9110 8.6: 1*DIGIT, ASCII only (str.isdigit() takes '\xb2',
+            # which int() then refuses, and a 500 would desynchronize).
+            length = headers["content-length"].strip(" \t")
+            if not is_ascii_digits(length) or len(length) > 15:
                 raise HttpError(400, "bad_request", "bad Content-Length")
             self._length = int(length)
             if self._length > self.max_body:
@@ -1954,8 +2014,27 @@ def _no_op_handler(signum, frame):
     """The real work happens when the loop reads the wakeup byte."""
 
 
+# epoll_wait() takes an int of milliseconds (beyond 2**31 ms Python raises
+# OverflowError) and select() has its own limits; a later timer simply
+# costs one extra wake-up a day.
+SELECT_TIMEOUT_MAX = 24 * 3600.0
+
+
+def _is_real(number) -> bool:
+    """An int or a float that is finite (and fits in a float)."""
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return False
+    try:
+        number = float(number)
+    except OverflowError:
+        return False
+    return number - number == 0              # False for nan and the infinities
+
+
 class Loop:
     """Single-threaded event loop; see the module docstring for its API."""
+
+    MAX_DELAY = RANGES["delay"][1]       # call_later / call_at, one week
 
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -1996,11 +2075,23 @@ class Loop:
         return handle
 
     def call_at(self, when, callback, *args) -> Handle:
+        """Run ``callback(*args)`` at loop time ``when``: a finite number
+        at most MAX_DURATION (one week) ahead, ValueError otherwise (a nan
+        would corrupt the heap's order, an infinity the select timeout)."""
+        if not _is_real(when) or when - self.time() > self.MAX_DELAY:
+            raise ValueError("call_at(%r): not a time within %g s from now"
+                             % (when, self.MAX_DELAY))
         handle = Handle(when, next(self._seq), callback, args)
         heapq.heappush(self._timers, handle)
         return handle
 
     def call_later(self, delay, callback, *args) -> Handle:
+        """Run ``callback(*args)`` in ``delay`` seconds: a negative delay
+        means now; nan, infinities and more than MAX_DURATION (one week)
+        are a ValueError."""
+        if not _is_real(delay) or delay > self.MAX_DELAY:
+            raise ValueError("call_later(%r): the delay must be a number of seconds "
+                             "up to %g" % (delay, self.MAX_DELAY))
         return self.call_at(self.time() + max(0.0, delay), callback, *args)
 
     @staticmethod
@@ -2121,19 +2212,51 @@ class Loop:
     def stop(self):
         self._stopping = True
 
+    # Consecutive iterations that may fail inside the loop's own code
+    # before run() gives up; each failure is logged and the loop goes on.
+    MAX_FAILED_ITERATIONS = 100
+
     def run(self):
+        """Run iterations until stop().  An exception in the loop's own
+        code (callbacks have their own boundary in Handle._run) is logged
+        and the loop goes on: supervising children matters more than one
+        iteration.  Only MAX_FAILED_ITERATIONS failures in a row, a loop
+        that cannot make progress at all, raise to the caller, which must
+        then stop the children itself."""
         self._stopping = False
-        self.reap_children()
+        failures = 0
+        reap = True
         while not self._stopping:
-            self.run_once()
+            try:
+                if reap:
+                    reap = False
+                    self.reap_children()
+                self.run_once()
+                failures = 0
+            except Exception:
+                failures += 1
+                if failures >= self.MAX_FAILED_ITERATIONS:
+                    raise
+                if failures == 1:
+                    log.exception("error in the event loop itself; going on")
+
+    def _select_timeout(self):
+        """Seconds select() may wait: 0 with callbacks ready, else until
+        the first live timer (cancelled ones at the head of the heap are
+        dropped, they must not decide), at most SELECT_TIMEOUT_MAX; None
+        with no timers."""
+        if self._ready:
+            return 0
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        if not timers:
+            return None
+        return min(max(0.0, timers[0].when - self.time()), SELECT_TIMEOUT_MAX)
 
     def run_once(self):
         self.iteration += 1
-        timeout = None
-        if self._ready:
-            timeout = 0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0].when - self.time())
+        timeout = self._select_timeout()
         get_key = self._selector.get_key
         for key, mask in self._selector.select(timeout):
             # An earlier callback of this batch may have removed this fd's
@@ -4658,8 +4781,8 @@ def parse_signal(text) -> int:
     """A signal number, or a name such as HUP or SIGHUP (SPEC 6.4.9)."""
     if text is None or not str(text).strip():
         raise ApiError(400, "no_signal_number", "give a signal: _signal/15 or _signal/TERM")
-    text = str(text).strip()
-    if text.isdigit():
+    text = str(text)
+    if is_ascii_digits(text):
         number = int(text)
     else:
         name = text.upper() if text.upper().startswith("SIG") else "SIG" + text.upper()
@@ -4672,22 +4795,32 @@ def parse_signal(text) -> int:
     return number
 
 
+def parse_number(name, text, parse=parse_int, range_name=None):
+    """A number from a query parameter or a path: ``parse`` (parse_int or
+    parse_float: ASCII digits only) within ``RANGES[range_name or name]``.
+    Anything else is ApiError 400 bad_value naming ``name`` and the range."""
+    minimum, maximum = RANGES[range_name or name]
+    try:
+        return parse(text, minimum, maximum)
+    except ValueError:
+        raise ApiError(400, "bad_value", "%s must be %s from %s to %s, not %r" % (
+            name, "a whole number" if parse is parse_int else "a number of seconds",
+            *("%g" % n if isinstance(n, float) else n for n in (minimum, maximum)),
+            text)) from None
+
+
 def parse_heartbeat(value):
-    """``true`` = 60 s; ``false``/``0``/empty = none (SPEC 6.5 fixes)."""
+    """``true`` = 60 s; ``false``/``0``/empty = none (SPEC 6.5 fixes);
+    otherwise seconds within RANGES["heartbeat"] (at least 0.05)."""
     if value is None:
         return HEARTBEAT_DEFAULT
-    text = value.strip().lower()
+    text = value.lower()
     if text in ("true", "yes", "on"):
         return HEARTBEAT_DEFAULT
-    if text in ("", "false", "no", "off", "0"):
+    if text in ("", "false", "no", "off"):
         return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ApiError(400, "bad_value", "heartbeat must be true, false or seconds") from None
-    if not seconds > 0 or seconds != seconds:
-        return None
-    return max(seconds, 0.05)
+    seconds = parse_number("heartbeat", text, parse_float)
+    return max(seconds, 0.05) if seconds else None
 
 
 def _metric_labels(**labels) -> str:
@@ -4813,8 +4946,8 @@ class Api:
 
     @staticmethod
     def _id(text) -> int:
-        if text is None or not text.isdigit():
-            raise ApiError(400, "bad_value", "%r is not a process id" % text)
+        if not is_ascii_digits(text):
+            raise ApiError(400, "bad_value", "%r is not a process id (ASCII digits)" % (text,))
         return int(text)
 
     def _live(self, text, stopping_too=False) -> Process:
@@ -4933,9 +5066,7 @@ class Api:
     def _count(self, rest) -> int:
         if rest is None or rest == "":
             return 1
-        if not rest.isdigit():
-            raise ApiError(400, "bad_value", "%r is not a whole number" % rest)
-        return int(rest)
+        return parse_number("count", rest)
 
     def template_action(self, req, name, action, rest):
         t = self._template(name)
@@ -4990,14 +5121,11 @@ class Api:
         label = req.query.get("label") or labels[0]
         if label not in labels:
             raise ApiError(404, "io_not_found", "%s has no output label %r" % (t.name, label))
-        try:
-            count = int(req.query.get("lines", "100"))
-        except ValueError:
-            raise ApiError(400, "bad_value", "lines must be a whole number") from None
+        count = parse_number("lines", req.query.get("lines", "100"))
         procs = {p.id: p for p in itertools.chain(
             t.recent, t.running, (p for p in self.manager._by_pid.values() if p.template is t))}
         if "pid" in req.query:
-            wanted = self._id(req.query["pid"])
+            wanted = parse_number("pid", req.query["pid"], range_name="id")
             procs = {k: v for k, v in procs.items() if k == wanted}
         lines = []
         for proc_id in sorted(procs):
@@ -5110,16 +5238,17 @@ class Api:
         ring = proc.rings.get(label)
         backlog = b""
         last_id = req.headers.get("last-event-id") or req.query.get("last_event_id")
-        if ring is not None and last_id is not None and last_id.strip().isdigit():
-            offset = int(last_id)
+        if last_id is not None:
+            last_id = parse_number("last_event_id", last_id)
+        if "tail" in req.query:
+            tail = parse_number("tail", req.query["tail"])
+        if ring is not None and last_id is not None:
+            offset = last_id
             backlog = ring.since(offset)
             if backlog is None:                   # overwritten (or a bogus id)
                 backlog = bytes(ring.buf) if offset < ring.start else b""
         elif ring is not None and "tail" in req.query:
-            try:
-                backlog = ring.tail(int(req.query["tail"]))
-            except ValueError:
-                raise ApiError(400, "bad_value", "tail must be a whole number") from None
+            backlog = ring.tail(tail)
 
         def send(sink, data):
             if mode == "eventsource":
@@ -5176,7 +5305,7 @@ class Api:
         return json_reply(200, OK)
 
     def wstream(self, req, pid):
-        proc = self.manager.find_process(int(pid)) if pid.isdigit() else None
+        proc = self.manager.find_process(int(pid)) if is_ascii_digits(pid) else None
 
         def opener(ws):
             if proc is None or not proc.alive:
@@ -6267,7 +6396,7 @@ def check_pidfile(path):
     if not os.path.isdir(directory):
         raise PidfileError("%s doesn't exist. Can't create pidfile." % directory)
     content = (_read_pidfile(path) or "").strip()
-    if not content.isdigit() or int(content) <= 0:
+    if not is_ascii_digits(content) or int(content) <= 0:
         return                                   # none, or garbage: stale
     pid = int(content)
     if pid == os.getpid():
@@ -6379,7 +6508,8 @@ def build_arg_parser():
     parser.add_argument("--bind", default=DEFAULT_BIND, help="default HTTP binding")
     parser.add_argument("--certfile", help="SSL certificate file for the default binding")
     parser.add_argument("--keyfile", help="SSL key file for the default binding")
-    parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG, help="default backlog")
+    parser.add_argument("--backlog", default=str(DEFAULT_BACKLOG),   # checked like the INI key
+                        help="default backlog")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print the templates, exit 0 (or 2)")
     parser.add_argument("--version", action="version",
@@ -6459,7 +6589,7 @@ class Daemon:
             self.config = Config(None)
             self.config.plugins_dirs = [os.path.abspath(os.path.expanduser(self.args.plugins_dir))]
         if not self.config.endpoints:
-            items = {"bind": self.args.bind, "backlog": str(self.args.backlog)}
+            items = {"bind": self.args.bind, "backlog": self.args.backlog}
             if self.args.certfile:
                 items["certfile"] = self.args.certfile
             if self.args.keyfile:
@@ -6547,6 +6677,67 @@ class Daemon:
                  manager.orphans.reaped_total)
         loop.close()
         return 0
+
+    # A last-resort stop waits at most this long for children that got
+    # SIGTERM, whatever their graceful_timeout, before SIGKILL.
+    EMERGENCY_GRACE = 30.0
+
+    def stop_children_now(self):
+        """Stop every child without the loop, which could not go on: the
+        daemon is about to exit and must not leave its children behind.
+        SIGTERM to every process group (and to adopted orphans), up to
+        their graceful_timeout (at most EMERGENCY_GRACE) to exit, SIGKILL
+        for the rest; each exit is reaped.  Waits on the wakeup socket,
+        which gets a byte for every SIGCHLD."""
+        manager, loop = self.manager, self.loop
+        if manager is None:
+            return
+        procs = [p for p in manager._by_pid.values() if p.pid is not None]
+        if not procs:
+            return
+        log.warning("stopping %d process(es) before exiting", len(procs))
+        pids = {p.pid for p in procs}
+        grace = min(self.EMERGENCY_GRACE, max(p.spec.graceful_timeout for p in procs))
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            for pgid in pids:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pgid, signum)
+                        break
+                    except OSError:
+                        pass
+            manager._kill_orphans(signum)
+            deadline = time.monotonic() + wait
+            while True:
+                self._reap_now(pids)
+                remaining = deadline - time.monotonic()
+                if not pids or remaining <= 0:
+                    break
+                try:
+                    if lazy_import("select").select([loop._wake_r], [], [],
+                                                    min(remaining, 0.5))[0]:
+                        loop._wake_r.recv(4096)
+                except (OSError, ValueError):
+                    break                          # no way to wait: on to SIGKILL
+            if not pids:
+                break
+        log.warning("%s", "every process stopped" if not pids else
+                    "%d process(es) did not exit: %s" % (len(pids), sorted(pids)))
+
+    @staticmethod
+    def _reap_now(pids):
+        """Reap every child that has exited; forget the ones in ``pids``."""
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pids.clear()
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            pids.discard(pid)
 
     def _on_quit_signal(self, signum):
         log.info("received %s: shutting down", signal.Signals(signum).name)
@@ -6735,6 +6926,10 @@ def _run_daemon(daemon, args) -> int:
         return daemon.run()
     except Exception:
         log.exception("gafferd stopped on an unexpected error")
+        try:
+            daemon.stop_children_now()
+        except Exception:
+            log.exception("could not stop every process")
         return 1
     finally:
         if args.pidfile:

@@ -189,3 +189,37 @@ def test_websocket_fragments_and_interleaved_ping():
 def test_websocket_protocol_errors(data):
     with pytest.raises(gafferd.WebSocketError):
         gafferd.WebSocketParser().feed(data)
+
+
+# Numbers in framing are ASCII digits only (RFC 9110 8.6 1*DIGIT, RFC 9112
+# 7.1 1*HEXDIG).  str.isdigit() took '\xb2' (a latin-1 superscript two),
+# then int() refused it: a ValueError, a 500, and a connection whose
+# framing nobody knew any more.
+BAD_NUMBERS = [b"\xb2", b"\xb9\xb2", b"\xd9\xa1\xd9\xa2", b"1_0", b"+5", b"0x5", b"5e0",
+               b"1 2", b"-0", b"\xef\xbc\x95"]
+
+
+@pytest.mark.parametrize("number", BAD_NUMBERS, ids=repr)
+@pytest.mark.parametrize("step", [None, 1])
+def test_content_length_is_ascii_digits_only(number, step):
+    data = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: " + number + b"\r\n\r\n12345"
+    with pytest.raises(gafferd.HttpError) as info:
+        feed_all(data, step)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("number", [n for n in BAD_NUMBERS if n != b"5e0"] + [b"g"], ids=repr)
+@pytest.mark.parametrize("step", [None, 1])
+def test_chunk_size_is_ascii_hex_only(number, step):
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + number + b"\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n")
+    with pytest.raises(gafferd.HttpError) as info:
+        feed_all(data, step)
+    assert info.value.status == 400
+
+
+def test_content_length_with_surrounding_blanks_still_frames_the_body():
+    # RFC 9110 5.5: optional whitespace around a field value is not part of it
+    [req, nxt], _ = feed_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \t5 \r\n\r\n"
+                             b"helloGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert req.body == b"hello" and nxt.method == "GET"

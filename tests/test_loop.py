@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import run_loop_until
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -212,4 +214,99 @@ def test_freed_memory_is_given_back_once_the_daemon_is_quiet(monkeypatch):
         assert t - max(x for x in touches if x <= t) >= 0.19
     # and then nothing (the other pending timers are this test's own)
     assert not [h for h in loop._timers if not h.cancelled and h.callback == trimmer._fire]
+    loop.close()
+
+
+# -- timers that cannot kill the loop -------------------------------------------
+
+def test_timer_values_outside_the_range_are_refused():
+    # A nan ``when`` breaks the heap's order, an infinite or absurd one
+    # reached select(); plugins get a ValueError at the call instead.
+    loop = gafferd.Loop()
+    week = gafferd.MAX_DURATION
+    for delay in (float("nan"), float("inf"), float("-inf"), 1e400, 10 ** 400, 1e9, week + 1,
+                  "5", None, True):
+        with pytest.raises(ValueError):
+            loop.call_later(delay, lambda: None)
+    for when in (float("nan"), float("inf"), float("-inf"), 10 ** 400, loop.time() + 1e9, "5", None):
+        with pytest.raises(ValueError):
+            loop.call_at(when, lambda: None)
+    assert not loop._timers
+    loop.call_later(week, lambda: None).cancel()       # the limit itself is fine
+    got = []
+    loop.call_later(-5, got.append, "now")             # negative means now
+    run_loop_until(loop, lambda: got)
+    loop.close()
+
+
+def test_select_timeout_is_clamped_for_a_timer_far_away():
+    # GET /watch?heartbeat=1e9 once put a timer 1e9 s away in the heap;
+    # when it became the nearest, epoll refused the timeout with
+    # OverflowError and the daemon exited.  Whatever sits in the heap,
+    # select() gets at most SELECT_TIMEOUT_MAX.
+    loop = gafferd.Loop()
+    far = gafferd.Handle(loop.time() + 1e12, 0, lambda: None, ())
+    loop._timers.append(far)                     # as if put there before validation
+    r, w = os.pipe()
+    got = []
+    loop.add_reader(r, lambda: got.append(os.read(r, 10)))
+    os.write(w, b"x")
+    loop.run_once()                              # old code: OverflowError
+    assert got == [b"x"]
+    assert 0 < loop._select_timeout() <= gafferd.SELECT_TIMEOUT_MAX <= 2 ** 31 / 1000
+    loop.remove_reader(r)
+    os.close(r)
+    os.close(w)
+    loop.close()
+
+
+def test_cancelled_timers_at_the_head_do_not_decide_the_timeout():
+    loop = gafferd.Loop()
+    timeouts = []
+    select = loop._selector.select
+    loop._selector.select = lambda timeout=None: (timeouts.append(timeout), select(timeout))[1]
+    for _ in range(3):
+        loop.call_later(0.001, lambda: None).cancel()
+    got = []
+    loop.call_later(0.2, got.append, "live")
+    loop.run_once()
+    assert got == ["live"]                       # one select, straight to the live timer
+    assert len(timeouts) == 1 and timeouts[0] > 0.1, timeouts
+    assert not [h for h in loop._timers if h.cancelled]
+    loop.call_later(0.001, lambda: None).cancel()
+    assert loop._select_timeout() is None        # only a cancelled timer: wait for I/O
+    loop.close()
+
+
+def test_an_error_in_the_loop_machinery_is_logged_and_survived(caplog):
+    loop = gafferd.Loop()
+    select = loop._selector.select
+    failures = [3]
+
+    def flaky(timeout=None):
+        if failures[0]:
+            failures[0] -= 1
+            raise OverflowError("timeout is too large")
+        return select(timeout)
+    loop._selector.select = flaky
+    got = []
+    loop.call_later(0.01, got.append, "ran")
+    loop.call_later(0.05, loop.stop)
+    loop.run()                                   # old code: the OverflowError ended run()
+    assert got == ["ran"]
+    assert "error in the event loop itself" in caplog.text
+    assert caplog.text.count("OverflowError: timeout") == 1    # one traceback per series
+    loop.close()
+
+
+def test_a_loop_that_cannot_make_progress_raises_after_many_failures():
+    loop = gafferd.Loop()
+
+    def broken(timeout=None):
+        raise OSError("selector is gone")
+    loop._selector.select = broken
+    with pytest.raises(OSError):
+        loop.run()
+    assert loop.iteration == gafferd.Loop.MAX_FAILED_ITERATIONS
+    loop._selector.select = lambda timeout=None: []
     loop.close()

@@ -61,6 +61,9 @@ key              default     meaning
 ``expect_status`` any 2xx    ``http`` only: accepted reply statuses
 ================ =========== =============================================
 
+Durations are decimal seconds (ASCII digits and a decimal point) up to
+one week (604800); ``failures`` is a whole number up to 1000000.
+
 Checks run only while the template has running processes; a stopped or
 unknown template is not probed and its consecutive-failure count starts
 again from zero.
@@ -97,7 +100,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shlex
 import signal
@@ -152,16 +154,23 @@ class CheckSpec:
         self.argv = argv            # command: argument vector
 
 
+# (minimum, maximum) of each numeric key; durations follow the daemon's
+# own limit (gafferd.MAX_DURATION, one week), so no timer ever overflows.
+RANGES = {"interval": (0.0, gafferd.MAX_DURATION), "timeout": (0.0, gafferd.MAX_DURATION),
+          "start_period": (0.0, gafferd.MAX_DURATION), "failures": (1, gafferd.MAX_COUNT)}
+
+
 def _parse_number(where: str, key: str, raw: str, integer: bool,
                   minimum: float, strict: bool) -> Any:
+    """``raw`` as gafferd reads numbers (ASCII digits, a decimal point for
+    durations, finite), at least ``minimum`` (more than it if ``strict``)
+    and at most RANGES[key]'s maximum."""
     text = raw.strip()
+    maximum = RANGES[key][1]
     try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise CheckConfigError("%s %s: %r is not %s" % (
-            where, key, raw, "an integer" if integer else "a number"))
-    if not integer and not math.isfinite(value):
-        raise CheckConfigError("%s %s: %r is not a finite number" % (where, key, raw))
+        value = (gafferd.parse_int if integer else gafferd.parse_float)(text, None, maximum)
+    except ValueError as exc:
+        raise CheckConfigError("%s %s: %s" % (where, key, exc))
     if value < minimum or (strict and value == minimum):
         raise CheckConfigError("%s %s: %r must be %s %s" % (
             where, key, raw, "greater than" if strict else "at least", minimum))
@@ -175,10 +184,9 @@ def _parse_tcp(where: str, raw: str) -> Tuple[str, int]:
         raise CheckConfigError("%s tcp: %r is not HOST:PORT" % (where, raw))
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    try:
-        number = int(port)
-    except ValueError:
+    if not gafferd.is_ascii_digits(port):
         raise CheckConfigError("%s tcp: port %r is not an integer" % (where, port))
+    number = int(port)
     if not 0 < number < 65536:
         raise CheckConfigError("%s tcp: port %d is out of range" % (where, number))
     return host, number
@@ -187,10 +195,9 @@ def _parse_tcp(where: str, raw: str) -> Tuple[str, int]:
 def _parse_statuses(where: str, raw: str) -> frozenset:
     codes = set()
     for word in raw.replace(",", " ").split():
-        try:
-            code = int(word)
-        except ValueError:
+        if not gafferd.is_ascii_digits(word):
             raise CheckConfigError("%s expect_status: %r is not an HTTP status" % (where, word))
+        code = int(word)
         if not 100 <= code <= 599:
             raise CheckConfigError("%s expect_status: %d is not an HTTP status" % (where, code))
         codes.add(code)
