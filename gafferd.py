@@ -1118,8 +1118,9 @@ def _include_paths(values, base_dir, recursive_dirs):
     return paths
 
 
-_DAEMON_LOG_KEYS = (("logfile", _c_logfile), ("logfile_maxbytes", _c_size),
-                    ("logfile_backups", _c_count))
+_DAEMON_LOG_KEYS = (("logfile", _c_logfile),
+                    ("logfile_maxbytes", PROCESS_KEYS["logfile_maxbytes"][0]),
+                    ("logfile_backups", PROCESS_KEYS["logfile_backups"][0]))
 
 
 def _daemon_logfile(cfg, files, label, base_dir, errors):
