@@ -52,7 +52,8 @@ NUMERIC_QUERY = {
     "lines": ["/processes/{name}/_log?lines={v}"],
     "pid": ["/processes/{name}/_log?pid={v}"],
     "tail": ["/streams/{id}/stdout?tail={v}"],
-    "last_event_id": ["/streams/{id}/stdout?feed=eventsource&last_event_id={v}"],
+    "last_event_id": ["/streams/{id}/stdout?feed=eventsource&last_event_id={v}",
+                      "/watch?feed=eventsource&last_event_id={v}"],
 }
 OTHER_QUERY = {"dry_run", "running", "label", "feed", "v"}
 
