@@ -851,10 +851,8 @@ def _endpoint_value(kind, value, base_dir):
     return str(value).strip() or None
 
 
-def build_endpoint(name, items, defaults, source, section, base_dir, resolve=True,
-                   warnings=None):
-    """Validate an endpoint; ``items`` override ``defaults`` ([gaffer]).
-    ConfigError; what is allowed but unwise is appended to ``warnings``."""
+def build_endpoint(name, items, defaults, source, section, base_dir, resolve=True):
+    """Validate an endpoint; ``items`` override ``defaults`` ([gaffer])."""
     values = {}
     for key, value in itertools.chain(defaults.items(), items.items()):
         if key not in ENDPOINT_KEYS:
@@ -872,20 +870,12 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
         try:
             with open(spec.auth_token_file) as f:
                 spec.auth_token = f.read().strip() or None
-                mode = os.fstat(f.fileno()).st_mode
         except OSError as exc:
             raise ConfigError(source, section, "auth_token_file",
                               "cannot read %r: %s" % (spec.auth_token_file, exc.strerror)) from None
         if not spec.auth_token:
             raise ConfigError(source, section, "auth_token_file",
                               "%r is empty" % spec.auth_token_file)
-        if mode & 0o077 and warnings is not None:
-            # the token is the whole of the API's authentication: another
-            # local user who can read it can run commands as this daemon
-            warnings.append(str(ConfigError(source, section, "auth_token_file", (
-                "%r is open to its group or others (mode %04o): whoever can read it "
-                "can run commands through the API; chmod 600 it")
-                % (spec.auth_token_file, stat.S_IMODE(mode)))))
     for path_key in ("certfile", "keyfile"):
         path = getattr(spec, path_key)
         if path and not os.path.isfile(path):
@@ -901,6 +891,23 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
                     "auth_token_file), or insecure = true to accept the risk")
                     % address.text)
     return spec
+
+
+def token_file_warning(spec: EndpointSpec):
+    """A warning (str) if the endpoint's auth_token_file is open to its
+    group or others, else None.  The token is the whole of the API's
+    authentication: whoever reads it can run commands as the daemon."""
+    if not spec.auth_token_file:
+        return None
+    try:
+        mode = os.stat(spec.auth_token_file).st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return ("[endpoint:%s] auth_token_file %r is open to its group or others (mode %04o): "
+            "whoever can read it can run commands through the API; chmod 600 it"
+            % (spec.name, spec.auth_token_file, stat.S_IMODE(mode)))
 
 
 class Config:
@@ -1092,7 +1099,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
             continue
         try:
             cfg.endpoints.append(build_endpoint(name, items, cfg.defaults, flabel, section,
-                                                fdir, resolve, cfg.warnings))
+                                                fdir, resolve))
         except ConfigError as exc:
             errors.append(exc)
     for event, (value, flabel) in webhooks.items():
@@ -5819,13 +5826,21 @@ class Daemon:
                 items["keyfile"] = self.args.keyfile
             try:
                 self.config.endpoints.append(build_endpoint(
-                    "default", items, self.config.defaults, "command line", None, os.getcwd(),
-                    warnings=self.config.warnings))
+                    "default", items, self.config.defaults, "command line", None, os.getcwd()))
             except ConfigError as exc:
                 exc.key = "--" + exc.key if exc.key else exc.key
                 raise
         for warning in self.config.warnings:
             log.warning("%s", warning)
+        self.warn_token_files()
+
+    def warn_token_files(self):
+        """At start-up, --check and every reload: a token file others can
+        read is worth a line each time."""
+        for endpoint in self.config.endpoints:
+            warning = token_file_warning(endpoint)
+            if warning:
+                log.warning("%s", warning)
 
     def describe(self) -> str:
         """The resolved config, for --check."""
@@ -5952,6 +5967,7 @@ class Daemon:
             log.warning("endpoint changes take effect at the next restart of the daemon")
         new.endpoints = self.config.endpoints
         self.config = new
+        self.warn_token_files()
         manager.cfg = new.parser
         for app in manager.apps:
             if isinstance(app, PluginApp):
