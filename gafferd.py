@@ -4683,9 +4683,19 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")               # change nothing (RFC 91
 # no page of another origin may frame the console (clickjacking)
 SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "SAMEORIGIN"),
                     ("Content-Security-Policy", "frame-ancestors 'self'")]
-_SEND_HIGH_WATER = 64 * 1024      # stop answering (and reading) pipelined requests above this
+_SEND_HIGH_WATER = 16 * 1024      # stop answering (and reading) pipelined requests above this
 _RECV_SIZE = 64 * 1024            # one read from a client
 _FEED_INPUT_LIMIT = 64 * 1024     # what a client may send while its feed is open
+_LINGER = 2.0                     # after the last reply, wait this long for the client's FIN
+_PIPELINE_TURN = 2                # pipelined requests answered per loop iteration
+# The kernel's send buffer of a connection (the kernel doubles it).
+# Autotuning would let a client that never reads park megabytes of
+# replies there, and make the daemon answer tens of thousands of its
+# pipelined requests first.  A stream gets the larger one: its backlog is
+# bounded by STREAM_BUFFER_LIMIT and the stall check, and it needs the
+# room on a long round trip.
+_SOCKET_SEND_BUFFER = 16 * 1024
+_STREAM_SEND_BUFFER = 512 * 1024
 
 
 class BindError(Exception):
@@ -4899,11 +4909,12 @@ class HttpServer:
                     pass
                 sock.close()
                 continue
-            if listener.address.kind == "tcp":
-                try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
+                if listener.address.kind == "tcp":
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
+            except OSError:
+                pass
             self.connections.add(Connection(self, listener, sock, remote))
 
     def _refuse_one(self, listener, exc) -> bool:
@@ -5111,11 +5122,14 @@ class Connection:
                             + _RECV_SIZE)
         self.out = bytearray()
         self.closing = False              # close once ``out`` is sent
+        self.lingering = False            # sent FIN; discarding input until the client's
         self.closed = False
         self.reading = False              # the reader is registered
         self.sent = 0                     # bytes written to the socket
+        self.received = 0                 # bytes read from it
         self.throttled = None             # stall-check handle while throttled
         self.busy = None                  # the _Sink or _WebSocket in progress
+        self.turn = None                  # the next turn of a long pipeline, scheduled
         self.handshaking = listener.tls is not None
         self.continue_sent = False
         self.accepted = self.last_activity = self.progress = self.loop.time()
@@ -5150,7 +5164,9 @@ class Connection:
         bounded (see the class docstring)."""
         if self.closed:
             return
-        if self.closing:
+        if self.lingering:
+            want = True
+        elif self.closing or self.turn is not None:
             want = False
         elif isinstance(self.busy, _WebSocket):
             want = len(self.out) <= STREAM_BUFFER_LIMIT
@@ -5170,6 +5186,9 @@ class Connection:
 
     def _on_readable(self):
         if self.closed or not self.reading:
+            return
+        if self.lingering:
+            self._discard_input()
             return
         if self.handshaking and not self._handshake():
             return
@@ -5192,6 +5211,7 @@ class Connection:
         if not chunks:
             return
         data = b"".join(chunks)
+        self.received += len(data)
         self.last_activity = self.loop.time()
         if isinstance(self.busy, _WebSocket):
             self.busy.feed(data)
@@ -5235,7 +5255,7 @@ class Connection:
             data = data[n:]
             if not data:
                 if self.closing:
-                    self.close()
+                    self._linger()
                 else:
                     self._update_reading()
                 return
@@ -5275,7 +5295,7 @@ class Connection:
 
     def flush(self):
         if not self.out and self.closing:
-            self.close()
+            self._linger()
         else:
             self._update_reading()
 
@@ -5310,11 +5330,44 @@ class Connection:
             return
         self.loop.remove_writer(self.fd)
         if self.closing:
-            self.close()
+            self._linger()
             return
         if self.busy is None and self.parser.buf:
             self.process()                      # pipelined requests waiting
         self._update_reading()
+
+    def _linger(self):
+        """All is sent: end the connection.  Closing a socket with input
+        unread makes the kernel answer with a reset, which can destroy
+        the reply still in flight to the client (RFC 9112 9.6): so send
+        FIN, then read and discard whatever the client still sends until
+        it closes too, for _LINGER seconds at most."""
+        if self.lingering or self.listener.tls is not None or self.busy is not None:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.lingering = self.closing = True
+        self.parser.buf.clear()
+        self.progress = self.loop.time()
+        self.timer.cancel()
+        self.timer = self.loop.call_at(self.progress + _LINGER, self._on_timer)
+        self._update_reading()
+
+    def _discard_input(self):
+        for _ in range(4):
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
 
     def close(self):
         if self.closed:
@@ -5324,6 +5377,7 @@ class Connection:
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         self.timer.cancel()
+        Loop.cancel(self.turn)
         self._unthrottle()
         try:
             self.sock.close()
@@ -5331,7 +5385,7 @@ class Connection:
             pass
         self.server.connections.discard(self)
         self.server.per_endpoint[self.endpoint.name] -= 1
-        if self.sent >= READ_CHUNK:             # a stream or big replies: buffers worth giving back
+        if self.sent + self.received >= _RECV_SIZE:    # buffers worth giving back
             self.loop.trimmer.touch()
         self.out = bytearray()
         self.parser.buf.clear()
@@ -5347,6 +5401,8 @@ class Connection:
         ep = self.endpoint
         if self.handshaking:
             return self.accepted + ep.request_timeout, self._time_out_handshake
+        if self.lingering:
+            return self.progress + _LINGER, self.close
         if self.out:
             return self.progress + ep.request_timeout, self._time_out_send
         if self.busy is not None:
@@ -5397,9 +5453,20 @@ class Connection:
 
     # -- requests ----------------------------------------------------------------------
     def process(self):
+        """Answer the complete requests in the parse buffer, in order:
+        _PIPELINE_TURN of them per loop iteration (one client's pipeline
+        never holds up the others), and none while ``out`` is above its
+        high-water mark (resumed from ``_on_writable``)."""
+        if self.turn is not None:
+            return
+        handled = 0
         while not self.closed and not self.closing and self.busy is None:
             if len(self.out) > _SEND_HIGH_WATER:
-                return                         # resumed from _on_writable
+                return
+            if handled == _PIPELINE_TURN:
+                self.turn = self.loop.call_soon(self._next_turn)
+                self._update_reading()
+                return
             try:
                 req = self.parser.next()
             except HttpError as exc:
@@ -5417,7 +5484,13 @@ class Connection:
                 return
             self.continue_sent = False
             self.request_started = None if self.parser.idle else self.loop.time()
+            handled += 1
             self._handle(req)
+
+    def _next_turn(self):
+        self.turn = None
+        self.process()
+        self._update_reading()
 
     def _send_error(self, exc: HttpError):
         self.server.requests["%dxx" % (exc.status // 100)] += 1
@@ -5555,6 +5628,7 @@ class Connection:
         if not chunked or not req.keep_alive:
             headers.append(("Connection", "close"))
         self.feed_keep_alive = chunked and req.keep_alive
+        self._grow_send_buffer()
         self.write(render_head(feed.status, headers))
         if self.closed:
             return
@@ -5564,6 +5638,12 @@ class Connection:
         except Exception:
             log.exception("error while opening a stream for %s", req.path)
             sink.end()
+
+    def _grow_send_buffer(self):
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _STREAM_SEND_BUFFER)
+        except OSError:
+            pass
 
     def feed_done(self):
         """A Feed ended: go on with pipelined requests, or close."""
@@ -5590,6 +5670,7 @@ class Connection:
                         [("Sec-WebSocket-Version", "13")])
             return
         self.server.requests["1xx"] += 1
+        self._grow_send_buffer()
         self.write(render_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
                                      ("Sec-WebSocket-Accept", ws_accept_key(key))]
                                + SECURITY_HEADERS))
