@@ -5094,15 +5094,17 @@ class Connection:
     ==========  =====================================  ========================================
     state       deadline                               reading
     ==========  =====================================  ========================================
-    handshake   rt after the accept, then closed        by the TLS layer
+    handshake   rt after the accept, then closed       by the TLS layer
     idle        keepalive_timeout after the last byte  yes
-    request     rt after its first byte, then 408      yes, the parse buffer capped
-    replying    rt without a byte sent, then closed    not while ``out`` > _SEND_HIGH_WATER
+    request     rt after its first byte, then 408      yes, up to ``input_limit``, else closed
+    replying    rt without a byte sent, then closed    not while ``out`` > _SEND_HIGH_WATER,
+                                                       nor between turns of a long pipeline
     feed        the same while it has unsent bytes;    only to see the client leave; over
                 a quiet feed lasts as long as its      _FEED_INPUT_LIMIT of input, closed
                 client
     websocket   as a feed                              not while ``out`` > STREAM_BUFFER_LIMIT
     closing     rt without a byte sent, then closed    no
+    lingering   _LINGER after the FIN, then closed     read and dropped (``_linger``)
     ==========  =====================================  ========================================
 
     Not reading leaves the bytes in the kernel's buffers: a client that
