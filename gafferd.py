@@ -5124,7 +5124,7 @@ class Connection:
                             + _RECV_SIZE)
         self.out = bytearray()
         self.closing = False              # close once ``out`` is sent
-        self.lingering = False            # sent FIN; discarding input until the client's
+        self.lingering = False            # FIN sent; input dropped until the client's FIN
         self.closed = False
         self.reading = False              # the reader is registered
         self.sent = 0                     # bytes written to the socket
@@ -5262,6 +5262,10 @@ class Connection:
                     self._update_reading()
                 return
         self.out += data
+        if len(self.out) > STREAM_BUFFER_LIMIT and self.busy is not None:
+            self._throttle()
+            if self.closed:
+                return
         self.loop.add_writer(self.fd, self._on_writable)
         self._update_reading()
 
