@@ -136,7 +136,7 @@ DEFAULT_KEEPALIVE = 60.0
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_REQUEST_LINE = 8 * 1024
 MAX_HEADER_BYTES = 16 * 1024
-REQUEST_TIMEOUT = 30.0               # a request head must arrive within this
+REQUEST_TIMEOUT = 30.0               # default request_timeout: handshake, request, reply progress
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 UTF8_HOLD = 0.05                     # the start of a character cut by a read waits this for its end
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
@@ -208,6 +208,7 @@ RANGES = {
     "backlog": (0, 65535),
     "max_body_size": (0, MAX_BUFFER),
     "keepalive_timeout": (0.0, MAX_DURATION),
+    "request_timeout": (0.001, MAX_DURATION),
     "max_connections": (1, MAX_COUNT),
     # query parameters and numbers in paths
     "heartbeat": (0.0, MAX_DURATION),
@@ -899,9 +900,13 @@ class Address:
         return cls(text, "tcp", host=host or "0.0.0.0", port=int(port))
 
     def is_loopback(self, resolve=True) -> bool:
-        if self.kind == "unix":
-            return True
-        if self.host.lower() == "localhost" or self.host.lower().endswith(".localhost"):
+        """True if only this machine can connect.  ``localhost`` itself
+        is (the server binds 127.0.0.1 and ::1 for it, never a lookup);
+        any other name, ``*.localhost`` included, is looked up and every
+        address it resolves to must be a loopback one (an /etc/hosts line
+        can point ``app.localhost`` anywhere).  ``resolve=False``: a name
+        other than ``localhost`` counts as not loopback."""
+        if self.kind == "unix" or self.host.lower() == "localhost":
             return True
         try:
             return ipaddress.ip_address(self.host.split("%")[0]).is_loopback
@@ -930,6 +935,8 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("insecure", ("bool", False, "allow a non-loopback bind without a token")),
     ("max_body_size", ("size", DEFAULT_MAX_BODY, "largest request body")),
     ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
+    ("request_timeout", ("seconds", REQUEST_TIMEOUT,
+                         "a TLS handshake, a request, or each step of a reply must take less")),
     ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
 ])
 GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
@@ -962,7 +969,7 @@ def _endpoint_value(kind, value, base_dir, key=None):
         return addresses or [Address.parse("")]
     if kind == "path":
         return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
-    minimum, maximum = RANGES.get(key, (0, None))
+    minimum, maximum = RANGES[key] if kind in ("count", "size", "seconds") else (0, None)
     if kind == "count":
         return parse_int(value, minimum, maximum)
     if kind == "list":
@@ -1027,6 +1034,23 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
                     "auth_token_file), or insecure = true to accept the risk")
                     % address.text)
     return spec
+
+
+def token_file_warning(spec: EndpointSpec):
+    """A warning (str) if the endpoint's auth_token_file is open to its
+    group or others, else None.  The token is the whole of the API's
+    authentication: whoever reads it can run commands as the daemon."""
+    if not spec.auth_token_file:
+        return None
+    try:
+        mode = os.stat(spec.auth_token_file).st_mode
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    return ("[endpoint:%s] auth_token_file %r is open to its group or others (mode %04o): "
+            "whoever can read it can run commands through the API; chmod 600 it"
+            % (spec.name, spec.auth_token_file, stat.S_IMODE(mode)))
 
 
 class Config:
@@ -5520,31 +5544,92 @@ class Api:
 
 # § 12 HTTP server (I/O) --------------------------------------------------------
 # Owns: listening sockets (TCP, IPv6, unix, TLS), connections, and the
-# security rules of issue 3: Host checks against DNS rebinding on
-# loopback binds, Origin checks against cross-site requests, CORS only
-# for configured origins, optional token authentication.  A connection
-# reads into the §6 parser, answers pipelined requests in order, streams
-# Feeds with chunked encoding, and switches to websocket framing for an
-# Upgrade.  A slow client only ever delays itself.  Uses §1-§11.
+# security rules: Host checks against DNS rebinding on loopback binds,
+# Origin checks against cross-site requests (cors_origins = * lets other
+# origins read, never change), optional token authentication, headers
+# against sniffing and framing.  A connection reads into the §6 parser,
+# answers pipelined requests in order, streams Feeds with chunked
+# encoding, and switches to websocket framing for an Upgrade.  A slow or
+# hostile client only ever delays itself: every connection state has a
+# deadline and every buffer a bound (see Connection).  Uses §1-§11.
 
-CORS_METHODS = "POST, GET, PUT, DELETE, OPTIONS"
+CORS_METHODS = "POST, GET, PUT, DELETE, OPTIONS"       # to an origin listed in cors_origins
+CORS_READ_METHODS = "GET, HEAD"                         # to any origin, with cors_origins = *
 CORS_HEADERS = "X-Requested-With, X-HTTP-Method-Override, Content-Type, Accept, Authorization"
-_SEND_HIGH_WATER = 256 * 1024     # stop answering pipelined requests above this
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")               # change nothing (RFC 9110 9.2.1)
+# on every response: no MIME sniffing of a reply into HTML or script, and
+# no page of another origin may frame the console (clickjacking)
+SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "SAMEORIGIN"),
+                    ("Content-Security-Policy", "frame-ancestors 'self'")]
+_SEND_HIGH_WATER = 16 * 1024      # stop answering (and reading) pipelined requests above this
+_RECV_SIZE = 64 * 1024            # one read from a client
+_FEED_INPUT_LIMIT = 64 * 1024     # what a client may send while its feed is open
+_LINGER = 2.0                     # after the last reply, wait this long for the client's FIN
+_PIPELINE_TURN = 2                # pipelined requests answered per loop iteration
+# The kernel's send buffer of a connection (the kernel doubles it).
+# Autotuning would let a client that never reads park megabytes of
+# replies there, and make the daemon answer tens of thousands of its
+# pipelined requests first.  A stream gets the larger one: its backlog is
+# bounded by STREAM_BUFFER_LIMIT and the stall check, and it needs the
+# room on a long round trip.
+_SOCKET_SEND_BUFFER = 16 * 1024
+_STREAM_SEND_BUFFER = 512 * 1024
 
 
 class BindError(Exception):
-    """A listening socket that cannot be made (fatal at start-up)."""
+    """A listening socket that cannot be made (fatal at start-up);
+    ``errno`` is the OS error behind it, if any."""
+    errno = None
 
 
 class Listener:
+    """One listening socket of an endpoint.  ``bind = localhost`` makes
+    two: this one on 127.0.0.1 and its ``twin`` on ::1 with the same port,
+    so that no other local user can take the family left free and answer
+    the clients that pick it (browsers try ::1 first)."""
+
     def __init__(self, endpoint, address):
         self.endpoint, self.address = endpoint, address
         self.sock = None
         self.url = None
         self.tls = None
+        self.twin = None
         self.loopback_tcp = address.kind == "tcp" and address.is_loopback(resolve=False)
 
     def bind(self):
+        """Listen; BindError.  For ``localhost``, ``twin`` is set too."""
+        if self.address.kind == "tcp" and self.address.host.lower() == "localhost":
+            self._bind_localhost()
+        else:
+            self._bind()
+
+    def _bind_localhost(self):
+        address = self.address
+        for _ in range(8 if address.port == 0 else 1):
+            self.address = Address(address.text, "tcp", host="127.0.0.1", port=address.port)
+            try:
+                self._bind()
+            finally:
+                self.address = address
+            port = self.sock.getsockname()[1]
+            twin = Listener(self.endpoint, Address(address.text, "tcp", host="::1", port=port))
+            try:
+                twin._bind()
+            except BindError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    return              # no IPv6 loopback here: nobody can take it either
+                self.close()
+                if exc.errno == errno.EADDRINUSE and address.port == 0:
+                    continue            # that port is taken on ::1 only: another one
+                raise BindError("cannot listen on %s: [::1]:%d is already taken (localhost "
+                                "means both 127.0.0.1 and ::1; bind = 127.0.0.1:%d to use "
+                                "IPv4 only)" % (address.text, port, port)) from None
+            self.twin = twin
+            return
+        raise BindError("cannot listen on %s: no port free on both 127.0.0.1 and ::1"
+                        % address.text)
+
+    def _bind(self):
         address, ep = self.address, self.endpoint
         try:
             if address.kind == "unix":
@@ -5580,7 +5665,16 @@ class Listener:
         except BindError:
             raise
         except OSError as exc:
-            raise BindError("cannot listen on %s: %s" % (address.text, exc.strerror or exc)) from None
+            error = BindError("cannot listen on %s: %s" % (address.text, exc.strerror or exc))
+            error.errno = exc.errno
+            raise error from None
+        if address.kind == "tcp" and not self.loopback_tcp and not ep.auth_token and \
+                not ep.insecure:
+            # the name resolved to a loopback address when the config was
+            # read, and to another one now
+            sock.close()
+            raise BindError("%s resolves to %s, not a loopback address, and no auth_token "
+                            "is set" % (address.text, self.url.split("://")[1]))
         if ep.tls:
             try:
                 self.tls = load_ssl().SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -5603,8 +5697,9 @@ class Listener:
 
 _TOO_MANY_BODY = b'{"error": "too_many_connections", "message": "try again later"}\n'
 _TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-             % (len(_TOO_MANY_BODY), _TOO_MANY_BODY))
+             b"Content-Length: %d\r\nConnection: close\r\n%s\r\n%s"
+             % (len(_TOO_MANY_BODY), b"".join(b"%s: %s\r\n" % (k.encode(), v.encode())
+                                            for k, v in SECURITY_HEADERS), _TOO_MANY_BODY))
 
 
 class HttpServer:
@@ -5625,19 +5720,25 @@ class HttpServer:
     def bind(self):
         """Bind every listener now (before any child starts); BindError."""
         try:
-            for listener in self.listeners:
-                listener.bind()
+            for listener in list(self.listeners):
+                self._bind(listener)
         except BindError:
             for listener in self.listeners:
                 listener.close()
             raise
 
+    def _bind(self, listener):
+        listener.bind()
+        if listener.twin is not None:
+            self.listeners.insert(self.listeners.index(listener) + 1, listener.twin)
+
     def start(self, loop, manager):
         self.loop = loop
         self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        for listener in self.listeners:
+        for listener in list(self.listeners):
             if listener.sock is None:
-                listener.bind()
+                self._bind(listener)
+        for listener in self.listeners:
             loop.add_reader(listener.sock.fileno(), self._on_accept, listener)
             log.info("listening on %s", listener.url)
 
@@ -5686,11 +5787,12 @@ class HttpServer:
                     pass
                 sock.close()
                 continue
-            if listener.address.kind == "tcp":
-                try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_SEND_BUFFER)
+                if listener.address.kind == "tcp":
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
+            except OSError:
+                pass
             self.connections.add(Connection(self, listener, sock, remote))
 
     def _refuse_one(self, listener, exc) -> bool:
@@ -5732,14 +5834,14 @@ def _host_is_loopback(host: str, extra) -> bool:
         return False
 
 
-def token_matches(header: str, token: str) -> bool:
-    """``Bearer <token>`` or Basic with the token as password, compared in
-    constant time."""
+def token_matches(header: str, token: str, basic=True) -> bool:
+    """``Bearer <token>`` or (if ``basic``) Basic with the token as
+    password, compared in constant time."""
     scheme, _, value = (header or "").strip().partition(" ")
     candidate = ""
     if scheme.lower() == "bearer":
         candidate = value.strip()
-    elif scheme.lower() == "basic":
+    elif scheme.lower() == "basic" and basic:
         try:
             candidate = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
         except (ValueError, UnicodeDecodeError):
@@ -5861,7 +5963,31 @@ class _WebSocket:
 
 
 class Connection:
-    """One client connection: HTTP/1.x requests, then maybe a stream."""
+    """One client connection: HTTP/1.x requests, then maybe a stream.
+
+    Every state has a deadline and a bound on what it buffers, so that a
+    client holds its slot in ``max_connections`` and its memory only as
+    long as it makes progress (``rt`` is the endpoint's request_timeout):
+
+    ==========  =====================================  ========================================
+    state       deadline                               reading
+    ==========  =====================================  ========================================
+    handshake   rt after the accept, then closed       by the TLS layer
+    idle        keepalive_timeout after the last byte  yes
+    request     rt after its first byte, then 408      yes, up to ``input_limit``, else closed
+    replying    rt without a byte sent, then closed    not while ``out`` > _SEND_HIGH_WATER,
+                                                       nor between turns of a long pipeline
+    feed        the same while it has unsent bytes;    only to see the client leave; over
+                a quiet feed lasts as long as its      _FEED_INPUT_LIMIT of input, closed
+                client
+    websocket   as a feed                              not while ``out`` > STREAM_BUFFER_LIMIT
+    closing     rt without a byte sent, then closed    no
+    lingering   _LINGER after the FIN, then closed     read and dropped (``_linger``)
+    ==========  =====================================  ========================================
+
+    Not reading leaves the bytes in the kernel's buffers: a client that
+    sends without reading then blocks in its own send().
+    """
 
     def __init__(self, server, listener, sock, remote):
         self.server, self.listener, self.sock = server, listener, sock
@@ -5871,22 +5997,29 @@ class Connection:
         self.remote = remote
         self.fd = sock.fileno()
         self.parser = RequestParser(self.endpoint.max_body_size)
+        # a request in progress needs at most its head and body, plus one read
+        self.input_limit = (self.endpoint.max_body_size + MAX_REQUEST_LINE + MAX_HEADER_BYTES
+                            + _RECV_SIZE)
         self.out = bytearray()
         self.closing = False              # close once ``out`` is sent
+        self.lingering = False            # FIN sent; input dropped until the client's FIN
         self.closed = False
+        self.reading = False              # the reader is registered
         self.sent = 0                     # bytes written to the socket
+        self.received = 0                 # bytes read from it
         self.throttled = None             # stall-check handle while throttled
         self.busy = None                  # the _Sink or _WebSocket in progress
+        self.turn = None                  # the next turn of a long pipeline, scheduled
         self.handshaking = listener.tls is not None
         self.continue_sent = False
-        self.last_activity = self.loop.time()
+        self.accepted = self.last_activity = self.progress = self.loop.time()
         self.request_started = None
         if self.handshaking:
             self.sock = listener.tls.wrap_socket(sock, server_side=True,
                                                  do_handshake_on_connect=False)
-        self.loop.add_reader(self.fd, self._on_readable)
-        self.timer = self.loop.call_at(self.last_activity + self.endpoint.keepalive_timeout,
-                                       self._on_timer)
+        self._update_reading()
+        self.timer = self.loop.call_at(min(self._deadline()[0], self.accepted
+                                           + self.endpoint.request_timeout), self._on_timer)
 
     # -- I/O -------------------------------------------------------------------------
     def _handshake(self) -> bool:
@@ -5906,13 +6039,43 @@ class Connection:
         self.loop.remove_writer(self.fd)
         return True
 
+    def _update_reading(self):
+        """Watch the socket for input only while what is read can be
+        bounded (see the class docstring)."""
+        if self.closed:
+            return
+        if self.lingering:
+            want = True
+        elif self.closing or self.turn is not None:
+            want = False
+        elif isinstance(self.busy, _WebSocket):
+            want = len(self.out) <= STREAM_BUFFER_LIMIT
+        elif self.busy is not None:
+            want = True
+        else:
+            want = len(self.out) <= _SEND_HIGH_WATER
+        if want == self.reading:
+            return
+        self.reading = want
+        if not want:
+            self.loop.remove_reader(self.fd)
+            return
+        self.loop.add_reader(self.fd, self._on_readable)
+        if self.listener.tls and not self.handshaking and self.sock.pending():
+            self.loop.call_soon(self._on_readable)     # decrypted already: no wake-up comes
+
     def _on_readable(self):
+        if self.closed or not self.reading:
+            return
+        if self.lingering:
+            self._discard_input()
+            return
         if self.handshaking and not self._handshake():
             return
         chunks = []
         while True:
             try:
-                data = self.sock.recv(READ_CHUNK)
+                data = self.sock.recv(_RECV_SIZE)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 break
             except ssl.SSLWantWriteError:
@@ -5928,6 +6091,7 @@ class Connection:
         if not chunks:
             return
         data = b"".join(chunks)
+        self.received += len(data)
         self.last_activity = self.loop.time()
         if isinstance(self.busy, _WebSocket):
             self.busy.feed(data)
@@ -5935,11 +6099,18 @@ class Connection:
         if self.request_started is None:
             self.request_started = self.last_activity
         self.parser.feed(data)
+        limit = self.input_limit if self.busy is None else _FEED_INPUT_LIMIT
+        if len(self.parser.buf) > limit:
+            log.debug("closing %s: %d bytes of input not taken", self.remote, len(self.parser.buf))
+            self.close()
+            return
         self.process()
 
     def write(self, data: bytes):
         if self.closed:
             return
+        if not self.out:
+            self.progress = self.loop.time()       # the send deadline counts from here
         if self.busy is not None:
             # a stream: gather what this iteration produces, send it once
             pending = bool(self.out)
@@ -5950,6 +6121,7 @@ class Connection:
                     return
             if not pending:
                 self.loop.call_soon(self._flush)
+            self._update_reading()
             return
         if not self.out:
             try:
@@ -5963,7 +6135,9 @@ class Connection:
             data = data[n:]
             if not data:
                 if self.closing:
-                    self.close()
+                    self._linger()
+                else:
+                    self._update_reading()
                 return
         self.out += data
         if len(self.out) > STREAM_BUFFER_LIMIT and self.busy is not None:
@@ -5971,6 +6145,7 @@ class Connection:
             if self.closed:
                 return
         self.loop.add_writer(self.fd, self._on_writable)
+        self._update_reading()
 
     def _throttle(self):
         """The client reads slower than its stream is made.  A process's
@@ -6004,7 +6179,9 @@ class Connection:
 
     def flush(self):
         if not self.out and self.closing:
-            self.close()
+            self._linger()
+        else:
+            self._update_reading()
 
     def _flush(self):
         """Send what a stream gathered during one loop iteration."""
@@ -6028,23 +6205,63 @@ class Connection:
             return
         del self.out[:n]
         self.sent += n
+        if n:
+            self.progress = self.loop.time()
         if self.throttled is not None and len(self.out) < STREAM_BUFFER_LIMIT // 2:
             self._unthrottle()
         if self.out:
+            self._update_reading()
             return
         self.loop.remove_writer(self.fd)
         if self.closing:
-            self.close()
-        elif self.busy is None and self.parser.buf:
+            self._linger()
+            return
+        if self.busy is None and self.parser.buf:
             self.process()                      # pipelined requests waiting
+        self._update_reading()
+
+    def _linger(self):
+        """All is sent: end the connection.  Closing a socket with input
+        unread makes the kernel answer with a reset, which can destroy
+        the reply still in flight to the client (RFC 9112 9.6): so send
+        FIN, then read and discard whatever the client still sends until
+        it closes too, for _LINGER seconds at most."""
+        if self.lingering or self.listener.tls is not None or self.busy is not None:
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        self.lingering = self.closing = True
+        self.parser.buf.clear()
+        self.progress = self.loop.time()
+        self.timer.cancel()
+        self.timer = self.loop.call_at(self.progress + _LINGER, self._on_timer)
+        self._update_reading()
+
+    def _discard_input(self):
+        for _ in range(4):
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
 
     def close(self):
         if self.closed:
             return
         self.closed = True
+        self.reading = False
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         self.timer.cancel()
+        Loop.cancel(self.turn)
         self._unthrottle()
         try:
             self.sock.close()
@@ -6052,7 +6269,7 @@ class Connection:
             pass
         self.server.connections.discard(self)
         self.server.per_endpoint[self.endpoint.name] -= 1
-        if self.sent >= READ_CHUNK:             # a stream or big replies: buffers worth giving back
+        if self.sent + self.received >= _RECV_SIZE:    # buffers worth giving back
             self.loop.trimmer.touch()
         self.out = bytearray()
         self.parser.buf.clear()
@@ -6060,29 +6277,80 @@ class Connection:
         if busy is not None:
             busy._close()
 
+    # -- deadlines ---------------------------------------------------------------------
+    def _deadline(self):
+        """(when, what to do then) for the state the connection is in;
+        ``when`` is None for a quiet stream, which lasts as long as its
+        client (its end is seen: the socket is still read)."""
+        ep = self.endpoint
+        if self.handshaking:
+            return self.accepted + ep.request_timeout, self._time_out_handshake
+        if self.lingering:
+            return self.progress + _LINGER, self.close
+        if self.out:
+            return self.progress + ep.request_timeout, self._time_out_send
+        if self.busy is not None:
+            return None, None
+        if self.closing:
+            return self.progress, self.close
+        if not self.parser.idle:
+            return (self.request_started or self.last_activity) + ep.request_timeout, \
+                self._time_out_request
+        return self.last_activity + ep.keepalive_timeout, self.close
+
     def _on_timer(self):
+        """Act on the deadline that fell due, then arm the next one.  The
+        timer never sleeps longer than request_timeout: a state entered
+        meanwhile (a request begun, a reply left unsent) has a deadline at
+        least that far away, so it is kept to the second without
+        re-arming the timer on every request."""
         if self.closed:
             return
         now = self.loop.time()
+        when, expire = self._deadline()
+        if when is not None and now >= when:
+            expire()
+            if self.closed:
+                return
+            when, _ = self._deadline()
+            if when is not None and when <= now:
+                self.close()                    # a state that did not move on
+                return
+        limit = now + self.endpoint.request_timeout
+        self.timer = self.loop.call_at(limit if when is None else min(when, limit), self._on_timer)
+
+    def _time_out_handshake(self):
+        log.debug("closing %s: no TLS handshake within %ss", self.remote,
+                  self.endpoint.request_timeout)
+        self.close()
+
+    def _time_out_send(self):
         if self.busy is not None:
-            deadline = now + self.endpoint.keepalive_timeout       # streams may be quiet
-        elif not self.parser.idle or self.handshaking:
-            deadline = (self.request_started or self.last_activity) + REQUEST_TIMEOUT
-            if now >= deadline:
-                self._send_error(HttpError(408, "request_timeout", "the request took too long"))
-                return
-        else:
-            deadline = self.last_activity + self.endpoint.keepalive_timeout
-            if now >= deadline:
-                self.close()
-                return
-        self.timer = self.loop.call_at(deadline, self._on_timer)
+            self._drop("no progress for %ss" % self.endpoint.request_timeout)
+            return
+        log.debug("closing %s: %d bytes of replies unread for %ss", self.remote, len(self.out),
+                  self.endpoint.request_timeout)
+        self.close()
+
+    def _time_out_request(self):
+        self._send_error(HttpError(408, "request_timeout", "the request took too long"))
 
     # -- requests ----------------------------------------------------------------------
     def process(self):
+        """Answer the complete requests in the parse buffer, in order:
+        _PIPELINE_TURN of them per loop iteration (one client's pipeline
+        never holds up the others), and none while ``out`` is above its
+        high-water mark (resumed from ``_on_writable``)."""
+        if self.turn is not None:
+            return
+        handled = 0
         while not self.closed and not self.closing and self.busy is None:
             if len(self.out) > _SEND_HIGH_WATER:
-                return                         # resumed from _on_writable
+                return
+            if handled == _PIPELINE_TURN:
+                self.turn = self.loop.call_soon(self._next_turn)
+                self._update_reading()
+                return
             try:
                 req = self.parser.next()
             except HttpError as exc:
@@ -6100,7 +6368,13 @@ class Connection:
                 return
             self.continue_sent = False
             self.request_started = None if self.parser.idle else self.loop.time()
+            handled += 1
             self._handle(req)
+
+    def _next_turn(self):
+        self.turn = None
+        self.process()
+        self._update_reading()
 
     def _send_error(self, exc: HttpError):
         self.server.requests["%dxx" % (exc.status // 100)] += 1
@@ -6108,10 +6382,34 @@ class Connection:
         self.closing = True
         self.write(render_head(exc.status, [
             ("Date", self.server.date()), ("Content-Type", "application/json; charset=UTF-8"),
-            ("Content-Length", len(body)), ("Connection", "close")]) + body)
+            ("Content-Length", len(body)), ("Connection", "close")] + SECURITY_HEADERS) + body)
+
+    def _foreign_origin(self, req, host):
+        """The origin of a cross-origin request, or None for a request of
+        the daemon's own pages or of a program (no Origin).  ``Origin:
+        null`` (sandboxed frames, file: pages, redirects) is foreign; so is
+        a request without Origin that a browser marks ``Sec-Fetch-Site:
+        cross-site`` or ``same-site`` (another port is another origin)."""
+        origin = req.headers.get("origin")
+        if origin is None:
+            site = req.headers.get("sec-fetch-site", "").strip().lower()
+            return "(%s request)" % site if site in ("cross-site", "same-site") else None
+        own = "%s://%s" % ("https" if self.listener.tls else "http", host or "")
+        return None if origin.lower() == own.lower() else origin
 
     def _security(self, req):
-        """(error Reply or None, CORS headers) for ``req`` (issue 3)."""
+        """(error Reply or None, CORS headers) for ``req``.
+
+        * Host: on a loopback bind only loopback names and server_names,
+          against DNS rebinding.
+        * Origin: a foreign origin may only read (GET, HEAD, OPTIONS; no
+          websocket, which can write to a process) unless it is listed in
+          cors_origins.  ``*`` there lets every origin read, never change.
+        * Token: Bearer, or Basic with the token as password; a browser
+          resends cached Basic credentials on its own, so for a foreign
+          origin's state change only Bearer (set by the page's script)
+          counts.  OPTIONS needs none: preflights carry no credentials.
+        """
         ep = self.endpoint
         host = req.headers.get("host")
         if self.listener.loopback_tcp and host is not None and \
@@ -6120,29 +6418,35 @@ class Connection:
                                     "Host %r is not a loopback name; add it to server_names "
                                     "if it is really yours" % host}), []
         cors = []
-        origin = req.headers.get("origin")
+        origin = self._foreign_origin(req, host)
+        safe = req.method in SAFE_METHODS and \
+            "websocket" not in req.headers.get("upgrade", "").lower()
         if origin is not None:
-            own = "%s://%s" % ("https" if self.listener.tls else "http", host or "")
-            if origin.lower() == own.lower():
-                pass
-            elif origin in ep.cors_origins or "*" in ep.cors_origins:
-                star = origin not in ep.cors_origins
-                cors = [("Access-Control-Allow-Origin", "*" if star else origin),
+            listed = origin in ep.cors_origins
+            if listed:
+                cors = [("Access-Control-Allow-Origin", origin),
                         ("Access-Control-Allow-Methods", CORS_METHODS),
                         ("Access-Control-Max-Age", "86400"),
+                        ("Access-Control-Allow-Headers", CORS_HEADERS),
+                        ("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin")]
+            elif "*" in ep.cors_origins:
+                cors = [("Access-Control-Allow-Origin", "*"),
+                        ("Access-Control-Allow-Methods", CORS_READ_METHODS),
+                        ("Access-Control-Max-Age", "86400"),
                         ("Access-Control-Allow-Headers", CORS_HEADERS)]
-                if not star:
-                    cors += [("Access-Control-Allow-Credentials", "true"), ("Vary", "Origin")]
-            elif req.method not in ("GET", "HEAD", "OPTIONS") or \
-                    "websocket" in req.headers.get("upgrade", "").lower():
+            if not safe and not listed:
                 return json_reply(403, {"error": "forbidden_origin", "message":
-                                        "cross-site request from %r refused; list it in "
-                                        "cors_origins to allow it" % origin}), []
+                                        "cross-origin %s from %r refused; list the origin in "
+                                        "cors_origins to allow it (cors_origins = * only "
+                                        "allows reading)" % (req.method, origin)}), []
         if ep.auth_token and req.method != "OPTIONS" and \
                 not (ep.public_ping and req.path == "/ping") and \
-                not token_matches(req.headers.get("authorization", ""), ep.auth_token):
+                not token_matches(req.headers.get("authorization", ""), ep.auth_token,
+                                  basic=origin is None or safe):
             return json_reply(401, {"error": "unauthorized", "message":
-                                    "send the token as 'Authorization: Bearer TOKEN'"},
+                                    "send the token as 'Authorization: Bearer TOKEN'" +
+                                    ("" if origin is None or safe else
+                                     " (a cross-origin change needs Bearer, not Basic)")},
                               [("WWW-Authenticate", 'Bearer realm="gafferd"'),
                                ("WWW-Authenticate", 'Basic realm="gafferd"')]), cors
         return None, cors
@@ -6184,6 +6488,7 @@ class Connection:
             headers.append(("Content-Type", reply.content_type))
         headers.extend(reply.headers)
         headers.extend(extra)
+        headers.extend(SECURITY_HEADERS)
         if not keep:
             headers.append(("Connection", "close"))
             self.closing = True
@@ -6196,7 +6501,8 @@ class Connection:
         self.server.requests["2xx"] += 1
         chunked = req.version == "HTTP/1.1"
         headers = [("Date", self.server.date()), ("Server", "gafferd/" + GAFFERD_VERSION),
-                   ("Content-Type", feed.content_type)] + feed.headers + list(extra)
+                   ("Content-Type", feed.content_type)] + feed.headers + list(extra) + \
+            SECURITY_HEADERS
         if req.method == "HEAD":
             headers.append(("Content-Length", 0))
             self.write(render_head(feed.status, headers))
@@ -6206,6 +6512,7 @@ class Connection:
         if not chunked or not req.keep_alive:
             headers.append(("Connection", "close"))
         self.feed_keep_alive = chunked and req.keep_alive
+        self._grow_send_buffer()
         self.write(render_head(feed.status, headers))
         if self.closed:
             return
@@ -6216,14 +6523,22 @@ class Connection:
             log.exception("error while opening a stream for %s", req.path)
             sink.end()
 
+    def _grow_send_buffer(self):
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _STREAM_SEND_BUFFER)
+        except OSError:
+            pass
+
     def feed_done(self):
         """A Feed ended: go on with pipelined requests, or close."""
         self.busy = None
         if not self.feed_keep_alive:
             self.closing = True
             self.flush()
-        elif not self.out:
+            return
+        if not self.out:
             self.loop.call_soon(self.process)
+        self._update_reading()
 
     def _upgrade(self, req, upgrade: Upgrade):
         key = req.headers.get("sec-websocket-key", "")
@@ -6239,8 +6554,10 @@ class Connection:
                         [("Sec-WebSocket-Version", "13")])
             return
         self.server.requests["1xx"] += 1
+        self._grow_send_buffer()
         self.write(render_head(101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                                     ("Sec-WebSocket-Accept", ws_accept_key(key))]))
+                                     ("Sec-WebSocket-Accept", ws_accept_key(key))]
+                               + SECURITY_HEADERS))
         ws = self.busy = _WebSocket(self)
         leftover = bytes(self.parser.buf)
         self.parser.buf.clear()
@@ -6600,6 +6917,15 @@ class Daemon:
                 raise ConfigErrors(exc.errors) from None
         for warning in self.config.warnings:
             log.warning("%s", warning)
+        self.warn_token_files()
+
+    def warn_token_files(self):
+        """At start-up, --check and every reload: a token file others can
+        read is worth a line each time."""
+        for endpoint in self.config.endpoints:
+            warning = token_file_warning(endpoint)
+            if warning:
+                log.warning("%s", warning)
 
     def describe(self) -> str:
         """The resolved config, for --check."""
@@ -6824,6 +7150,7 @@ class Daemon:
             log.warning("endpoint changes take effect at the next restart of the daemon")
         new.endpoints = self.config.endpoints
         self.config = new
+        self.warn_token_files()
         manager.cfg = new.parser
         for app in manager.apps:
             if isinstance(app, PluginApp):

@@ -13,7 +13,7 @@ figures::
 
 Scenarios: 1 crash storm, 2 scale, 3 HTTP churn, 4 stream pressure,
 5 reload storm, 6 hostile children, 7 resource exhaustion, 8 last output
-of a crashing process.
+of a crashing process, 9 hostile connections.
 
 Invariants checked after every scenario:
 
@@ -920,9 +920,103 @@ def _sub_feed(sub, data):
             sub["ended"] = True
 
 
+def _tcp_state(s):
+    """The kernel's TCP state of ``s`` (1 = established); it tells when
+    the daemon closed a connection without reading from it (a read would
+    make progress for the daemon and move its deadline)."""
+    try:
+        return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return 7                                     # TCP_CLOSE
+
+
+def worker_pipeline(p):
+    """``n`` connections that pipeline requests as fast as the daemon
+    takes them and never read a reply, until the daemon closes them.
+    Reports the bytes each got in, and how long after its last byte went
+    in the daemon closed it.  A small receive window (``rcvbuf``) makes the
+    daemon's replies back up after a few hundred kilobytes instead of the
+    megabytes loopback's autotuning would buffer for it.  It keeps
+    trying to send (up to ``cap`` bytes, for ``max_s`` seconds at most):
+    its last byte taken is the daemon's last read."""
+    port, n = p["port"], p["n"]
+    request = ("GET /ping HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port).encode() * 400
+    conns, errors = [], []
+    for i in range(n):
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, p.get("rcvbuf", 16384))
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            s.setblocking(False)
+            conns.append({"sock": s, "sent": 0, "last": time.monotonic(), "closed": None})
+        except OSError as exc:
+            errors.append(repr(exc))
+    ready()
+    t0 = time.monotonic()
+    cap = p.get("cap", 12 * MB)          # a daemon that buffers all is not fed gigabytes
+    while not STOP.is_set() and time.monotonic() - t0 < p.get("max_s", 120):
+        for c in conns:
+            if c["closed"] is not None:
+                continue
+            if c["sent"] >= cap:
+                if _tcp_state(c["sock"]) != 1:
+                    c["closed"] = time.monotonic()
+                continue
+            try:
+                c["sent"] += c["sock"].send(request)
+                c["last"] = time.monotonic()
+                continue
+            except BlockingIOError:
+                if _tcp_state(c["sock"]) == 1:
+                    continue
+            except OSError:
+                pass
+            c["closed"] = time.monotonic()
+        if all(c["closed"] is not None for c in conns):
+            break
+        STOP.wait(0.005)
+    after = [c["closed"] - c["last"] for c in conns if c["closed"] is not None]
+    for c in conns:
+        c["sock"].close()
+    emit({"opened": len(conns), "closed_by_server": len(after),
+          "sent_total": sum(c["sent"] for c in conns), "sent_max": max([c["sent"] for c in conns] or [0]),
+          "closed_after_max": max(after) if after else None,
+          "closed_after_min": min(after) if after else None,
+          "flood_s": max([c["last"] for c in conns] or [t0]) - t0, "errors": errors[:10]})
+
+
+def worker_nohandshake(p):
+    """``n`` TCP connections to a TLS endpoint that never send a byte;
+    reports how long the daemon took to close each."""
+    port, n = p["port"], p["n"]
+    conns, errors = [], []
+    t0 = time.monotonic()
+    for i in range(n):
+        try:
+            conns.append([socket.create_connection(("127.0.0.1", port), timeout=10),
+                          time.monotonic(), None])
+        except OSError as exc:
+            errors.append(repr(exc))
+    ready()
+    while not STOP.is_set() and any(c[2] is None for c in conns):
+        for c in conns:
+            if c[2] is None and _tcp_state(c[0]) != 1:
+                c[2] = time.monotonic() - c[1]
+        STOP.wait(0.05)
+    closed = [c[2] for c in conns if c[2] is not None]
+    for c in conns:
+        c[0].close()
+    emit({"opened": len(conns), "closed_by_server": len(closed),
+          "closed_after_max": max(closed) if closed else None,
+          "closed_after_min": min(closed) if closed else None,
+          "connect_s": time.monotonic() - t0, "errors": errors[:10]})
+
+
 WORKERS = {"ping": worker_ping, "watch": worker_watch, "netlink": worker_netlink,
            "churn": worker_churn, "idle": worker_idle, "loris": worker_loris,
-           "cutbody": worker_cutbody, "requests": worker_requests, "subs": worker_subs}
+           "cutbody": worker_cutbody, "requests": worker_requests, "subs": worker_subs,
+           "pipeline": worker_pipeline, "nohandshake": worker_nohandshake}
 
 
 def worker_main(kind, params):
@@ -2630,6 +2724,115 @@ def s8_last_output(sc):
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# 9. hostile connections
+# ---------------------------------------------------------------------------
+
+def _make_cert(sc):
+    """A self-signed certificate for 127.0.0.1 (the openssl command)."""
+    if not shutil.which("openssl"):
+        raise Failure("scenario 9 needs the openssl command to make a test certificate")
+    certfile, keyfile = os.path.join(sc.dir, "cert.pem"), os.path.join(sc.dir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", keyfile, "-out", certfile, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return certfile, keyfile
+
+
+def _tls_ping(port, certfile, timeout=5.0):
+    """GET /ping over TLS: None if answered 200 OK, else what went wrong."""
+    import ssl
+    ctx = ssl.create_default_context(cafile=certfile)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+    try:
+        conn.request("GET", "/ping")
+        resp = conn.getresponse()
+        body = resp.read()
+        return None if (resp.status, body) == (200, b"OK") else "%d %r" % (resp.status, body[:80])
+    except (OSError, http.client.HTTPException) as exc:
+        return repr(exc)
+    finally:
+        conn.close()
+
+
+@scenario(9, "hostile connections")
+def s9_hostile_connections(sc):
+    """Clients that pipeline without reading and TLS clients that never
+    handshake: the daemon's memory stays bounded, every such connection
+    is closed by the deadline of its state (request_timeout) and its slot
+    freed, and /ping is answered throughout."""
+    npipe = 100
+    ntls = 50 if sc.short else 200
+    rt = 3.0 if sc.short else 30.0
+    certfile, keyfile = _make_cert(sc)
+    cfg = ("[gaffer]\nhttp_endpoints = main, tls\nrequest_timeout = %s\n\n"
+           "[endpoint:main]\nbind = 127.0.0.1:0\n\n"
+           "[endpoint:tls]\nbind = 127.0.0.1:0\ncertfile = %s\nkeyfile = %s\n"
+           "max_connections = %d\n\n"
+           "[process:bystander]\ncmd = sleep 100000\n" % (rt, certfile, keyfile, ntls))
+    d = sc.daemon(cfg).start()
+    m = re.search(r"listening on https://127\.0\.0\.1:(\d+)", d.log())
+    if not m:
+        raise Failure("no https listener in the log:\n%s" % d.log()[-2000:])
+    tls_port = int(m.group(1))
+    d.wait_status(lambda st: st["bystander"]["running"] == 1, 20, "bystander running")
+    # warm-up: the same load, small, until the daemon has closed it all
+    warm = [sc.worker("pipeline", port=d.port, n=10, max_s=rt * 3 + 20),
+            sc.worker("nohandshake", port=tls_port, n=5)]
+    for w in warm:
+        w.stop(timeout=rt + 30, finish=True)
+    base = sc.baseline(d)
+    ping = sc.worker("ping", port=d.port, interval=0.05)
+    t0 = time.monotonic()
+    tls_w = sc.worker("nohandshake", port=tls_port, n=ntls)
+    pipe_w = sc.worker("pipeline", port=d.port, n=npipe, max_s=rt * 3 + 20)
+    sc.fig("hostile connections", "%d pipelining without reading, %d TLS never handshaking "
+           "(request_timeout %.0f s, TLS max_connections %d)" % (npipe, ntls, rt, ntls))
+    # the TLS slots are all taken now: a real TLS client is refused ...
+    full = _tls_ping(tls_port, certfile, timeout=2.0)
+    sc.fig("TLS /ping while the slots are held", full or "answered")
+    peak = 0
+    while any(w.proc.poll() is None for w in (tls_w, pipe_w)) and time.monotonic() - t0 < rt * 3 + 60:
+        peak = max(peak, d.rss())
+        time.sleep(0.1)
+    tls_res = tls_w.stop(timeout=10, finish=True)
+    pipe_res = pipe_w.stop(timeout=10, finish=True)
+    elapsed = time.monotonic() - t0
+    # ... and answered once the deadline has freed them
+    after = _tls_ping(tls_port, certfile)
+    ping_res = ping.stop()
+    sc.fig("pipelined bytes sent", "%.1f MB in all, %.2f MB at most per connection (mostly "
+           "left in the clients' own socket buffers), %.1f s of "
+           "flooding" % (pipe_res["sent_total"] / MB, pipe_res["sent_max"] / MB,
+                         pipe_res["flood_s"]))
+    sc.fig("RSS peak / baseline", "%.1f MB / %.1f MB" % (peak / MB, base.rss / MB))
+    sc.check(peak <= base.rss + 40 * MB, "RSS peaked at %.1f MB, baseline %.1f MB: the "
+             "connections' buffers are not bounded" % (peak / MB, base.rss / MB))
+    sc.check(pipe_res["sent_max"] < 12 * MB, "one connection got %.1f MB of requests in "
+             "without reading a reply" % (pipe_res["sent_max"] / MB))
+    for what, res in (("pipelining", pipe_res), ("TLS", tls_res)):
+        sc.fig("%s connections closed by the daemon" % what, "%d of %d, %s-%s s after their last "
+               "byte" % (res["closed_by_server"], res["opened"],
+                         "%.1f" % res["closed_after_min"] if res["closed_after_min"] else "-",
+                         "%.1f" % res["closed_after_max"] if res["closed_after_max"] else "-"))
+        sc.check(res["opened"] and res["closed_by_server"] == res["opened"],
+                 "%s: %d of %d connections were never closed by the daemon (%s)"
+                 % (what, res["opened"] - res["closed_by_server"], res["opened"], res["errors"][:3]))
+        # the deadline counts from the daemon's last progress: its last
+        # read, plus the time it took to answer what it read (the whole
+        # flood is answered in turns, a few requests per connection each)
+        slack = 2.0 if what == "TLS" else 2.0 + pipe_res["flood_s"]
+        sc.check(res["closed_after_max"] is not None and res["closed_after_max"] <= rt + slack,
+                 "%s: a connection was closed %.1f s after its last byte (request_timeout %.0f s "
+                 "+ %.1f s)" % (what, res["closed_after_max"] or -1, rt, slack))
+    sc.check(full is not None, "a TLS client was answered while every TLS slot was held")
+    sc.check(after is None, "TLS /ping after the deadline freed the slots: %s" % after)
+    sc.fig("all closed after", "%.1f s" % elapsed)
+    sc.check_ping_during(ping_res)
+    sc.check_invariants(d, base)
+    sc.shutdown(d, graceful=10.0)
+
 
 def gafferd_version():
     """(sha1, mtime) of the gafferd.py under test."""

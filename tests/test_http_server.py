@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from conftest import (Daemon, MalformedResponse, RawClient, http_request_bytes,
+from conftest import (GAFFERD, PY, Daemon, MalformedResponse, RawClient, http_request_bytes,
                       open_fds, parse_http_response, wait_for)
 
 
@@ -438,6 +438,36 @@ class TestEndpoints:
             assert (r.status, r.body) == (200, b"OK")
         with pytest.raises(OSError):                 # bound to ::1 only
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+    def test_localhost_binds_both_loopbacks(self, daemon_factory):
+        # one family left free would let another local user listen on it
+        # with the same port and answer the clients that try it first
+        d = daemon_factory("[gaffer]\nhttp_endpoints = lo\n\n[endpoint:lo]\nbind = localhost:0\n")
+        found = listening(d)
+        port = found[0][1]
+        want = [("127.0.0.1", port)] + ([("::1", port)] if has_ipv6_loopback() else [])
+        assert found == want, d.urls
+        for host, _ in found:
+            with RawClient(sock=socket.create_connection((host, port), timeout=5)) as c:
+                r = c.request(http_request_bytes("GET", "/ping", host="localhost:%d" % port))
+                assert (r.status, r.body) == (200, b"OK")
+
+    def test_localhost_with_one_family_taken_is_refused(self, tmp_path):
+        squatter = socket.socket(socket.AF_INET6 if has_ipv6_loopback() else socket.AF_INET)
+        squatter.bind(("::1", 0) if has_ipv6_loopback() else ("127.0.0.1", 0))
+        squatter.listen(1)
+        port = squatter.getsockname()[1]
+        try:
+            out = subprocess.run([PY, GAFFERD, "--bind", "localhost:%d" % port],
+                                 cwd=str(tmp_path), timeout=20, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                 universal_newlines=True)
+        finally:
+            squatter.close()
+        assert out.returncode == 2, out
+        assert "localhost:%d" % port in out.stderr and "Traceback" not in out.stderr
+        if has_ipv6_loopback():
+            assert "[::1]:%d is already taken" % port in out.stderr, out.stderr
 
     def test_unix_socket(self, daemon_factory, tmp_path):
         path = str(tmp_path / "gafferd.sock")

@@ -107,7 +107,7 @@ def test_the_enumeration_finds_what_it_must():
     assert {"numprocesses", "priority", "flapping", "graceful_timeout", "logfile_maxbytes",
             "logfile_backups", "output_buffer"} <= set(numeric_process_keys())
     assert set(numeric_endpoint_keys()) == {"backlog", "max_body_size", "keepalive_timeout",
-                                            "max_connections"}
+                                            "request_timeout", "max_connections"}
     for key in numeric_process_keys() + numeric_endpoint_keys():
         assert key in gafferd.RANGES or key in ("uid", "gid", "flapping"), key
     assert gafferd.MAX_DURATION == 7 * 24 * 3600

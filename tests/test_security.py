@@ -425,3 +425,215 @@ class TestCors:
                 for o in ("https://a.example", "https://c.example"))
         assert sorted(results.values(), key=str) == sorted(
             [("https://a.example", None), (None, "https://c.example")], key=str)
+
+
+# -- cross-origin writes: "*" reads only, credentials a browser adds never count -------------
+
+FORM = [("Content-Type", "text/plain")]          # a cross-site <form> needs no preflight
+
+
+@pytest.fixture(scope="module")
+def star(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("star"),
+               "[gaffer]\ncors_origins = *\n\n[process:victim]\ncmd = sleep 300\n")
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+
+
+class TestWildcardReadsOnly:
+    @pytest.mark.parametrize("origin", [EVIL, "null", "http://127.0.0.1:1"])
+    def test_form_post_creates_nothing(self, star, origin):
+        r = call(star.port, "POST", "/processes", [("Origin", origin)] + FORM,
+                 body=b'{"name": "planted", "cmd": "sleep 300"}')
+        assert error_code(r, 403) == "forbidden_origin"
+        assert star.get("/processes/planted").status == 404
+        for method, path in (("POST", "/processes/victim/_stop"), ("DELETE", "/processes/victim"),
+                             ("PUT", "/processes/victim"), ("POST", "/reload")):
+            body = b'{"cmd": "sleep 1"}' if method == "PUT" else None
+            error_code(call(star.port, method, path, [("Origin", origin)] + FORM, body=body), 403)
+        assert star.status("victim")["running"] == 1
+
+    def test_reads_are_shared_with_any_origin(self, star):
+        r = call(star.port, "GET", "/processes", [("Origin", EVIL)])
+        assert r.status == 200 and r.json() == ["victim"]
+        h = cors_headers(r)
+        assert h["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in h
+        r = call(star.port, "OPTIONS", "/processes/victim/_stop",
+                 [("Origin", EVIL), ("Access-Control-Request-Method", "POST")])
+        methods = {m.strip() for m in r.header("access-control-allow-methods", "").split(",")}
+        assert methods <= {"GET", "HEAD"}, r.headers
+
+    def test_websocket_is_a_write(self, star):
+        with RawClient(star.port) as c:
+            c.send(http_request_bytes(
+                "GET", "/wstreams/1", host="127.0.0.1:%d" % star.port,
+                headers=[("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                         ("Sec-WebSocket-Version", "13"), ("Origin", EVIL)]))
+            assert c.read_response(head=True).status == 403
+
+    def test_a_listed_origin_may_still_write(self, daemon_factory):
+        d = daemon_factory("[gaffer]\ncors_origins = *, %s\n" % ALLOWED[0])
+        r = call(d.port, "POST", "/processes", [("Origin", ALLOWED[0])],
+                 body=b'{"name": "listed", "cmd": "sleep 300", "start": false}')
+        assert r.status == 200, r
+        assert cors_headers(r)["access-control-allow-origin"] == ALLOWED[0]
+
+
+class TestFetchMetadata:
+    @pytest.mark.parametrize("site", ["cross-site", "same-site"])
+    def test_cross_site_without_origin_is_refused(self, open_daemon, site):
+        r = call(open_daemon.port, "POST", "/processes/victim/_stop",
+                 [("Sec-Fetch-Site", site)] + FORM)
+        error_code(r, 403)
+        assert open_daemon.status("victim")["running"] == 1
+        r = call(open_daemon.port, "GET", "/processes", [("Sec-Fetch-Site", site)])
+        assert r.status == 200
+
+    @pytest.mark.parametrize("site", ["same-origin", "none"])
+    def test_own_pages_and_typed_urls_pass(self, open_daemon, site):
+        r = call(open_daemon.port, "POST", "/processes/nosuch/_start", [("Sec-Fetch-Site", site)])
+        assert error_code(r, 404) == "not_found"
+
+
+class TestBrowserCredentials:
+    """A browser resends cached Basic credentials by itself, also on a
+    cross-origin form post: for a foreign origin's change only a Bearer
+    token, which the page must set itself, counts."""
+
+    @pytest.fixture(scope="class")
+    def guarded(self, tmp_path_factory):
+        d = Daemon(tmp_path_factory.mktemp("creds"),
+                   "[gaffer]\nauth_token = %s\ncors_origins = %s\n\n"
+                   "[process:victim]\ncmd = sleep 300\n" % (TOKEN, ALLOWED[0]))
+        try:
+            d.start()
+            yield d
+        finally:
+            d.close()
+
+    def authed(self, d, method, path, credentials, origin=None, body=None):
+        headers = [("Authorization", credentials)] + ([("Origin", origin)] if origin else [])
+        return call(d.port, method, path, headers + FORM, body=body)
+
+    def test_cached_basic_never_authorizes_a_cross_origin_change(self, guarded):
+        d = guarded
+        for origin in (ALLOWED[0], EVIL):
+            r = self.authed(d, "POST", "/processes/victim/_stop", basic("", TOKEN), origin)
+            assert r.status in (401, 403), r
+        r = self.authed(d, "POST", "/processes", basic("admin", TOKEN), ALLOWED[0],
+                        body=b'{"name": "planted", "cmd": "sleep 300"}')
+        assert error_code(r, 401) == "unauthorized" and "Bearer" in r.json()["message"]
+        r = self.authed(d, "GET", "/processes/planted", "Bearer " + TOKEN)
+        assert r.status == 404
+        r = self.authed(d, "GET", "/status/victim", "Bearer " + TOKEN)
+        assert r.json()["running"] == 1
+
+    def test_basic_still_reads_cross_origin(self, guarded):
+        r = self.authed(guarded, "GET", "/processes", basic("", TOKEN), ALLOWED[0])
+        assert r.status == 200 and r.json() == ["victim"]
+
+    def test_bearer_from_a_listed_origin_writes(self, guarded):
+        r = self.authed(guarded, "POST", "/processes/victim/_signal/CONT", "Bearer " + TOKEN,
+                        ALLOWED[0])
+        assert r.status == 200 and r.json() == {"ok": True}
+
+    def test_basic_without_origin_or_from_its_own_pages_writes(self, guarded):
+        d = guarded
+        for origin in (None, "http://127.0.0.1:%d" % d.port):
+            r = self.authed(d, "POST", "/processes/victim/_signal/CONT", basic("", TOKEN), origin)
+            assert r.status == 200 and r.json() == {"ok": True}, (origin, r)
+
+
+# -- headers on every response -----------------------------------------------------------
+
+SAFETY = {"x-content-type-options": "nosniff", "x-frame-options": "SAMEORIGIN"}
+
+
+def check_safety_headers(resp):
+    for name, value in SAFETY.items():
+        assert resp.header(name) == value, (name, resp.status, resp.headers)
+    assert "frame-ancestors 'self'" in resp.header("content-security-policy", ""), resp.headers
+
+
+class TestSafetyHeaders:
+    def test_every_kind_of_reply(self, daemon_factory):
+        d = daemon_factory("[gaffer]\nauth_token = %s\npublic_ping = true\nrequest_timeout = 1\n"
+                           "max_connections = 3\nplugins_dir = %s\n"
+                           % (TOKEN, os.path.join(os.path.dirname(GAFFERD), "gafferd_plugins")))
+        auth = [("Authorization", "Bearer " + TOKEN)]
+        replies = [call(d.port, "GET", "/ping"),                            # 200
+                   call(d.port, "GET", "/processes"),                       # 401
+                   call(d.port, "GET", "/nope", auth),                      # 404
+                   call(d.port, "POST", "/processes", auth + [("Origin", EVIL)]),   # 403
+                   call(d.port, "GET", "/_plugin/console/", auth),          # the console
+                   call(d.port, "GET", "/_plugin/console/console.js", auth)]
+        with RawClient(d.port) as c:                                       # 400
+            replies.append(c.request(b"NOT HTTP\r\n\r\n"))
+        with RawClient(d.port) as c:                                       # 408
+            c.send(b"GET /ping HTTP/1.1\r\n")
+            replies.append(c.read_response())
+        with RawClient(d.port) as c:                                       # a stream's head
+            c.send(http_request_bytes("GET", "/watch?feed=continuous&heartbeat=0",
+                                      host="127.0.0.1:%d" % d.port, headers=auth))
+            replies.append(c.read_response(head=True))
+            with RawClient(d.port) as c2, RawClient(d.port) as c3:          # 503
+                c2.send(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                c3.send(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+                with RawClient(d.port) as c4:
+                    replies.append(c4.read_response())
+        assert sorted(r.status for r in replies) == [200, 200, 200, 200, 400, 401, 403, 404,
+                                                     408, 503], replies
+        for r in replies:
+            check_safety_headers(r)
+
+
+# -- what counts as loopback, and the token file ------------------------------------------
+
+class TestLoopbackNames:
+    def test_a_localhost_subdomain_is_looked_up(self, tmp_path):
+        # "*.localhost" is only loopback if it resolves there; a name that
+        # resolves elsewhere, or not at all, needs a token like any other
+        config = tmp_path / "gaffer.ini"
+        config.write_text("[gaffer]\nhttp_endpoints = web\n\n[endpoint:web]\n"
+                          "bind = nosuch-gafferd-test.localhost:0\n")
+        out = run_briefly(["--check", str(config)], str(tmp_path))
+        assert out.returncode == 2, out
+        assert "auth_token" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+class TestTokenFileMode:
+    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o666])
+    def test_readable_by_others_warns(self, tmp_path, mode):
+        path = tmp_path / "token"
+        path.write_text(TOKEN + "\n")
+        os.chmod(str(path), mode)
+        config = tmp_path / "gaffer.ini"
+        config.write_text("[gaffer]\nauth_token_file = %s\n" % path)
+        out = run_briefly(["--check", str(config)], str(tmp_path))
+        assert out.returncode == 0, out
+        line, = [l for l in out.stderr.splitlines() if "auth_token_file" in l]
+        assert str(path) in line and "chmod 600" in line, line
+
+    def test_private_file_is_quiet(self, tmp_path):
+        path = tmp_path / "token"
+        path.write_text(TOKEN + "\n")
+        os.chmod(str(path), 0o600)
+        config = tmp_path / "gaffer.ini"
+        config.write_text("[gaffer]\nauth_token_file = %s\n" % path)
+        out = run_briefly(["--check", str(config)], str(tmp_path))
+        assert out.returncode == 0 and "auth_token_file" not in out.stderr, out
+
+    def test_warned_at_start_up_and_reload(self, daemon_factory, tmp_path):
+        path = tmp_path / "token"
+        path.write_text(TOKEN + "\n")
+        os.chmod(str(path), 0o644)
+        d = daemon_factory("[gaffer]\nauth_token_file = %s\n" % path)
+        assert d.log().count("chmod 600") == 1
+        r = call(d.port, "POST", "/reload", [("Authorization", "Bearer " + TOKEN)])
+        assert r.status == 200, r
+        assert d.log().count("chmod 600") == 2
