@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import signal as _signal
 import socket
@@ -976,3 +977,20 @@ def section(name, cmd, args="", **keys):
         lines.append("args = %s" % args)
     lines += ["%s = %s" % item for item in keys.items()]
     return "\n".join(lines) + "\n\n"
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory):
+    """(certfile, keyfile): a throwaway self-signed certificate for localhost
+    and 127.0.0.1, made once per test run with the openssl command."""
+    if not shutil.which("openssl"):
+        pytest.fail("the openssl command is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    certfile, keyfile = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", keyfile, "-out", certfile, "-days", "2",
+                    "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=60)
+    return certfile, keyfile

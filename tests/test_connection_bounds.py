@@ -8,10 +8,8 @@ deadline of the state it is in.  Real daemons, real sockets.
 """
 import errno
 import http.client
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -163,21 +161,6 @@ def test_unread_replies_free_the_slot(daemon_factory):
     finally:
         for s in hogs:
             s.close()
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if not shutil.which("openssl"):
-        pytest.fail("the openssl command is needed to make a test certificate")
-    where = tmp_path_factory.mktemp("tls")
-    certfile, keyfile = str(where / "cert.pem"), str(where / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                    "-keyout", keyfile, "-out", certfile, "-days", "2",
-                    "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=60)
-    return certfile, keyfile
 
 
 def test_tls_handshake_has_a_deadline(daemon_factory, cert):

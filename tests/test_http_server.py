@@ -11,7 +11,6 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
 import ssl
 import stat
@@ -538,21 +537,6 @@ class TestEndpoints:
         with RawClient(port, host=host) as c:
             r = c.request(http_request_bytes("GET", "/processes", host="%s:%d" % (host, port)))
             assert r.json() == ["shared"]
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory):
-    if not shutil.which("openssl"):
-        pytest.fail("the openssl command is needed to make a test certificate")
-    d = tmp_path_factory.mktemp("tls")
-    certfile, keyfile = str(d / "cert.pem"), str(d / "key.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
-                    "-keyout", keyfile, "-out", certfile, "-days", "2",
-                    "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=60)
-    return certfile, keyfile
 
 
 def tls_context(certfile):
