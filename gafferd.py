@@ -158,6 +158,8 @@ RECENT_PROCESSES = 10                # exited processes kept for _log
 EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
 RECENT_ORPHANS = 50                  # reaped adopted orphans kept for GET /orphans
 ORPHAN_SCAN_DELAY = 0.5              # after exits, one look for new orphans per this
+ORPHAN_KILL_INTERVAL = 0.05          # shutdown: looks again for what the SIGKILL of orphans left
+ORPHAN_KILL_ROUNDS = 20              # ... at most this many times (1 s)
 MAX_CMDLINE = 1024                   # characters of an orphan's command line kept
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -3876,17 +3878,32 @@ class Manager:
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
 
-    def _finish_orphans(self):
-        self._kill_orphans(signal.SIGKILL)
+    def _finish_orphans(self, rounds=0):
+        """SIGKILL what is left below the daemon, and look again until
+        nothing is: a process forked between a look and the kill becomes
+        ours only once its killed parent is gone."""
+        if self._kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
+            self._orphan_deadline = self.loop.call_later(
+                ORPHAN_KILL_INTERVAL, self._finish_orphans, rounds + 1)
+            return
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
 
     def _kill_orphans(self, signum) -> int:
+        """Send ``signum`` to every adopted orphan and to everything below
+        it (its children are not ours until it dies, and would be left
+        running if it died last); returns how many live ones got it."""
         me = os.getpid()
-        count = 0
-        for pid in children_map().get(me, ()):
-            if pid in self._by_pid or pid in self.loop._child_watchers:
+        kids = children_map()
+        todo = [pid for pid in kids.get(me, ())
+                if pid not in self._by_pid and pid not in self.loop._child_watchers]
+        seen, count = set(), 0
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid == me:
                 continue
+            seen.add(pid)
+            todo.extend(kids.get(pid, ()))
             fields = read_proc_stat(pid)
             if fields is None or fields[0] == b"Z":
                 continue
