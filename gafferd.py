@@ -6792,6 +6792,22 @@ def daemonize():
         os.close(devnull)
 
 
+def open_stdio():
+    """Put /dev/null on whichever of fds 0, 1 and 2 is closed (an init
+    script may start us so).  Otherwise the next file or socket opened --
+    the daemon's log, a directory it holds, a client's connection -- gets
+    that number, and what is meant for stdout or stderr (``-`` log files,
+    -vv copies) goes into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def raise_fd_limit(needed):
     """Raise RLIMIT_NOFILE to its hard limit; warn when still too low."""
     try:
@@ -7200,6 +7216,7 @@ def main(argv=None) -> int:
     # `head`: a closed pipe ends it quietly, as it does cat or grep.  The
     # daemon itself ignores SIGPIPE (Python's default): a client that goes
     # away is an EPIPE on its socket, never the end of the daemon.
+    open_stdio()
     quiet_pipe = signal.getsignal(signal.SIGPIPE)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_arg_parser().parse_args(argv)

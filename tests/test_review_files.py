@@ -8,8 +8,9 @@ deadline.
 import os
 import random
 import signal
+import subprocess
 
-from conftest import pid_alive, section, wait_for
+from conftest import GAFFERD, PY, pid_alive, section, wait_for
 
 
 def pids_of(words):
@@ -51,3 +52,36 @@ def test_the_children_of_an_orphan_are_not_left_behind_at_shutdown(gafferd, tmp_
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
+
+
+# -- fd numbers 0-2 ------------------------------------------------------------------
+
+def test_closed_stdio_at_start_is_never_reused_for_a_file_or_socket(tmp_path):
+    """Started with stdout and stderr closed (as some init scripts do),
+    the daemon must not let its own log, a directory it holds or a client
+    connection take fd 1 or 2: ``stdout_logfile = -`` (fd 1), a -vv copy
+    or a log line meant for stderr would go into it.  They are /dev/null."""
+    conf = tmp_path / "gaffer.ini"
+    conf.write_text(section("talk", "/bin/sh", "-c 'while true; do echo FORGED-LINE; "
+                            "sleep 0.05; done'", stdout_logfile="-"))
+    dlog = tmp_path / "daemon.log"
+    cmd = "exec %s %s --log-file %s --bind 127.0.0.1:0 %s >&- 2>&-" % (
+        PY, GAFFERD, dlog, conf)
+    proc = subprocess.Popen(["/bin/sh", "-c", cmd], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: dlog.exists() and b"ready (pid" in dlog.read_bytes(), 15.0,
+                 message="the daemon to be ready")
+        wait_for(lambda: b"spawn" in dlog.read_bytes() or os.path.exists(
+            "/proc/%d/fd/1" % proc.pid), 5.0, message="the program to run")
+        links = {fd: os.readlink("/proc/%d/fd/%d" % (proc.pid, fd)) for fd in (0, 1, 2)}
+        assert links == {0: "/dev/null", 1: "/dev/null", 2: "/dev/null"}, links
+        proc.send_signal(signal.SIGUSR1)               # reopen: fd numbers are freed
+        wait_for(lambda: b"reopen" in dlog.read_bytes().lower(), 5.0, message="the reopen")
+        assert b"FORGED-LINE" not in dlog.read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
