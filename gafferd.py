@@ -5599,6 +5599,25 @@ class BindError(Exception):
     errno = None
 
 
+def remove_socket_file(path, ident):
+    """Unlink the unix socket the daemon made at ``path`` and only that:
+    the directory is walked as ``open_safely`` walks it, and the entry
+    must still be the socket whose (st_dev, st_ino) is ``ident`` -- not a
+    file of the same name behind a directory swapped for a link."""
+    try:
+        dir_fd, name = open_directory_of(path)
+    except OSError:
+        return
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 class Listener:
     """One listening socket of an endpoint.  ``bind = localhost`` makes
     two: this one on 127.0.0.1 and its ``twin`` on ::1 with the same port,
@@ -5611,6 +5630,7 @@ class Listener:
         self.url = None
         self.tls = None
         self.twin = None
+        self.sock_file = None            # unix: (st_dev, st_ino) of the socket bind() made
         self.loopback_tcp = address.kind == "tcp" and address.is_loopback(resolve=False)
 
     def bind(self):
@@ -5650,18 +5670,31 @@ class Listener:
         address, ep = self.address, self.endpoint
         try:
             if address.kind == "unix":
+                # The umask alone makes the socket 0600: a chmod by path
+                # would follow whatever was swapped in after bind().
+                # The stale socket is removed, and its inode noted, in the
+                # directory held by fd (walked like every file we write).
                 path = address.path
-                if os.path.lexists(path):
-                    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                        raise BindError("%s exists and is not a socket" % path)
-                    os.unlink(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                old = os.umask(0o177)
+                dir_fd, name = open_directory_of(path)
                 try:
-                    sock.bind(path)
+                    try:
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        st = None
+                    if st is not None:
+                        if not stat.S_ISSOCK(st.st_mode):
+                            raise BindError("%s exists and is not a socket" % path)
+                        os.unlink(name, dir_fd=dir_fd)
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    old = os.umask(0o177)
+                    try:
+                        sock.bind(path)
+                    finally:
+                        os.umask(old)
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    self.sock_file = (st.st_dev, st.st_ino)
                 finally:
-                    os.umask(old)
-                os.chmod(path, 0o600)
+                    os.close(dir_fd)
                 self.url = "unix:" + path
             else:
                 host = address.host
@@ -5705,11 +5738,9 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            if self.address.kind == "unix":
-                try:
-                    os.unlink(self.address.path)
-                except OSError:
-                    pass
+            if self.sock_file is not None:
+                remove_socket_file(self.address.path, self.sock_file)
+                self.sock_file = None
 
 
 _TOO_MANY_BODY = b'{"error": "too_many_connections", "message": "try again later"}\n'

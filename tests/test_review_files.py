@@ -8,7 +8,9 @@ deadline.
 import os
 import random
 import signal
+import stat
 import subprocess
+import sys
 
 from conftest import GAFFERD, PY, pid_alive, section, wait_for
 
@@ -85,3 +87,45 @@ def test_closed_stdio_at_start_is_never_reused_for_a_file_or_socket(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- the unix socket's path -------------------------------------------------------------
+
+UNIX = "[gaffer]\nhttp_endpoints = local\n\n[endpoint:local]\nbind = unix:%s/g.sock\n"
+
+def test_shutdown_removes_its_own_unix_socket_only(gafferd, tmp_path):
+    """The socket's directory (a program's own, say) is swapped for a link
+    to another directory that holds a file of the same name: the shutdown
+    must not remove that file through the link, nor anything that is not
+    the socket it made."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.chmod(str(run), 0o777)
+    other = tmp_path / "etc"
+    other.mkdir()
+    victim = other / "g.sock"
+    victim.write_bytes(b"not a socket of gafferd\n")
+    d = gafferd(UNIX % run)
+    assert stat.S_ISSOCK(os.lstat(str(run / "g.sock")).st_mode)
+    os.rename(str(run), str(tmp_path / "run.old"))
+    os.symlink(str(other), str(run))
+    assert d.stop() == 0
+    assert victim.read_bytes() == b"not a socket of gafferd\n"
+    # and a regular file put where the socket was is not the daemon's either
+    os.unlink(str(run))
+    os.rename(str(tmp_path / "run.old"), str(run))
+    d = gafferd(UNIX % run)
+    os.unlink(str(run / "g.sock"))
+    (run / "g.sock").write_bytes(b"someone else's\n")
+    assert d.stop() == 0
+    assert (run / "g.sock").read_bytes() == b"someone else's\n"
+
+
+def test_the_unix_socket_mode_is_never_set_through_a_path():
+    """bind() makes the socket 0600 by the umask alone: no chmod by path,
+    which a link swapped in after bind() would redirect to any file."""
+    import inspect
+    sys.path.insert(0, os.path.dirname(GAFFERD))
+    import gafferd as module
+    source = inspect.getsource(module.Listener._bind)
+    assert "os.chmod(" not in source
