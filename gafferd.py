@@ -5552,10 +5552,24 @@ class Api:
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=UTF-8"
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: a FIFO swapped in since the checks never blocks
+            # the loop; then what was really opened is checked again
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            raise ApiError(403, "forbidden", "cannot read file") from None
+        try:
+            try:
+                opened = os.readlink("/proc/self/fd/%d" % fd)
+            except OSError:
+                opened = path                    # no /proc: the checks above stand
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not opened.startswith(real_root + os.sep):
+                raise ApiError(403, "forbidden", "path outside the site")
+            with open(fd, "rb", closefd=False) as f:
                 body = f.read()
         except OSError:
             raise ApiError(403, "forbidden", "cannot read file") from None
+        finally:
+            os.close(fd)
         return Reply(200, body, ctype, headers)
 
 

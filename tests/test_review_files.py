@@ -129,3 +129,55 @@ def test_the_unix_socket_mode_is_never_set_through_a_path():
     import gafferd as module
     source = inspect.getsource(module.Listener._bind)
     assert "os.chmod(" not in source
+
+
+# -- a plugin's site ------------------------------------------------------------------
+
+SWAPPER = r'''
+import os, sys
+site, secret = sys.argv[1], sys.argv[2]
+reg, tmp, target = os.path.join(site, "reg"), os.path.join(site, "tmp"), os.path.join(site, "a.txt")
+n = 0
+while True:
+    n += 1
+    kind = n % 4
+    if kind in (0, 2):
+        os.link(reg, tmp)
+    elif kind == 1:
+        os.symlink(secret, tmp)
+    else:
+        os.mkfifo(tmp)
+    os.replace(tmp, target)
+'''
+
+
+def test_a_site_file_swapped_during_a_request_never_leaks_or_blocks(gafferd, tmp_path):
+    """Whoever can write a plugin's _site swaps a file, as fast as it
+    can, between a regular file, a link to a file outside the site and a
+    FIFO: the daemon serves the regular file or refuses, never the
+    outside file, and never blocks on the FIFO."""
+    import http.client
+    plugins = tmp_path / "plugins"
+    site = plugins / "web" / "_site"
+    site.mkdir(parents=True)
+    (site / "reg").write_bytes(b"public\n")
+    (site / "a.txt").write_bytes(b"public\n")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"SECRET\n")
+    d = gafferd(None, args=["--plugins-dir", str(plugins)])
+    swapper = subprocess.Popen([PY, "-c", SWAPPER, str(site), str(secret)])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=3)
+        served = set()
+        for _ in range(400):
+            conn.request("GET", "/_plugin/web/a.txt")
+            r = conn.getresponse()
+            body = r.read()
+            served.add((r.status, body if r.status == 200 else None))
+            assert body != b"SECRET\n", "a file outside the site was served"
+        conn.close()
+        assert (200, b"public\n") in served, served
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert d.get("/ping").status == 200
