@@ -158,6 +158,8 @@ RECENT_PROCESSES = 10                # exited processes kept for _log
 EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
 RECENT_ORPHANS = 50                  # reaped adopted orphans kept for GET /orphans
 ORPHAN_SCAN_DELAY = 0.5              # after exits, one look for new orphans per this
+ORPHAN_KILL_INTERVAL = 0.05          # shutdown: looks again for what the SIGKILL of orphans left
+ORPHAN_KILL_ROUNDS = 20              # ... at most this many times (1 s)
 MAX_CMDLINE = 1024                   # characters of an orphan's command line kept
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -3876,17 +3878,32 @@ class Manager:
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
 
-    def _finish_orphans(self):
-        self._kill_orphans(signal.SIGKILL)
+    def _finish_orphans(self, rounds=0):
+        """SIGKILL what is left below the daemon, and look again until
+        nothing is: a process forked between a look and the kill becomes
+        ours only once its killed parent is gone."""
+        if self._kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
+            self._orphan_deadline = self.loop.call_later(
+                ORPHAN_KILL_INTERVAL, self._finish_orphans, rounds + 1)
+            return
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
 
     def _kill_orphans(self, signum) -> int:
+        """Send ``signum`` to every adopted orphan and to everything below
+        it (its children are not ours until it dies, and would be left
+        running if it died last); returns how many live ones got it."""
         me = os.getpid()
-        count = 0
-        for pid in children_map().get(me, ()):
-            if pid in self._by_pid or pid in self.loop._child_watchers:
+        kids = children_map()
+        todo = [pid for pid in kids.get(me, ())
+                if pid not in self._by_pid and pid not in self.loop._child_watchers]
+        seen, count = set(), 0
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid == me:
                 continue
+            seen.add(pid)
+            todo.extend(kids.get(pid, ()))
             fields = read_proc_stat(pid)
             if fields is None or fields[0] == b"Z":
                 continue
@@ -5535,10 +5552,24 @@ class Api:
         if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
             ctype += "; charset=UTF-8"
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: a FIFO swapped in since the checks never blocks
+            # the loop; then what was really opened is checked again
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError:
+            raise ApiError(403, "forbidden", "cannot read file") from None
+        try:
+            try:
+                opened = os.readlink("/proc/self/fd/%d" % fd)
+            except OSError:
+                opened = path                    # no /proc: the checks above stand
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not opened.startswith(real_root + os.sep):
+                raise ApiError(403, "forbidden", "path outside the site")
+            with open(fd, "rb", closefd=False) as f:
                 body = f.read()
         except OSError:
             raise ApiError(403, "forbidden", "cannot read file") from None
+        finally:
+            os.close(fd)
         return Reply(200, body, ctype, headers)
 
 
@@ -5582,6 +5613,25 @@ class BindError(Exception):
     errno = None
 
 
+def remove_socket_file(path, ident):
+    """Unlink the unix socket the daemon made at ``path`` and only that:
+    the directory is walked as ``open_safely`` walks it, and the entry
+    must still be the socket whose (st_dev, st_ino) is ``ident`` -- not a
+    file of the same name behind a directory swapped for a link."""
+    try:
+        dir_fd, name = open_directory_of(path)
+    except OSError:
+        return
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == ident:
+            os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
 class Listener:
     """One listening socket of an endpoint.  ``bind = localhost`` makes
     two: this one on 127.0.0.1 and its ``twin`` on ::1 with the same port,
@@ -5594,6 +5644,7 @@ class Listener:
         self.url = None
         self.tls = None
         self.twin = None
+        self.sock_file = None            # unix: (st_dev, st_ino) of the socket bind() made
         self.loopback_tcp = address.kind == "tcp" and address.is_loopback(resolve=False)
 
     def bind(self):
@@ -5633,18 +5684,31 @@ class Listener:
         address, ep = self.address, self.endpoint
         try:
             if address.kind == "unix":
+                # The umask alone makes the socket 0600: a chmod by path
+                # would follow whatever was swapped in after bind().
+                # The stale socket is removed, and its inode noted, in the
+                # directory held by fd (walked like every file we write).
                 path = address.path
-                if os.path.lexists(path):
-                    if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                        raise BindError("%s exists and is not a socket" % path)
-                    os.unlink(path)
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                old = os.umask(0o177)
+                dir_fd, name = open_directory_of(path)
                 try:
-                    sock.bind(path)
+                    try:
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        st = None
+                    if st is not None:
+                        if not stat.S_ISSOCK(st.st_mode):
+                            raise BindError("%s exists and is not a socket" % path)
+                        os.unlink(name, dir_fd=dir_fd)
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    old = os.umask(0o177)
+                    try:
+                        sock.bind(path)
+                    finally:
+                        os.umask(old)
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    self.sock_file = (st.st_dev, st.st_ino)
                 finally:
-                    os.umask(old)
-                os.chmod(path, 0o600)
+                    os.close(dir_fd)
                 self.url = "unix:" + path
             else:
                 host = address.host
@@ -5688,11 +5752,9 @@ class Listener:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-            if self.address.kind == "unix":
-                try:
-                    os.unlink(self.address.path)
-                except OSError:
-                    pass
+            if self.sock_file is not None:
+                remove_socket_file(self.address.path, self.sock_file)
+                self.sock_file = None
 
 
 _TOO_MANY_BODY = b'{"error": "too_many_connections", "message": "try again later"}\n'
@@ -6775,6 +6837,22 @@ def daemonize():
         os.close(devnull)
 
 
+def open_stdio():
+    """Put /dev/null on whichever of fds 0, 1 and 2 is closed (an init
+    script may start us so).  Otherwise the next file or socket opened --
+    the daemon's log, a directory it holds, a client's connection -- gets
+    that number, and what is meant for stdout or stderr (``-`` log files,
+    -vv copies) goes into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)      # the lowest free number: fd
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def raise_fd_limit(needed):
     """Raise RLIMIT_NOFILE to its hard limit; warn when still too low."""
     try:
@@ -7183,6 +7261,7 @@ def main(argv=None) -> int:
     # `head`: a closed pipe ends it quietly, as it does cat or grep.  The
     # daemon itself ignores SIGPIPE (Python's default): a client that goes
     # away is an EPIPE on its socket, never the end of the daemon.
+    open_stdio()
     quiet_pipe = signal.getsignal(signal.SIGPIPE)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_arg_parser().parse_args(argv)
