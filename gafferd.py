@@ -201,6 +201,14 @@ RANGES = {
     "flapping.window": (0.0, MAX_DURATION),
     "flapping.retry_in": (0.0, MAX_DURATION),
     "flapping.max_retry": (0, MAX_COUNT),
+    "startsecs": (0.0, MAX_DURATION),
+    "restart_delay": (0.0, MAX_DURATION),
+    "backoff.initial": (0.0, MAX_DURATION),
+    "backoff.factor": (1.0, 1000.0),
+    "backoff.max": (0.0, MAX_DURATION),
+    "start_retries": (0, MAX_COUNT),
+    "ready_timeout": (0.0, MAX_DURATION),
+    "ready_interval": (0.01, MAX_DURATION),
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
     "logfile_backups": (0, 1000),
     "output_buffer": (0, MAX_BUFFER),
@@ -504,6 +512,140 @@ class Flapping:
         return cls(*out)
 
 
+RESTART_POLICIES = ("always", "on-failure", "never")
+UNLIMITED = None                     # start_retries without a limit
+
+
+class Backoff:
+    """Delays after failed starts: ``initial``, times ``factor`` after each
+    further failed start, at most ``max`` seconds."""
+
+    __slots__ = ("initial", "factor", "max")
+    FIELDS = ("initial", "factor", "max")
+
+    def __init__(self, initial=1.0, factor=2.0, max=60.0):
+        self.initial, self.factor, self.max = initial, factor, max
+
+    def delay(self, failed_starts: int) -> float:
+        """Seconds to wait after the ``failed_starts``-th failed start in a row."""
+        if failed_starts <= 0:
+            return 0.0
+        exponent = min(failed_starts - 1, 64)        # factor**64 already passes any max
+        return min(self.max, self.initial * self.factor ** exponent)
+
+    def to_list(self) -> list:
+        return [self.initial, self.factor, self.max]
+
+    def __eq__(self, other):
+        return isinstance(other, Backoff) and self.to_list() == other.to_list()
+
+    def __repr__(self):
+        return "Backoff(%g, %g, %g)" % tuple(self.to_list())
+
+    @classmethod
+    def parse(cls, value):
+        """``1, 2, 60`` (commas and/or spaces; trailing values defaulted),
+        a JSON list, or a JSON object with ``initial``, ``factor``, ``max``."""
+        defaults = cls().to_list()
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.FIELDS)
+            if unknown:
+                raise ValueError("unknown backoff key(s): %s" % ", ".join(sorted(unknown)))
+            values = [value.get(f, d) for f, d in zip(cls.FIELDS, defaults)]
+        else:
+            values = list(value) if isinstance(value, (list, tuple)) else \
+                [v for v in re.split(r"[\s,]+", str(value).strip()) if v]
+            if not values or len(values) > 3:
+                raise ValueError("%r: give initial, factor, max (1 to 3 numbers)" % (value,))
+            values += defaults[len(values):]
+        out = []
+        for field, v in zip(cls.FIELDS, values):
+            minimum, maximum = RANGES["backoff." + field]
+            try:
+                out.append(parse_float(v, minimum, maximum))
+            except ValueError as exc:
+                raise ValueError("%s %s" % (field, exc)) from None
+        return cls(*out)
+
+
+class ReadySpec:
+    """When a process counts as ready (the ``ready`` key): ``kind`` is one
+    of READY_KINDS, ``arg`` its validated argument (a compiled regex, a
+    ``(host, port)``, a URL, an argv list, or None)."""
+
+    __slots__ = ("kind", "arg", "text")
+
+    def __init__(self, kind, arg=None, text=None):
+        self.kind, self.arg, self.text = kind, arg, text or kind
+
+    def __eq__(self, other):
+        return isinstance(other, ReadySpec) and self.text == other.text
+
+    def __repr__(self):
+        return "ReadySpec(%r)" % self.text
+
+
+def _ready_plain(arg):
+    if arg:
+        raise ValueError("takes no argument")
+
+
+def _ready_log(arg):
+    if not arg:
+        raise ValueError("log: needs a regular expression")
+    try:
+        return re.compile(arg.encode("utf-8"))
+    except re.error as exc:
+        raise ValueError("log:%s is not a regular expression: %s" % (arg, exc)) from None
+
+
+def _ready_tcp(arg):
+    host, _, port = arg.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, parse_int(port, 1, 65535)
+
+
+def _ready_http(arg):
+    url = urllib.parse.urlsplit(arg)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("http: needs an http:// or https:// URL with a host")
+    return arg
+
+
+def _ready_cmd(arg):
+    try:
+        argv = shlex.split(arg)
+    except ValueError as exc:
+        raise ValueError("cmd:%s cannot be split: %s" % (arg, exc)) from None
+    if not argv:
+        raise ValueError("cmd: needs a command")
+    return argv
+
+
+# kind -> validate(argument text) -> the argument the probe uses.  The
+# manager (§8) has a probe for each kind in ``Manager.READY_PROBES``.
+READY_KINDS = collections.OrderedDict([
+    ("startsecs", _ready_plain), ("spawn", _ready_plain), ("notify", _ready_plain),
+    ("log", _ready_log), ("tcp", _ready_tcp), ("http", _ready_http), ("cmd", _ready_cmd),
+])
+
+
+def parse_ready(value) -> ReadySpec:
+    """``startsecs``, ``spawn``, ``notify``, ``log:REGEX``, ``tcp:PORT``,
+    ``tcp:HOST:PORT``, ``http:URL`` or ``cmd:COMMAND``."""
+    if isinstance(value, ReadySpec):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("%r: use startsecs, spawn, notify, log:REGEX, tcp:PORT, "
+                         "http:URL or cmd:COMMAND" % (value,))
+    text = value.strip()
+    kind, _, arg = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in READY_KINDS:
+        raise ValueError("unknown kind %r: use %s" % (kind, ", ".join(READY_KINDS)))
+    return ReadySpec(kind, READY_KINDS[kind](arg.strip() if kind != "log" else arg), text)
+
+
 def _c_str(value, ctx):
     if not isinstance(value, str):
         raise ValueError("%r is not a string" % (value,))
@@ -609,6 +751,49 @@ def _c_flapping(value, ctx):
     return Flapping.parse(value)
 
 
+def _c_restart(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text not in RESTART_POLICIES:
+        raise ValueError("%r: use %s" % (value, ", ".join(RESTART_POLICIES)))
+    return text
+
+
+def _c_exit_codes(value, ctx):
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else \
+        value if isinstance(value, (list, tuple)) else parse_list(value)
+    codes = []
+    for item in items:
+        codes.append(parse_int(item.strip() if isinstance(item, str) else item, 0, 255))
+    return sorted(set(codes))
+
+
+def _c_start_retries(value, ctx):
+    if value is None or (isinstance(value, str) and value.strip().lower() == "unlimited"):
+        return UNLIMITED
+    minimum, maximum = RANGES["start_retries"]
+    return parse_int(value.strip() if isinstance(value, str) else value, minimum, maximum)
+
+
+def _c_backoff(value, ctx):
+    return Backoff.parse(value)
+
+
+def _c_signal(value, ctx):
+    """A signal name (TERM, SIGTERM) or number."""
+    text = str(value).strip().upper()
+    if is_ascii_digits(text):
+        number = int(text)
+    else:
+        number = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
+    if number is None or not 1 <= int(number) < signal.NSIG:
+        raise ValueError("%r is not a signal (use a name such as TERM, INT, QUIT)" % (value,))
+    return int(number)
+
+
+def _c_ready(value, ctx):
+    return parse_ready(value)
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -626,7 +811,25 @@ PROCESS_KEYS = collections.OrderedDict([
                       "how many processes to keep running")),
     ("start", (_c_bool, True, "start when loaded")),
     ("priority", (_c_ranged(parse_int, "priority"), sys.maxsize, "start-up order, lowest first")),
-    ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
+    ("flapping", (_c_flapping, None, "gaffer 0.4.4: attempts, window, retry_in, max_retry, "
+                  "or off; mapped onto startsecs, backoff and start_retries")),
+    ("restart", (_c_restart, "always", "always, on-failure or never")),
+    ("success_exit_codes", (_c_exit_codes, [0], "exit statuses that count as success")),
+    ("startsecs", (_c_ranged(parse_float, "startsecs"), 1.0,
+                   "an exit before this many seconds up is a failed start")),
+    ("restart_delay", (_c_ranged(parse_float, "restart_delay"), 0.0,
+                       "seconds before restarting a process that was up startsecs")),
+    ("backoff", (_c_backoff, Backoff(), "initial, factor, max: delays after failed starts")),
+    ("start_retries", (_c_start_retries, UNLIMITED,
+                       "failed starts in a row retried before the process is failed")),
+    ("stop_signal", (_c_signal, int(signal.SIGTERM), "sent to the group by a stop")),
+    ("critical", (_c_bool, False, "a failure of this template stops gafferd (exit 1)")),
+    ("ready", (_c_ready, ReadySpec("startsecs"), "startsecs, spawn, notify, log:REGEX, "
+               "tcp:[HOST:]PORT, http:URL or cmd:COMMAND")),
+    ("ready_timeout", (_c_ranged(parse_float, "ready_timeout"), 60.0,
+                       "a process not ready by then is a failed start")),
+    ("ready_interval", (_c_ranged(parse_float, "ready_interval"), 1.0,
+                        "seconds between readiness probes")),
     ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
     ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
@@ -646,7 +849,7 @@ PROCESS_KEYS = collections.OrderedDict([
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
-             "logfile_maxbytes", "output_buffer")
+             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries")
 
 # Keys every INI template reports in GET /processes/NAME (SPEC 2.7).
 _INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
@@ -673,9 +876,7 @@ class TemplateSpec:
         out = {"name": self.name, "cmd": self.cmd}
         out.update(self.settings)
         out.pop("start", None)
-        if isinstance(out.get("flapping"), Flapping):
-            out["flapping"] = out["flapping"].to_dict()
-        return out
+        return {k: _echo(v) for k, v in out.items()}
 
     def key(self) -> tuple:
         """What must be equal for a reload to leave the template alone."""
@@ -686,6 +887,33 @@ class TemplateSpec:
     def logfile_for(self, index: int):
         own = self.stdout_logfile if index == 0 else self.stderr_logfile if index == 1 else None
         return own or self.logfile
+
+
+def _echo(value):
+    """A typed setting as ``GET /processes/NAME`` shows it."""
+    if isinstance(value, Flapping):
+        return value.to_dict()
+    if isinstance(value, Backoff):
+        return value.to_list()
+    if isinstance(value, ReadySpec):
+        return value.text
+    return value
+
+
+def _map_flapping(values) -> None:
+    """The gaffer 0.4.4 key ``flapping = attempts, window, retry_in,
+    max_retry`` in the per-process terms of today, for the keys the
+    template does not set itself: ``startsecs = window`` (an exit within
+    ``window`` of the start is a failed start), ``backoff = retry_in, 1,
+    retry_in`` and ``start_retries = max_retry``.  ``attempts`` has no
+    equivalent: one failed start of a process counts, never its siblings'.
+    ``flapping = off`` changes nothing: the backoff stays."""
+    flapping = values.get("flapping")
+    if flapping is None:
+        return
+    values.setdefault("startsecs", flapping.window)
+    values.setdefault("backoff", Backoff(flapping.retry_in, 1.0, flapping.retry_in))
+    values.setdefault("start_retries", flapping.max_retry)
 
 
 def _output_labels(redirect_output, logfiles) -> list:
@@ -778,12 +1006,12 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
         settings["group"] = name.split(":", 1)[0] if ":" in name else None
         if "env" in values:
             settings["env"] = values["env"]
-        if isinstance(settings.get("flapping"), Flapping):
-            settings["flapping"] = settings["flapping"].to_dict()
+        settings = {k: _echo(v) for k, v in settings.items()}
     elif ":" in name:
         settings["group"] = name.split(":", 1)[0]
     if "group" in raw and origin != "config" and raw["group"] != settings.get("group"):
         raise fail("group", "is derived from the name (group:name)")
+    _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
     env = child_environment(spec, environ)
@@ -1261,44 +1489,246 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
 
 
 # § 4 process policy and stats (pure) -----------------------------------------
-# Owns: the flapping decision (SPEC 3.8 with its fixes), the ring buffer
-# that keeps recent output, and reading process facts from /proc (SPEC
-# section 9).  The clock is always an argument.  Uses §1.  Used by §8.
+# Owns: the lifecycle of a process slot (its state table, the restart
+# policy, exit classification, backoff delays) and the state of a template
+# derived from its slots, the ring buffer that keeps recent output, and
+# reading process facts from /proc (SPEC section 9).  The clock is always
+# an argument.  Uses §1, §3 (RANGES for the backoff).  Used by §8.
 
-RESPAWN, RETRY, GIVE_UP = "respawn", "retry", "give_up"
+# -- the process lifecycle --------------------------------------------------
+# Every process slot of a template (slot 0 to numprocesses-1) runs one
+# small state machine: ``(state, event) -> (new state, actions)``, written
+# as one table, ``TRANSITIONS``, in the manner of h11's ``_state.py``.  The
+# manager (§8) feeds events and performs the actions; nothing here touches
+# a process, a timer or the clock (``now`` is an argument).  An event the
+# table has no row for raises ``LifecycleError``: the manager logs it as
+# the bug it is, never drops it silently.
+#
+#   stopped/exited/failed --start--> starting --ready--> running
+#   starting/running --exit, up >= startsecs, restarted--> backoff (restart_delay)
+#   starting/running --exit, up <  startsecs--> backoff (backoff delay) | failed
+#   starting/running --exit, not restarted by policy--> exited
+#   backoff --backoff_elapsed--> starting
+#   starting --ready_timeout--> stopping;  starting/running --watchdog_timeout--> stopping
+#   starting/running --stop--> stopping --stopped--> stopped
+#   backoff/exited/failed --stop--> stopped
+
+STARTING, RUNNING, BACKOFF, STOPPING = "starting", "running", "backoff", "stopping"
+STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
+PROCESS_STATES = (STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, EXITED, FAILED)
+
+# Events.  An exit is classified by ``classify_exit`` into one of the
+# ``EXIT_*`` events before it reaches the table, so every outcome of an
+# exit is a row of its own.
+START, SPAWNED, READY, STOP, STOPPED_EVENT = "start", "spawned", "ready", "stop", "stopped"
+BACKOFF_ELAPSED, READY_TIMEOUT, WATCHDOG_TIMEOUT = \
+    "backoff_elapsed", "ready_timeout", "watchdog_timeout"
+EXIT_RESTART = "exit_restart"       # up >= startsecs, restarted after restart_delay
+EXIT_RETRY = "exit_retry"           # a failed start, restarted after the backoff delay
+EXIT_GIVE_UP = "exit_give_up"       # a failed start beyond start_retries
+EXIT_DONE = "exit_done"             # not restarted by the policy (success or never)
+SLOT_EVENTS = (START, SPAWNED, READY, STOP, STOPPED_EVENT, BACKOFF_ELAPSED, READY_TIMEOUT,
+               WATCHDOG_TIMEOUT, EXIT_RESTART, EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE)
+
+# Actions for the manager, in the order given.
+A_SPAWN = "spawn"                   # queue an exec for this slot
+A_WATCH_READY = "watch_ready"       # start the readiness check and ready_timeout
+A_UNWATCH = "unwatch"               # cancel readiness checks, watchdog and timers
+A_KILL = "kill"                     # stop_signal to the group, SIGKILL after graceful_timeout
+A_SCHEDULE = "schedule"             # backoff_elapsed in ``slot.delay`` seconds
+A_CANCEL = "cancel"                 # cancel the pending backoff_elapsed
+A_GIVE_UP = "give_up"               # log that the slot gave up; ``critical`` applies
+A_DONE = "done"                     # the process ended for good (``slot.ok`` tells how)
+
+_UP = (STARTING, RUNNING)
+_EXIT_ROWS = {EXIT_RESTART: (BACKOFF, (A_SCHEDULE,)), EXIT_RETRY: (BACKOFF, (A_SCHEDULE,)),
+              EXIT_GIVE_UP: (FAILED, (A_GIVE_UP,)), EXIT_DONE: (EXITED, (A_DONE,))}
+
+# (state, event) -> (new state, actions).  Every transition is here.
+TRANSITIONS = {
+    (STOPPED, START): (STARTING, (A_SPAWN,)),
+    (EXITED, START): (STARTING, (A_SPAWN,)),
+    (FAILED, START): (STARTING, (A_SPAWN,)),
+    (BACKOFF, START): (STARTING, (A_CANCEL, A_SPAWN)),
+    (STARTING, START): (STARTING, ()),              # already on its way up
+    (RUNNING, START): (RUNNING, ()),
+    (STARTING, SPAWNED): (STARTING, (A_WATCH_READY,)),
+    (STARTING, READY): (RUNNING, ()),
+    (RUNNING, READY): (RUNNING, ()),                # a second READY=1, a probe answering again
+    (STOPPING, READY): (STOPPING, ()),              # a probe answer that raced the stop
+    (STARTING, READY_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (STARTING, WATCHDOG_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (RUNNING, WATCHDOG_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (BACKOFF, BACKOFF_ELAPSED): (STARTING, (A_SPAWN,)),
+    (STARTING, STOP): (STOPPING, (A_UNWATCH, A_KILL)),
+    (RUNNING, STOP): (STOPPING, (A_UNWATCH, A_KILL)),
+    (STOPPING, STOP): (STOPPING, ()),
+    (BACKOFF, STOP): (STOPPED, (A_CANCEL,)),
+    (EXITED, STOP): (STOPPED, ()),
+    (FAILED, STOP): (STOPPED, ()),
+    (STOPPED, STOP): (STOPPED, ()),
+    (STOPPING, STOPPED_EVENT): (STOPPED, ()),
+}
+for _state in _UP:
+    for _event, (_new, _actions) in _EXIT_ROWS.items():
+        TRANSITIONS[(_state, _event)] = (_new, (A_UNWATCH,) + _actions)
+# a process killed for a missed ready_timeout or watchdog: a failed start
+for _event in (EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE):
+    TRANSITIONS[(STOPPING, _event)] = _EXIT_ROWS[_event]
+del _state, _event, _new, _actions
 
 
-class FlapState:
-    """Exit history of one template, fed only with exits nobody asked for.
+class LifecycleError(Exception):
+    """An event the lifecycle table has no row for: a bug in the caller."""
 
-    Fixes of SPEC 3.8: the history is cleared after each retry, so
-    ``max_retry`` is reachable, and it is bounded by ``attempts``, so
-    ``attempts > max_retry`` still detects flapping.
+    def __init__(self, state, event):
+        super().__init__("no transition from %r on %r" % (state, event))
+        self.state, self.event = state, event
+
+
+class RestartPolicy:
+    """What happens when a process of a template exits: the ``restart``,
+    ``success_exit_codes``, ``startsecs``, ``restart_delay``, ``backoff``
+    and ``start_retries`` keys of a template, read-only."""
+
+    __slots__ = ("restart", "success_exit_codes", "startsecs", "restart_delay",
+                 "backoff", "start_retries")
+
+    def __init__(self, restart="always", success_exit_codes=(0,), startsecs=1.0,
+                 restart_delay=0.0, backoff=None, start_retries=UNLIMITED):
+        self.restart, self.success_exit_codes = restart, frozenset(success_exit_codes)
+        self.startsecs, self.restart_delay = startsecs, restart_delay
+        self.backoff = backoff or Backoff()
+        self.start_retries = start_retries
+
+    @classmethod
+    def of(cls, spec) -> "RestartPolicy":
+        return cls(spec.restart, spec.success_exit_codes, spec.startsecs, spec.restart_delay,
+                   spec.backoff, spec.start_retries)
+
+    def success(self, exit_status, term_signal) -> bool:
+        """The exit counts as a success: no signal, a status in the list."""
+        return term_signal is None and exit_status in self.success_exit_codes
+
+
+def classify_exit(policy: RestartPolicy, slot, exit_status, term_signal, uptime,
+                  asked: bool) -> str:
+    """The table event for an exit of ``slot``'s process.
+
+    ``asked``: the exit followed a stop somebody asked for (not a kill for
+    a missed ready_timeout or watchdog, which the slot remembers in
+    ``failing``).  A failed exec is an exit with status 127 and uptime 0.
+    """
+    if asked and not slot.failing:
+        return STOPPED_EVENT
+    success = policy.success(exit_status, term_signal) and not slot.failing
+    if policy.restart == "never" or (policy.restart == "on-failure" and success):
+        return EXIT_DONE
+    if slot.failing or uptime < policy.startsecs:
+        if policy.start_retries is not UNLIMITED and slot.failed_starts >= policy.start_retries:
+            return EXIT_GIVE_UP
+        return EXIT_RETRY
+    return EXIT_RESTART
+
+
+class Slot:
+    """The lifecycle of one process slot; pure (the manager's ``Process``
+    objects point at it, it never points at them).
+
+    Attributes the manager reads: ``index`` (the slot number, which a
+    replacement keeps), ``state``, ``since`` (clock time of the last
+    change), ``failed_starts`` (in a row), ``restarts`` (exits nobody
+    asked for), ``delay`` (of the last ``schedule`` action), ``ok`` (the
+    last exit was a success by the policy), ``failing`` (the process is
+    being killed for a missed ready_timeout or watchdog).
     """
 
-    def __init__(self):
-        self.history = collections.deque()
-        self.retries = 0
+    __slots__ = ("index", "state", "since", "failed_starts", "restarts", "delay", "ok",
+                 "failing", "status_text", "proc", "timer")
 
-    def reset(self):
-        self.history.clear()
-        self.retries = 0
+    def __init__(self, index: int, now: float):
+        self.index, self.state, self.since = index, STOPPED, now
+        self.failed_starts = self.restarts = 0
+        self.delay, self.ok, self.failing, self.status_text = 0.0, None, False, ""
+        self.proc = self.timer = None          # owned by the manager
 
-    def on_exit(self, limits: Flapping, now: float) -> str:
-        self.history.append(now)
-        while len(self.history) > limits.attempts:
-            self.history.popleft()
-        if len(self.history) < limits.attempts:
-            return RESPAWN
-        if self.history[-1] - self.history[0] > limits.window:
-            self.retries = 0           # an isolated exit: the template was stable
-            return RESPAWN
-        self.history.clear()
-        if self.retries < limits.max_retry:
-            self.retries += 1
-            return RETRY
-        self.retries = 0
-        return GIVE_UP
+    def feed(self, event: str, now: float, policy: RestartPolicy = None) -> tuple:
+        """Apply ``event``; return the actions.  LifecycleError (state
+        unchanged) when the table has no row for it."""
+        try:
+            new, actions = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LifecycleError(self.state, event) from None
+        if event in (EXIT_RETRY, EXIT_GIVE_UP):
+            self.failed_starts += 1
+        elif event == EXIT_RESTART:
+            self.failed_starts = 0
+        if event in (EXIT_RESTART, EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE):
+            self.restarts += event != EXIT_DONE or self.ok is False
+        if A_SCHEDULE in actions:
+            policy = policy or RestartPolicy()
+            self.delay = policy.restart_delay if event == EXIT_RESTART else \
+                policy.backoff.delay(self.failed_starts)
+        if event in (READY_TIMEOUT, WATCHDOG_TIMEOUT):
+            self.failing = True
+        elif event == START and self.state == FAILED:
+            self.failed_starts = 0
+        if new != STOPPING:
+            self.failing = False
+        if new != self.state:
+            self.state, self.since = new, now
+        return actions
+
+    def exit(self, policy: RestartPolicy, exit_status, term_signal, uptime, asked, now):
+        """Classify an exit and feed it: ``(event, actions)``."""
+        event = classify_exit(policy, self, exit_status, term_signal, uptime, asked)
+        if event != STOPPED_EVENT:
+            self.ok = policy.success(exit_status, term_signal) and not self.failing
+        return event, self.feed(event, now, policy)
+
+    @property
+    def bucket(self) -> str:
+        """The state as ``template_state`` counts it (an unsuccessful
+        ``exited`` counts apart)."""
+        return "exited_failed" if self.state == EXITED and not self.ok else self.state
+
+
+TEMPLATE_STATES = ("stopped", "waiting", "starting", "running", "degraded", "backoff",
+                   "failed", "completed")
+
+
+def template_state(wanted: bool, waiting: bool, counts) -> str:
+    """A template's state from how many of its slots are in each bucket
+    (``Slot.bucket``); ``wanted`` is false when it was stopped on purpose,
+    ``waiting`` true while its dependencies do not hold.
+
+    stopped: not wanted; waiting: dependencies not met; completed: every
+    slot exited with a success; failed: nothing up or retrying and some
+    slot failed (or exited unsuccessfully); degraded: some up, some in
+    backoff or failed; backoff: nothing up, a restart scheduled; starting:
+    some slot not yet ready; running: every slot ready (or none wanted).
+    """
+    if not wanted:
+        return "stopped"
+    if waiting:
+        return "waiting"
+    get = counts.get
+    up = get(STARTING, 0) + get(RUNNING, 0)
+    broken = get(FAILED, 0) + get("exited_failed", 0)
+    total = up + broken + get(BACKOFF, 0) + get(EXITED, 0)
+    if total == 0:
+        return "running"
+    if get(EXITED, 0) == total:
+        return "completed"
+    if up and (broken or get(BACKOFF, 0)):
+        return "degraded"
+    if get(BACKOFF, 0):
+        return "backoff"
+    if broken:
+        return "failed"
+    if get(STARTING, 0):
+        return "starting"
+    return "running"
 
 
 def utf8_partial_tail(data) -> int:
