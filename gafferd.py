@@ -207,6 +207,8 @@ RANGES = {
     "backoff.factor": (1.0, 1000.0),
     "backoff.max": (0.0, MAX_DURATION),
     "start_retries": (0, MAX_COUNT),
+    "success_exit_codes": (0, 255),
+    "stop_signal": (1, signal.NSIG - 1),
     "ready_timeout": (0.0, MAX_DURATION),
     "ready_interval": (0.01, MAX_DURATION),
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
@@ -759,19 +761,23 @@ def _c_restart(value, ctx):
 
 
 def _c_exit_codes(value, ctx):
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else \
-        value if isinstance(value, (list, tuple)) else parse_list(value)
-    codes = []
-    for item in items:
-        codes.append(parse_int(item.strip() if isinstance(item, str) else item, 0, 255))
-    return sorted(set(codes))
+    """An exit status, a JSON list of them or ``0, 2`` (blanks only
+    around commas)."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, str) and "," in value:
+        items = [item.strip() for item in value.split(",")]
+    else:
+        items = [value]
+    minimum, maximum = RANGES["success_exit_codes"]
+    return sorted({parse_int(item, minimum, maximum) for item in items})
 
 
 def _c_start_retries(value, ctx):
-    if value is None or (isinstance(value, str) and value.strip().lower() == "unlimited"):
+    if value is None or (isinstance(value, str) and value.lower() == "unlimited"):
         return UNLIMITED
     minimum, maximum = RANGES["start_retries"]
-    return parse_int(value.strip() if isinstance(value, str) else value, minimum, maximum)
+    return parse_int(value, minimum, maximum)
 
 
 def _c_backoff(value, ctx):
@@ -780,12 +786,15 @@ def _c_backoff(value, ctx):
 
 def _c_signal(value, ctx):
     """A signal name (TERM, SIGTERM) or number."""
-    text = str(value).strip().upper()
+    text = str(value).upper() if isinstance(value, (str, int)) and \
+        not isinstance(value, bool) else ""
     if is_ascii_digits(text):
         number = int(text)
     else:
-        number = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
-    if number is None or not 1 <= int(number) < signal.NSIG:
+        name = text if text.startswith("SIG") else "SIG" + text
+        number = getattr(signal.Signals, name, None) if name.isidentifier() else None
+    minimum, maximum = RANGES["stop_signal"]
+    if number is None or not minimum <= int(number) <= maximum:
         raise ValueError("%r is not a signal (use a name such as TERM, INT, QUIT)" % (value,))
     return int(number)
 
@@ -3650,7 +3659,6 @@ class Manager:
         self._logfiles = {}                            # path -> LogFile (shared)
         self._spawn_queue = collections.deque()        # templates waiting for spawns
         self._spawn_wanted = set()
-        self._doomed_sessions = set()                  # sessions to kill this iteration
         self._pump_scheduled = False
         self._budget_iteration = -1
         self._budget_end = 0.0
@@ -3666,6 +3674,7 @@ class Manager:
         self.spawn_failures = 0
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
+        self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
         self._unprobed = set()                         # templates warned about their ready kind
 
@@ -3758,6 +3767,43 @@ class Manager:
         self._emit("update", t.name, per_process=False)
         if spec.start if start is None else start:
             self._start(t, events=False)
+
+    def reload_templates(self, specs, dry_run=False) -> dict:
+        """Make the templates of the config file those of ``specs``:
+        remove the ones no longer there, update the changed ones (only
+        scaled when nothing but ``numprocesses`` changed), add the new
+        ones.  Templates made over HTTP are left alone.  Returns the names
+        ``added``, ``removed``, ``changed`` and ``unchanged``; with
+        ``dry_run`` nothing changes."""
+        wanted = collections.OrderedDict((s.name, s) for s in specs)
+        added = [n for n in wanted if n not in self.processes]
+        removed = [n for n, t in self.processes.items()
+                   if t.spec.origin == "config" and n not in wanted]
+        changed, unchanged = [], []
+        for name, spec in wanted.items():
+            t = self.processes.get(name)
+            if t is None:
+                continue
+            if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
+                unchanged.append(name)
+            else:
+                changed.append(name)
+        result = {"added": added, "removed": removed, "changed": changed,
+                  "unchanged": unchanged}
+        if dry_run:
+            return result
+        for name in removed:
+            self.remove_process(name)
+        for name in changed:
+            t, spec = self.processes[name], wanted[name]
+            if t.spec.key() == spec.key():
+                t.take_spec(spec)
+                self.scale_to(name, spec.numprocesses)
+            else:
+                self.update_template(t, spec)
+        for name in added:
+            self.add_template(wanted[name])
+        return result
 
     def remove_process(self, name):
         t = self.get_template(name)
@@ -4161,6 +4207,12 @@ class Manager:
             self._feed(t, slot, BACKOFF_ELAPSED)
 
     # -- spawning and stopping processes ----------------------------------------------
+    # Contract: a slot's ``spawn`` action queues it in ``t.unspawned``;
+    # ``_pump`` execs them in template (priority) order within
+    # SPAWN_BUDGET per loop iteration; ``_spawn`` feeds ``spawned`` or, on
+    # a failed exec, an exit with status 127.  ``kill`` sends the
+    # template's stop_signal to the process group, SIGKILL after
+    # graceful_timeout.
     def _signal_stop(self, proc):
         """The process's stop signal now (to its group), SIGKILL after its
         graceful_timeout (at once when a second shutdown request hurries)."""
@@ -4393,50 +4445,11 @@ class Manager:
             self.log_writer.reopen(logfile)
         return len(self._logfiles)
 
-    def _before_reap(self, proc):
-        """The leader is a zombie, so its process group id cannot be reused
-        yet: what is left of the group (grandchildren) gets SIGTERM and the
-        rest of the grace period, then SIGKILL, as systemd does for the
-        processes of a unit."""
-        if proc.requested:
-            deadline = proc.kill_deadline if not self._hurry else self.loop.time()
-        else:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                return
-            deadline = self.loop.time() + proc.spec.graceful_timeout
-        self.loop.call_at(deadline, self._kill_group, proc.pid, proc.requested)
-
-    def _kill_group(self, pgid, stopped):
-        """SIGKILL what is left of a finished leader's process group and,
-        after a stop that was asked for, of its session too (a grandchild
-        may have moved to a group of its own)."""
-        if pgid in self._by_pid:
-            return            # the number now leads a group of a new process of ours
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if stopped:
-            if not self._doomed_sessions:
-                # the deadlines of a stop of many processes are spread over
-                # the time it took: one scan serves all that fall due soon
-                self.loop.call_later(0 if self._hurry else SESSION_SCAN_DELAY,
-                                     self._kill_sessions)
-            self._doomed_sessions.add(pgid)
-
-    def _kill_sessions(self):
-        """One scan of /proc for every session whose deadline fell due in
-        the last SESSION_SCAN_DELAY (a stop of many processes scans a few
-        times, not N times)."""
-        doomed, self._doomed_sessions = self._doomed_sessions, set()
-        for pid, sid in session_ids():
-            if sid in doomed and sid not in self._by_pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    # -- reaping -------------------------------------------------------------------------
+    # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
+    # ``GroupCleaner.before_reap`` while the leader is a zombie, then
+    # ``_on_exit``, which frees the process's resources, feeds the exit to
+    # its slot (``_after_exit``) and replaces a process stopped alone.
 
     def _on_exit(self, proc, exit_status, term_signal):
         self.loop.trimmer.touch()
@@ -4538,7 +4551,11 @@ class Manager:
             log.warning("%s: %d more exits in the last second", t.name, storm[2])
             storm[2] = 0
 
-    # -- whole-manager operations ---------------------------------------------------
+    # -- whole-manager operations and shutdown ------------------------------------------
+    # Contract: ``stop`` is the only way down: every template is stopped
+    # (its slots fed ``stop``), adopted orphans get the same grace, and
+    # once no child of ours is left the applications stop and the
+    # callbacks run, exactly once.  A second ``stop`` hurries (SIGKILL).
     def start(self):
         """Start the applications (SPEC 8.1 step 9)."""
         for app in list(self.apps):
@@ -4569,7 +4586,7 @@ class Manager:
             self._stop_callbacks.append(callback)
         if self.stopping:
             log.warning("second stop request: killing what is left now")
-            self._hurry = True
+            self._hurry = self.groups_left.hurry = True
             for proc in list(self._by_pid.values()):
                 proc.kill(signal.SIGKILL)
             self._kill_orphans(signal.SIGKILL)
@@ -4632,6 +4649,64 @@ class Manager:
                 callback()
 
 
+class GroupCleaner:
+    """What a process leaves behind when it exits: the rest of its process
+    group and, after a stop that was asked for, of its session.
+
+    ``before_reap(proc, hurry)`` is called while the leader is a zombie
+    (its group id cannot be reused yet); what is left gets SIGTERM and the
+    rest of the grace period, then SIGKILL, as systemd does for the
+    processes of a unit.  ``leaders`` (os pid -> Process, the manager's)
+    tells a group of a live process of ours, never killed.
+    """
+
+    def __init__(self, loop, leaders):
+        self.loop, self.leaders = loop, leaders
+        self.hurry = False                   # a second stop request: no grace left
+        self._doomed_sessions = set()        # sessions to kill at the next scan
+
+    def before_reap(self, proc):
+        if proc.requested:
+            deadline = proc.kill_deadline if not self.hurry else self.loop.time()
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = self.loop.time() + proc.spec.graceful_timeout
+        self.loop.call_at(deadline, self._kill_group, proc.pid, proc.requested)
+
+    def _kill_group(self, pgid, stopped):
+        """SIGKILL what is left of a finished leader's process group and,
+        after a stop that was asked for, of its session too (a grandchild
+        may have moved to a group of its own)."""
+        if pgid in self.leaders:
+            return            # the number now leads a group of a new process of ours
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if stopped:
+            if not self._doomed_sessions:
+                # the deadlines of a stop of many processes are spread over
+                # the time it took: one scan serves all that fall due soon
+                self.loop.call_later(0 if self.hurry else SESSION_SCAN_DELAY,
+                                     self._kill_sessions)
+            self._doomed_sessions.add(pgid)
+
+    def _kill_sessions(self):
+        """One scan of /proc for every session whose deadline fell due in
+        the last SESSION_SCAN_DELAY (a stop of many processes scans a few
+        times, not N times)."""
+        doomed, self._doomed_sessions = self._doomed_sessions, set()
+        for pid, sid in session_ids():
+            if sid in doomed and sid not in self.leaders:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
 class _ChildWatcher:
     """Bridges the loop's reaper to the manager for one process."""
 
@@ -4641,7 +4716,7 @@ class _ChildWatcher:
         self.manager, self.proc = manager, proc
 
     def before_reap(self, pid):
-        self.manager._before_reap(self.proc)
+        self.manager.groups_left.before_reap(self.proc)
 
     def __call__(self, pid, exit_status, term_signal):
         self.manager._on_exit(self.proc, exit_status, term_signal)
@@ -7556,34 +7631,10 @@ class Daemon:
         manager = self.manager
         if manager.stopping:
             raise ConfigError(self.config_path, None, None, "the daemon is shutting down")
-        wanted = collections.OrderedDict((s.name, s) for s in new.templates)
-        added = [n for n in wanted if n not in manager.processes]
-        removed = [n for n, t in manager.processes.items()
-                   if t.spec.origin == "config" and n not in wanted]
-        changed, unchanged = [], []
-        for name, spec in wanted.items():
-            t = manager.processes.get(name)
-            if t is None:
-                continue
-            if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
-                unchanged.append(name)
-            else:
-                changed.append(name)
-        result = {"added": added, "removed": removed, "changed": changed,
-                  "unchanged": unchanged, "dry_run": dry_run, "warnings": new.warnings}
+        result = manager.reload_templates(new.templates, dry_run)
+        result.update(dry_run=dry_run, warnings=new.warnings)
         if dry_run:
             return result
-        for name in removed:
-            manager.remove_process(name)
-        for name in changed:
-            t, spec = manager.processes[name], wanted[name]
-            if t.spec.key() == spec.key():
-                t.spec = spec
-                manager.scale_to(name, spec.numprocesses)
-            else:
-                manager.update_template(t, spec)
-        for name in added:
-            manager.add_template(wanted[name])
         self.webhooks.configure(new.webhooks)
         old_endpoints = [(e.name, [a.text for a in e.addresses]) for e in self.config.endpoints]
         if new.endpoints and [(e.name, [a.text for a in e.addresses])
