@@ -18,7 +18,7 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
     § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
-    § 4  process policy (pure)          flapping, output rings, /proc stats
+    § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
@@ -38,7 +38,9 @@ Architecture
     wake the loop; the signal number read from the socketpair is looked
     up in a table (§14).  SIGCHLD reaps every child with
     ``waitpid(-1, WNOHANG)``.  The ``Manager`` (§8) owns templates and
-    processes and publishes events on an ``EventBus`` (§5), which
+    processes; each process fills a slot whose lifecycle is the pure
+    table of §4 (the manager feeds it events and performs its actions).
+    The manager publishes events on an ``EventBus`` (§5), which
     delivers them on a later loop iteration, never re-entrantly.  The
     HTTP server (§12) parses requests with the sans-IO parser of §6 and
     dispatches them through the route table of §11, whose handlers are
@@ -3641,6 +3643,10 @@ class Manager:
         processes (name -> Template), running (id -> Process),
         get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
         stop(callback=None), restart(callback=None), loop.
+    The lifecycle hooks (readiness checks, dependencies):
+        mark_ready(proc), process_failed(proc, why), READY_PROBES (kind ->
+        probe(manager, t, slot, proc)), set_waiting(name, waiting_for),
+        on_critical (callback(name)), reload_templates(specs, dry_run).
     Template names are str, internal process ids int.  Unknown names raise
     KeyError.
     """

@@ -233,3 +233,16 @@ def test_one_slot_failing_never_touches_another():
         c[s.bucket] = c.get(s.bucket, 0) + 1
     assert template_state(True, False, c) == "degraded"
     assert STOPPED not in states
+
+
+def test_the_loop_takes_its_clock_as_a_parameter():
+    clock = [1000.0]
+    loop = gafferd.Loop(time_func=lambda: clock[0], wall_func=lambda: 1.7e9)
+    try:
+        assert loop.time() == 1000.0
+        handle = loop.call_later(5.0, lambda: None)
+        assert handle.when == 1005.0
+        clock[0] = 1010.0
+        assert loop.unix_time(1005.0) == 1.7e9 - 5.0
+    finally:
+        loop.close()
