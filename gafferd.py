@@ -18,7 +18,7 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
     § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
-    § 4  process policy (pure)          flapping, output rings, /proc stats
+    § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
@@ -38,7 +38,9 @@ Architecture
     wake the loop; the signal number read from the socketpair is looked
     up in a table (§14).  SIGCHLD reaps every child with
     ``waitpid(-1, WNOHANG)``.  The ``Manager`` (§8) owns templates and
-    processes and publishes events on an ``EventBus`` (§5), which
+    processes; each process fills a slot whose lifecycle is the pure
+    table of §4 (the manager feeds it events and performs its actions).
+    The manager publishes events on an ``EventBus`` (§5), which
     delivers them on a later loop iteration, never re-entrantly.  The
     HTTP server (§12) parses requests with the sans-IO parser of §6 and
     dispatches them through the route table of §11, whose handlers are
@@ -143,7 +145,7 @@ STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
-SPAWN_RETRY_DELAY = 1.0              # after a failed exec, when not flapping
+STORM_LINES = 10                     # exit lines per template and second before a summary
 SPAWN_BATCH = 64                     # spawns per restart step
 SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
@@ -203,6 +205,16 @@ RANGES = {
     "flapping.window": (0.0, MAX_DURATION),
     "flapping.retry_in": (0.0, MAX_DURATION),
     "flapping.max_retry": (0, MAX_COUNT),
+    "startsecs": (0.0, MAX_DURATION),
+    "restart_delay": (0.0, MAX_DURATION),
+    "backoff.initial": (0.0, MAX_DURATION),
+    "backoff.factor": (1.0, 1000.0),
+    "backoff.max": (0.0, MAX_DURATION),
+    "start_retries": (0, MAX_COUNT),
+    "success_exit_codes": (0, 255),
+    "stop_signal": (1, signal.NSIG - 1),
+    "ready_timeout": (0.0, MAX_DURATION),
+    "ready_interval": (0.01, MAX_DURATION),
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
     "logfile_backups": (0, 1000),
     "output_buffer": (0, MAX_BUFFER),
@@ -507,6 +519,140 @@ class Flapping:
         return cls(*out)
 
 
+RESTART_POLICIES = ("always", "on-failure", "never")
+UNLIMITED = None                     # start_retries without a limit
+
+
+class Backoff:
+    """Delays after failed starts: ``initial``, times ``factor`` after each
+    further failed start, at most ``max`` seconds."""
+
+    __slots__ = ("initial", "factor", "max")
+    FIELDS = ("initial", "factor", "max")
+
+    def __init__(self, initial=1.0, factor=2.0, max=60.0):
+        self.initial, self.factor, self.max = initial, factor, max
+
+    def delay(self, failed_starts: int) -> float:
+        """Seconds to wait after the ``failed_starts``-th failed start in a row."""
+        if failed_starts <= 0:
+            return 0.0
+        exponent = min(failed_starts - 1, 64)        # factor**64 already passes any max
+        return min(self.max, self.initial * self.factor ** exponent)
+
+    def to_list(self) -> list:
+        return [self.initial, self.factor, self.max]
+
+    def __eq__(self, other):
+        return isinstance(other, Backoff) and self.to_list() == other.to_list()
+
+    def __repr__(self):
+        return "Backoff(%g, %g, %g)" % tuple(self.to_list())
+
+    @classmethod
+    def parse(cls, value):
+        """``1, 2, 60`` (commas and/or spaces; trailing values defaulted),
+        a JSON list, or a JSON object with ``initial``, ``factor``, ``max``."""
+        defaults = cls().to_list()
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.FIELDS)
+            if unknown:
+                raise ValueError("unknown backoff key(s): %s" % ", ".join(sorted(unknown)))
+            values = [value.get(f, d) for f, d in zip(cls.FIELDS, defaults)]
+        else:
+            values = list(value) if isinstance(value, (list, tuple)) else \
+                [v for v in re.split(r"[\s,]+", str(value).strip()) if v]
+            if not values or len(values) > 3:
+                raise ValueError("%r: give initial, factor, max (1 to 3 numbers)" % (value,))
+            values += defaults[len(values):]
+        out = []
+        for field, v in zip(cls.FIELDS, values):
+            minimum, maximum = RANGES["backoff." + field]
+            try:
+                out.append(parse_float(v, minimum, maximum))
+            except ValueError as exc:
+                raise ValueError("%s %s" % (field, exc)) from None
+        return cls(*out)
+
+
+class ReadySpec:
+    """When a process counts as ready (the ``ready`` key): ``kind`` is one
+    of READY_KINDS, ``arg`` its validated argument (a compiled regex, a
+    ``(host, port)``, a URL, an argv list, or None)."""
+
+    __slots__ = ("kind", "arg", "text")
+
+    def __init__(self, kind, arg=None, text=None):
+        self.kind, self.arg, self.text = kind, arg, text or kind
+
+    def __eq__(self, other):
+        return isinstance(other, ReadySpec) and self.text == other.text
+
+    def __repr__(self):
+        return "ReadySpec(%r)" % self.text
+
+
+def _ready_plain(arg):
+    if arg:
+        raise ValueError("takes no argument")
+
+
+def _ready_log(arg):
+    if not arg:
+        raise ValueError("log: needs a regular expression")
+    try:
+        return re.compile(arg.encode("utf-8"))
+    except re.error as exc:
+        raise ValueError("log:%s is not a regular expression: %s" % (arg, exc)) from None
+
+
+def _ready_tcp(arg):
+    host, _, port = arg.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, parse_int(port, 1, 65535)
+
+
+def _ready_http(arg):
+    url = urllib.parse.urlsplit(arg)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("http: needs an http:// or https:// URL with a host")
+    return arg
+
+
+def _ready_cmd(arg):
+    try:
+        argv = shlex.split(arg)
+    except ValueError as exc:
+        raise ValueError("cmd:%s cannot be split: %s" % (arg, exc)) from None
+    if not argv:
+        raise ValueError("cmd: needs a command")
+    return argv
+
+
+# kind -> validate(argument text) -> the argument the probe uses.  The
+# manager (§8) has a probe for each kind in ``Manager.READY_PROBES``.
+READY_KINDS = collections.OrderedDict([
+    ("startsecs", _ready_plain), ("spawn", _ready_plain), ("notify", _ready_plain),
+    ("log", _ready_log), ("tcp", _ready_tcp), ("http", _ready_http), ("cmd", _ready_cmd),
+])
+
+
+def parse_ready(value) -> ReadySpec:
+    """``startsecs``, ``spawn``, ``notify``, ``log:REGEX``, ``tcp:PORT``,
+    ``tcp:HOST:PORT``, ``http:URL`` or ``cmd:COMMAND``."""
+    if isinstance(value, ReadySpec):
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("%r: use startsecs, spawn, notify, log:REGEX, tcp:PORT, "
+                         "http:URL or cmd:COMMAND" % (value,))
+    text = value.strip()
+    kind, _, arg = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in READY_KINDS:
+        raise ValueError("unknown kind %r: use %s" % (kind, ", ".join(READY_KINDS)))
+    return ReadySpec(kind, READY_KINDS[kind](arg.strip() if kind != "log" else arg), text)
+
+
 def _c_str(value, ctx):
     if not isinstance(value, str):
         raise ValueError("%r is not a string" % (value,))
@@ -612,6 +758,56 @@ def _c_flapping(value, ctx):
     return Flapping.parse(value)
 
 
+def _c_restart(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text not in RESTART_POLICIES:
+        raise ValueError("%r: use %s" % (value, ", ".join(RESTART_POLICIES)))
+    return text
+
+
+def _c_exit_codes(value, ctx):
+    """An exit status, a JSON list of them or ``0, 2`` (blanks only
+    around commas)."""
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    elif isinstance(value, str) and "," in value:
+        items = [item.strip() for item in value.split(",")]
+    else:
+        items = [value]
+    minimum, maximum = RANGES["success_exit_codes"]
+    return sorted({parse_int(item, minimum, maximum) for item in items})
+
+
+def _c_start_retries(value, ctx):
+    if value is None or (isinstance(value, str) and value.lower() == "unlimited"):
+        return UNLIMITED
+    minimum, maximum = RANGES["start_retries"]
+    return parse_int(value, minimum, maximum)
+
+
+def _c_backoff(value, ctx):
+    return Backoff.parse(value)
+
+
+def _c_signal(value, ctx):
+    """A signal name (TERM, SIGTERM) or number."""
+    text = str(value).upper() if isinstance(value, (str, int)) and \
+        not isinstance(value, bool) else ""
+    if is_ascii_digits(text):
+        number = int(text)
+    else:
+        name = text if text.startswith("SIG") else "SIG" + text
+        number = getattr(signal.Signals, name, None) if name.isidentifier() else None
+    minimum, maximum = RANGES["stop_signal"]
+    if number is None or not minimum <= int(number) <= maximum:
+        raise ValueError("%r is not a signal (use a name such as TERM, INT, QUIT)" % (value,))
+    return int(number)
+
+
+def _c_ready(value, ctx):
+    return parse_ready(value)
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -629,7 +825,25 @@ PROCESS_KEYS = collections.OrderedDict([
                       "how many processes to keep running")),
     ("start", (_c_bool, True, "start when loaded")),
     ("priority", (_c_ranged(parse_int, "priority"), sys.maxsize, "start-up order, lowest first")),
-    ("flapping", (_c_flapping, Flapping(), "attempts, window, retry_in, max_retry, or off")),
+    ("flapping", (_c_flapping, None, "gaffer 0.4.4: attempts, window, retry_in, max_retry, "
+                  "or off; mapped onto startsecs, backoff and start_retries")),
+    ("restart", (_c_restart, "always", "always, on-failure or never")),
+    ("success_exit_codes", (_c_exit_codes, [0], "exit statuses that count as success")),
+    ("startsecs", (_c_ranged(parse_float, "startsecs"), 1.0,
+                   "an exit before this many seconds up is a failed start")),
+    ("restart_delay", (_c_ranged(parse_float, "restart_delay"), 0.0,
+                       "seconds before restarting a process that was up startsecs")),
+    ("backoff", (_c_backoff, Backoff(), "initial, factor, max: delays after failed starts")),
+    ("start_retries", (_c_start_retries, UNLIMITED,
+                       "failed starts in a row retried before the process is failed")),
+    ("stop_signal", (_c_signal, int(signal.SIGTERM), "sent to the group by a stop")),
+    ("critical", (_c_bool, False, "a failure of this template stops gafferd (exit 1)")),
+    ("ready", (_c_ready, ReadySpec("startsecs"), "startsecs, spawn, notify, log:REGEX, "
+               "tcp:[HOST:]PORT, http:URL or cmd:COMMAND")),
+    ("ready_timeout", (_c_ranged(parse_float, "ready_timeout"), 60.0,
+                       "a process not ready by then is a failed start")),
+    ("ready_interval", (_c_ranged(parse_float, "ready_interval"), 1.0,
+                        "seconds between readiness probes")),
     ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
     ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
@@ -649,7 +863,7 @@ PROCESS_KEYS = collections.OrderedDict([
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
-             "logfile_maxbytes", "output_buffer")
+             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries")
 
 # Keys every INI template reports in GET /processes/NAME (SPEC 2.7).
 _INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
@@ -676,9 +890,7 @@ class TemplateSpec:
         out = {"name": self.name, "cmd": self.cmd}
         out.update(self.settings)
         out.pop("start", None)
-        if isinstance(out.get("flapping"), Flapping):
-            out["flapping"] = out["flapping"].to_dict()
-        return out
+        return {k: _echo(v) for k, v in out.items()}
 
     def key(self) -> tuple:
         """What must be equal for a reload to leave the template alone."""
@@ -689,6 +901,33 @@ class TemplateSpec:
     def logfile_for(self, index: int):
         own = self.stdout_logfile if index == 0 else self.stderr_logfile if index == 1 else None
         return own or self.logfile
+
+
+def _echo(value):
+    """A typed setting as ``GET /processes/NAME`` shows it."""
+    if isinstance(value, Flapping):
+        return value.to_dict()
+    if isinstance(value, Backoff):
+        return value.to_list()
+    if isinstance(value, ReadySpec):
+        return value.text
+    return value
+
+
+def _map_flapping(values) -> None:
+    """The gaffer 0.4.4 key ``flapping = attempts, window, retry_in,
+    max_retry`` in the per-process terms of today, for the keys the
+    template does not set itself: ``startsecs = window`` (an exit within
+    ``window`` of the start is a failed start), ``backoff = retry_in, 1,
+    retry_in`` and ``start_retries = max_retry``.  ``attempts`` has no
+    equivalent: one failed start of a process counts, never its siblings'.
+    ``flapping = off`` changes nothing: the backoff stays."""
+    flapping = values.get("flapping")
+    if flapping is None:
+        return
+    values.setdefault("startsecs", flapping.window)
+    values.setdefault("backoff", Backoff(flapping.retry_in, 1.0, flapping.retry_in))
+    values.setdefault("start_retries", flapping.max_retry)
 
 
 def _output_labels(redirect_output, logfiles) -> list:
@@ -781,12 +1020,12 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
         settings["group"] = name.split(":", 1)[0] if ":" in name else None
         if "env" in values:
             settings["env"] = values["env"]
-        if isinstance(settings.get("flapping"), Flapping):
-            settings["flapping"] = settings["flapping"].to_dict()
+        settings = {k: _echo(v) for k, v in settings.items()}
     elif ":" in name:
         settings["group"] = name.split(":", 1)[0]
     if "group" in raw and origin != "config" and raw["group"] != settings.get("group"):
         raise fail("group", "is derived from the name (group:name)")
+    _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
     env = child_environment(spec, environ)
@@ -1287,44 +1526,261 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
 
 
 # § 4 process policy and stats (pure) -----------------------------------------
-# Owns: the flapping decision (SPEC 3.8 with its fixes), the ring buffer
-# that keeps recent output, and reading process facts from /proc (SPEC
-# section 9).  The clock is always an argument.  Uses §1.  Used by §8.
+# Owns: the lifecycle of a process slot (its state table, the restart
+# policy, exit classification, backoff delays) and the state of a template
+# derived from its slots, the ring buffer that keeps recent output, and
+# reading process facts from /proc (SPEC section 9).  The clock is always
+# an argument.  Uses §1, §3 (RANGES for the backoff).  Used by §8.
 
-RESPAWN, RETRY, GIVE_UP = "respawn", "retry", "give_up"
+# -- the process lifecycle --------------------------------------------------
+# Every process slot of a template (slot 0 to numprocesses-1) runs one
+# small state machine: ``(state, event) -> (new state, actions)``, written
+# as one table, ``TRANSITIONS``, in the manner of h11's ``_state.py``.  The
+# manager (§8) feeds events and performs the actions; nothing here touches
+# a process, a timer or the clock (``now`` is an argument).  An event the
+# table has no row for raises ``LifecycleError``: the manager logs it as
+# the bug it is, never drops it silently.
+#
+#   stopped/exited/failed --start--> starting --ready--> running
+#   starting/running --exit, up >= startsecs, restarted--> backoff (restart_delay)
+#   starting/running --exit, up <  startsecs--> backoff (backoff delay) | failed
+#   starting/running --exit, not restarted by policy--> exited
+#   backoff --backoff_elapsed--> starting
+#   starting --ready_timeout--> stopping;  starting/running --watchdog_timeout--> stopping
+#   starting/running --stop--> stopping --stopped--> stopped
+#   backoff/exited/failed --stop--> stopped
+
+STARTING, RUNNING, BACKOFF, STOPPING = "starting", "running", "backoff", "stopping"
+STOPPED, EXITED, FAILED = "stopped", "exited", "failed"
+PROCESS_STATES = (STARTING, RUNNING, BACKOFF, STOPPING, STOPPED, EXITED, FAILED)
+
+# Events.  An exit is classified by ``classify_exit`` into one of the
+# ``EXIT_*`` events before it reaches the table, so every outcome of an
+# exit is a row of its own.
+START, SPAWNED, READY, STOP, STOPPED_EVENT = "start", "spawned", "ready", "stop", "stopped"
+BACKOFF_ELAPSED, READY_TIMEOUT, WATCHDOG_TIMEOUT = \
+    "backoff_elapsed", "ready_timeout", "watchdog_timeout"
+EXIT_RESTART = "exit_restart"       # up >= startsecs, restarted after restart_delay
+EXIT_RETRY = "exit_retry"           # a failed start, restarted after the backoff delay
+EXIT_GIVE_UP = "exit_give_up"       # a failed start beyond start_retries
+EXIT_DONE = "exit_done"             # not restarted by the policy (success or never)
+SLOT_EVENTS = (START, SPAWNED, READY, STOP, STOPPED_EVENT, BACKOFF_ELAPSED, READY_TIMEOUT,
+               WATCHDOG_TIMEOUT, EXIT_RESTART, EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE)
+
+# Actions for the manager, in the order given.
+A_SPAWN = "spawn"                   # queue an exec for this slot
+A_WATCH_READY = "watch_ready"       # start the readiness check and ready_timeout
+A_UNWATCH = "unwatch"               # cancel readiness checks, watchdog and timers
+A_KILL = "kill"                     # stop_signal to the group, SIGKILL after graceful_timeout
+A_SCHEDULE = "schedule"             # backoff_elapsed in ``slot.delay`` seconds
+A_CANCEL = "cancel"                 # cancel the pending backoff_elapsed
+A_GIVE_UP = "give_up"               # log that the slot gave up; ``critical`` applies
+A_DONE = "done"                     # the process ended for good (``slot.ok`` tells how)
+
+_UP = (STARTING, RUNNING)
+_EXIT_ROWS = {EXIT_RESTART: (BACKOFF, (A_SCHEDULE,)), EXIT_RETRY: (BACKOFF, (A_SCHEDULE,)),
+              EXIT_GIVE_UP: (FAILED, (A_GIVE_UP,)), EXIT_DONE: (EXITED, (A_DONE,))}
+
+# (state, event) -> (new state, actions).  Every transition is here.
+TRANSITIONS = {
+    (STOPPED, START): (STARTING, (A_SPAWN,)),
+    (EXITED, START): (STARTING, (A_SPAWN,)),
+    (FAILED, START): (STARTING, (A_SPAWN,)),
+    (BACKOFF, START): (STARTING, (A_CANCEL, A_SPAWN)),
+    (STARTING, START): (STARTING, ()),              # already on its way up
+    (RUNNING, START): (RUNNING, ()),
+    (STARTING, SPAWNED): (STARTING, (A_WATCH_READY,)),
+    (STARTING, READY): (RUNNING, ()),
+    (RUNNING, READY): (RUNNING, ()),                # a second READY=1, a probe answering again
+    (STOPPING, READY): (STOPPING, ()),              # a probe answer that raced the stop
+    (STARTING, READY_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (STARTING, WATCHDOG_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (RUNNING, WATCHDOG_TIMEOUT): (STOPPING, (A_UNWATCH, A_KILL)),
+    (BACKOFF, BACKOFF_ELAPSED): (STARTING, (A_SPAWN,)),
+    (STARTING, STOP): (STOPPING, (A_UNWATCH, A_KILL)),
+    (RUNNING, STOP): (STOPPING, (A_UNWATCH, A_KILL)),
+    (STOPPING, STOP): (STOPPING, ()),
+    (BACKOFF, STOP): (STOPPED, (A_CANCEL,)),
+    (EXITED, STOP): (STOPPED, ()),
+    (FAILED, STOP): (STOPPED, ()),
+    (STOPPED, STOP): (STOPPED, ()),
+    (STOPPING, STOPPED_EVENT): (STOPPED, ()),
+}
+for _state in _UP:
+    for _event, (_new, _actions) in _EXIT_ROWS.items():
+        TRANSITIONS[(_state, _event)] = (_new, (A_UNWATCH,) + _actions)
+# a process killed for a missed ready_timeout or watchdog: a failed start
+for _event in (EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE):
+    TRANSITIONS[(STOPPING, _event)] = _EXIT_ROWS[_event]
+del _state, _event, _new, _actions
 
 
-class FlapState:
-    """Exit history of one template, fed only with exits nobody asked for.
+class LifecycleError(Exception):
+    """An event the lifecycle table has no row for: a bug in the caller."""
 
-    Fixes of SPEC 3.8: the history is cleared after each retry, so
-    ``max_retry`` is reachable, and it is bounded by ``attempts``, so
-    ``attempts > max_retry`` still detects flapping.
+    def __init__(self, state, event):
+        super().__init__("no transition from %r on %r" % (state, event))
+        self.state, self.event = state, event
+
+
+class RestartPolicy:
+    """What happens when a process of a template exits: the ``restart``,
+    ``success_exit_codes``, ``startsecs``, ``restart_delay``, ``backoff``
+    and ``start_retries`` keys of a template, read-only."""
+
+    __slots__ = ("restart", "success_exit_codes", "startsecs", "restart_delay",
+                 "backoff", "start_retries")
+
+    def __init__(self, restart="always", success_exit_codes=(0,), startsecs=1.0,
+                 restart_delay=0.0, backoff=None, start_retries=UNLIMITED):
+        self.restart, self.success_exit_codes = restart, frozenset(success_exit_codes)
+        self.startsecs, self.restart_delay = startsecs, restart_delay
+        self.backoff = backoff or Backoff()
+        self.start_retries = start_retries
+
+    @classmethod
+    def of(cls, spec) -> "RestartPolicy":
+        return cls(spec.restart, spec.success_exit_codes, spec.startsecs, spec.restart_delay,
+                   spec.backoff, spec.start_retries)
+
+    def success(self, exit_status, term_signal) -> bool:
+        """The exit counts as a success: no signal, a status in the list."""
+        return not term_signal and exit_status in self.success_exit_codes
+
+
+def classify_exit(policy: RestartPolicy, slot, exit_status, term_signal, uptime,
+                  asked: bool) -> str:
+    """The table event for an exit of ``slot``'s process.
+
+    ``asked``: the exit followed a stop somebody asked for (not a kill for
+    a missed ready_timeout or watchdog, which the slot remembers in
+    ``failing``).  A failed exec is an exit with status 127 and uptime 0.
+    """
+    if asked and not slot.failing:
+        return STOPPED_EVENT
+    success = policy.success(exit_status, term_signal) and not slot.failing
+    if policy.restart == "never" or (policy.restart == "on-failure" and success):
+        return EXIT_DONE
+    if slot.failing or uptime < policy.startsecs:
+        if policy.start_retries is not UNLIMITED and slot.failed_starts >= policy.start_retries:
+            return EXIT_GIVE_UP
+        return EXIT_RETRY
+    return EXIT_RESTART
+
+
+class Slot:
+    """The lifecycle of one process slot; pure (the manager's ``Process``
+    objects point at it, it never points at them).
+
+    Attributes the manager reads: ``index`` (the slot number, which a
+    replacement keeps), ``state``, ``since`` (clock time of the last
+    change), ``failed_starts`` (in a row), ``restarts`` (exits nobody
+    asked for), ``delay`` (of the last ``schedule`` action), ``ok`` (the
+    last exit was a success by the policy), ``failing`` (the process is
+    being killed for a missed ready_timeout or watchdog).
     """
 
-    def __init__(self):
-        self.history = collections.deque()
-        self.retries = 0
+    __slots__ = ("index", "state", "since", "failed_starts", "restarts", "delay", "ok",
+                 "failing", "status_text", "proc", "timer", "member")
 
-    def reset(self):
-        self.history.clear()
-        self.retries = 0
+    def __init__(self, index: int, now: float):
+        self.index, self.state, self.since = index, STOPPED, now
+        self.failed_starts = self.restarts = 0
+        self.delay, self.ok, self.failing, self.status_text = 0.0, None, False, ""
+        self.proc = self.timer = None          # owned by the manager
+        self.member = False                    # in its template's slots (manager)
 
-    def on_exit(self, limits: Flapping, now: float) -> str:
-        self.history.append(now)
-        while len(self.history) > limits.attempts:
-            self.history.popleft()
-        if len(self.history) < limits.attempts:
-            return RESPAWN
-        if self.history[-1] - self.history[0] > limits.window:
-            self.retries = 0           # an isolated exit: the template was stable
-            return RESPAWN
-        self.history.clear()
-        if self.retries < limits.max_retry:
-            self.retries += 1
-            return RETRY
-        self.retries = 0
-        return GIVE_UP
+    def feed(self, event: str, now: float, policy: RestartPolicy = None) -> tuple:
+        """Apply ``event``; return the actions.  LifecycleError (state
+        unchanged) when the table has no row for it."""
+        try:
+            new, actions = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise LifecycleError(self.state, event) from None
+        if event in (EXIT_RETRY, EXIT_GIVE_UP):
+            self.failed_starts += 1
+        elif event == EXIT_RESTART:
+            self.failed_starts = 0
+        if event in (EXIT_RESTART, EXIT_RETRY, EXIT_GIVE_UP, EXIT_DONE):
+            self.restarts += event != EXIT_DONE or self.ok is False
+        if A_SCHEDULE in actions:
+            policy = policy or RestartPolicy()
+            self.delay = policy.restart_delay if event == EXIT_RESTART else \
+                policy.backoff.delay(self.failed_starts)
+        if event in (READY_TIMEOUT, WATCHDOG_TIMEOUT):
+            self.failing = True
+        elif event == STOP:
+            self.failing = False               # a stop asked for overrides a failure kill
+        elif event == START and self.state == FAILED:
+            self.failed_starts = 0
+        if new != STOPPING:
+            self.failing = False
+        if new != self.state:
+            self.state, self.since = new, now
+        return actions
+
+    def exit(self, policy: RestartPolicy, exit_status, term_signal, uptime, asked, now):
+        """Classify an exit and feed it: ``(event, actions)``."""
+        event = classify_exit(policy, self, exit_status, term_signal, uptime, asked)
+        if event != STOPPED_EVENT:
+            self.ok = policy.success(exit_status, term_signal) and not self.failing
+        return event, self.feed(event, now, policy)
+
+    @property
+    def bucket(self) -> str:
+        """The state as ``template_state`` counts it (an unsuccessful
+        ``exited`` counts apart)."""
+        return "exited_failed" if self.state == EXITED and not self.ok else self.state
+
+
+def exit_text(exit_status, term_signal, core_dumped=False) -> str:
+    """``exit status 3`` or ``killed by SIGSEGV (core dumped)``."""
+    if term_signal:
+        try:
+            name = signal.Signals(term_signal).name
+        except ValueError:
+            name = "signal %d" % term_signal
+        return "killed by %s%s" % (name, " (core dumped)" if core_dumped else "")
+    return "exit status %s" % exit_status
+
+
+TEMPLATE_STATES = ("stopped", "waiting", "starting", "running", "degraded", "backoff",
+                   "failed", "completed")
+
+
+def template_state(wanted: bool, waiting: bool, counts) -> str:
+    """A template's state from how many of its slots are in each bucket
+    (``Slot.bucket``); ``wanted`` is false when it was stopped on purpose,
+    ``waiting`` true while its dependencies do not hold.
+
+    stopped: not wanted; waiting: dependencies not met; completed: every
+    slot exited with a success; failed: nothing up or retrying and some
+    slot failed (or exited unsuccessfully); degraded: some up, some in
+    backoff or failed; backoff: nothing up, a restart scheduled; starting:
+    some slot not yet ready; running: every slot ready (or none wanted).
+    """
+    if not wanted:
+        return "stopped"
+    if waiting:
+        return "waiting"
+    get = counts.get
+    up = get(STARTING, 0) + get(RUNNING, 0)
+    broken = get(FAILED, 0) + get("exited_failed", 0)
+    retrying = get(BACKOFF, 0) + get(STOPPING, 0)     # stopping: killed for a missed deadline
+    total = up + broken + retrying + get(EXITED, 0)
+    if total == 0:
+        return "running"
+    if get(EXITED, 0) == total:
+        return "completed"
+    if up and (broken or retrying):
+        return "degraded"
+    if retrying:
+        return "backoff"
+    if broken:
+        return "failed"
+    if get(STARTING, 0):
+        return "starting"
+    return "running"
 
 
 def utf8_partial_tail(data) -> int:
@@ -1573,8 +2029,9 @@ def summarize_stats(name: str, stats: list) -> dict:
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
-                  "stop_pid", "exit", "flap", "restart")
-PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart")
+                  "stop_pid", "exit", "flap", "restart", "state", "ready")
+PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart",
+                  "state", "ready")
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -2059,11 +2516,16 @@ def _is_real(number) -> bool:
 
 
 class Loop:
-    """Single-threaded event loop; see the module docstring for its API."""
+    """Single-threaded event loop; see the module docstring for its API.
+
+    ``time_func`` is its clock (monotonic seconds) and ``wall_func`` the
+    Unix time used only to report loop times as dates; tests pass their
+    own instead of patching the module."""
 
     MAX_DELAY = RANGES["delay"][1]       # call_later / call_at, one week
 
-    def __init__(self):
+    def __init__(self, time_func=time.monotonic, wall_func=time.time):
+        self._time_func, self._wall_func = time_func, wall_func
         self._selector = selectors.DefaultSelector()
         self._ready = collections.deque()
         self._timers = []
@@ -2074,6 +2536,7 @@ class Loop:
         self._signal_handlers = {}
         self._child_watchers = {}
         self.unwatched_child = None        # watcher of children nobody watches
+        self.core_dumped = False           # of the exit a child watcher is being told about
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -2081,9 +2544,12 @@ class Loop:
         self.trimmer = MemoryTrimmer(self)
 
     # -- time and callbacks -------------------------------------------------
-    @staticmethod
-    def time() -> float:
-        return time.monotonic()
+    def time(self) -> float:
+        return self._time_func()
+
+    def unix_time(self, when: float) -> float:
+        """Loop time ``when`` as Unix time (seconds), for reports."""
+        return round(self._wall_func() - (self._time_func() - when), 3)
 
     def call_soon(self, callback, *args) -> Handle:
         handle = Handle(0, 0, callback, args)
@@ -2225,6 +2691,7 @@ class Loop:
                 _, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 continue
+            self.core_dumped = os.WIFSIGNALED(status) and os.WCOREDUMP(status)
             if os.WIFSIGNALED(status):
                 exit_status, term_signal = 0, os.WTERMSIG(status)
             else:
@@ -2875,6 +3342,10 @@ class Process:
         self.rings = {label: OutputRing(self.spec.output_buffer) for label in self.redirect_output}
         self.started = manager.loop.time()
         self.requested = False          # the exit was asked for (stop, reap)
+        self.slot = None                # the Slot (§4) this process fills
+        self.watch = []                 # readiness timers and probes, cancelled at the stop
+        self.ready = False
+        self.core_dumped = False
         self.exit_status = self.term_signal = None
         self.kill_handle = None
         self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
@@ -3106,28 +3577,41 @@ class Process:
 
 
 class Template:
-    """A named process definition and its live processes (SPEC 3.1).
+    """A named process definition, its process slots and its state.
 
-    ``state``: ``running`` (supervised), ``stopped``, ``retrying``
-    (flapping detected; waiting ``retry_in``) or ``failed`` (flapping gave
-    up; stays so until started again).
+    ``slots``: the Slots (§4) that make up the template, one per wanted
+    process; a slot that was stopped or reaped has left it.  ``running``:
+    the live processes not being stopped, oldest first (the gaffer 0.4.4
+    ``running`` count).  ``wanted``: false once stopped on purpose.
+    ``waiting`` / ``waiting_for``: set by whoever checks dependencies; the
+    template state is ``waiting`` while it is true, and no slot starts.
+    ``state``: the template state of §4 ``template_state``, updated by the
+    manager after every slot transition (a ``state`` event on change).
     """
 
-    def __init__(self, spec: TemplateSpec):
+    def __init__(self, spec: TemplateSpec, now: float):
         self.spec = spec
         self.name = spec.name
         self.numprocesses = spec.numprocesses
+        self.policy = RestartPolicy.of(spec)
         self.running = []                      # Process, oldest first
-        self.state = "stopped"
+        self.slots = []                        # Slot, wanted ones
+        self.unspawned = collections.deque()   # slots waiting for their exec
+        self.replacing = False                 # a restart is replacing the slots
+        self.counts = collections.Counter()    # Slot.bucket -> slots in it
+        self.wanted = False
         self.never_started = True
-        self.flap = FlapState()
-        self.retry_handle = None
-        self.spawn_retry = None
-        self.restarts = 0
+        self.waiting = False
+        self.waiting_for = []
+        self.state = "stopped"
+        self.restarts = 0                      # exits nobody asked for since the start
         self.give_ups = 0
+        self.exits = collections.Counter()     # exit reason -> count, for /metrics
+        self.last_exit = None
         self.recent = collections.deque(maxlen=RECENT_PROCESSES)
         self.last_error = None
-        self.created = time.monotonic()
+        self.created = now
+        self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
 
     @property
     def group(self):
@@ -3135,11 +3619,30 @@ class Template:
 
     @property
     def stopped(self) -> bool:
-        return self.state != "running"
+        return not self.wanted
 
-    def status(self) -> dict:
+    def take_spec(self, spec: TemplateSpec):
+        """Use ``spec`` from now on (reload, update)."""
+        self.spec, self.numprocesses = spec, spec.numprocesses
+        self.policy = RestartPolicy.of(spec)
+
+    def summary(self, loop) -> dict:
+        """The gaffer 0.4.4 status keys and the lifecycle summary."""
         return {"active": bool(self.running), "running": len(self.running),
-                "max_processes": self.numprocesses, "state": self.state}
+                "max_processes": self.numprocesses, "state": self.state,
+                "ready": self.counts[RUNNING], "restarts": self.restarts,
+                "last_exit": self.last_exit, "waiting_for": list(self.waiting_for)}
+
+    def status(self, loop=None) -> dict:
+        out = self.summary(loop)
+        if loop is not None:
+            out["processes"] = [{
+                "id": s.proc.id if s.proc else None,
+                "os_pid": s.proc.pid if s.proc else None,
+                "slot": s.index, "state": s.state, "since": loop.unix_time(s.since),
+                "restarts": s.restarts, "status_text": s.status_text,
+            } for s in sorted(self.slots, key=lambda s: s.index)]
+        return out
 
 
 def _parse_target(name_or_id):
@@ -3166,6 +3669,10 @@ class Manager:
         processes (name -> Template), running (id -> Process),
         get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
         stop(callback=None), restart(callback=None), loop.
+    The lifecycle hooks (readiness checks, dependencies):
+        mark_ready(proc), process_failed(proc, why), READY_PROBES (kind ->
+        probe(manager, t, slot, proc)), set_waiting(name, waiting_for),
+        on_critical (callback(name)), reload_templates(specs, dry_run).
     Template names are str, internal process ids int.  Unknown names raise
     KeyError.
     """
@@ -3184,7 +3691,6 @@ class Manager:
         self._logfiles = {}                            # path -> LogFile (shared)
         self._spawn_queue = collections.deque()        # templates waiting for spawns
         self._spawn_wanted = set()
-        self._doomed_sessions = set()                  # sessions to kill this iteration
         self._pump_scheduled = False
         self._budget_iteration = -1
         self._budget_end = 0.0
@@ -3200,6 +3706,9 @@ class Manager:
         self.spawn_failures = 0
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
+        self.groups_left = GroupCleaner(loop, self._by_pid)
+        self.on_critical = None                        # callback(name): a critical template failed
+        self._unprobed = set()                         # templates warned about their ready kind
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -3251,7 +3760,7 @@ class Manager:
         """Register ``spec`` and start it unless ``start`` is false."""
         if spec.name in self.processes:
             raise KeyError(spec.name)
-        t = Template(spec)
+        t = Template(spec, self.loop.time())
         self.processes[spec.name] = t
         if spec.group:
             self.groups.setdefault(spec.group, []).append(spec.name)
@@ -3286,12 +3795,47 @@ class Manager:
         """SPEC 3.2 update: stop the old processes, take the new definition
         in place (group kept), start again unless ``start`` is false."""
         self._stop(t)
-        t.spec = spec
-        t.numprocesses = spec.numprocesses
-        t.flap.reset()
+        t.take_spec(spec)
         self._emit("update", t.name, per_process=False)
         if spec.start if start is None else start:
             self._start(t, events=False)
+
+    def reload_templates(self, specs, dry_run=False) -> dict:
+        """Make the templates of the config file those of ``specs``:
+        remove the ones no longer there, update the changed ones (only
+        scaled when nothing but ``numprocesses`` changed), add the new
+        ones.  Templates made over HTTP are left alone.  Returns the names
+        ``added``, ``removed``, ``changed`` and ``unchanged``; with
+        ``dry_run`` nothing changes."""
+        wanted = collections.OrderedDict((s.name, s) for s in specs)
+        added = [n for n in wanted if n not in self.processes]
+        removed = [n for n, t in self.processes.items()
+                   if t.spec.origin == "config" and n not in wanted]
+        changed, unchanged = [], []
+        for name, spec in wanted.items():
+            t = self.processes.get(name)
+            if t is None:
+                continue
+            if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
+                unchanged.append(name)
+            else:
+                changed.append(name)
+        result = {"added": added, "removed": removed, "changed": changed,
+                  "unchanged": unchanged}
+        if dry_run:
+            return result
+        for name in removed:
+            self.remove_process(name)
+        for name in changed:
+            t, spec = self.processes[name], wanted[name]
+            if t.spec.key() == spec.key():
+                t.take_spec(spec)
+                self.scale_to(name, spec.numprocesses)
+            else:
+                self.update_template(t, spec)
+        for name in added:
+            self.add_template(wanted[name])
+        return result
 
     def remove_process(self, name):
         t = self.get_template(name)
@@ -3313,37 +3857,43 @@ class Manager:
 
     def restart_process(self, name):
         t = self.get_template(name)
-        if t.state != "running":
-            self._cancel_timers(t)
-            t.flap.reset()
-            t.state, t.never_started = "running", False
+        if not t.wanted:
+            self._want(t)
         self._emit("restart", t.name)
-        self._replace(t, list(t.running), t.numprocesses)
+        old = [s for s in t.slots if s.proc is not None]
+        for slot in [s for s in t.slots if s.proc is None]:
+            self._feed(t, slot, START)            # backoff, failed, exited: again now
+        self._replace(t, [], old)
 
-    def _replace(self, t, old, count, done=0):
-        """Restart step: spawn a batch of up to SPAWN_BATCH new processes
-        (over as many iterations as the spawn budget needs), then reap as
-        many of the ``old`` ones: n spawns, then n reaps (SPEC 3.2, 4.2)
-        for a template of up to SPAWN_BATCH processes."""
-        if t.state != "running" or self.stopping or self.processes.get(t.name) is not t:
+    def _replace(self, t, pairs, rest):
+        """Restart step (SPEC 3.2, 4.2): a replacement slot (same slot
+        number) for each of up to SPAWN_BATCH old slots, then, once every
+        replacement has had its exec (over as many iterations as the spawn
+        budget needs), the old slots are reaped: n spawns, then n reaps.
+        ``pairs``: (old slot, replacement) of this batch; ``rest``: old
+        slots still to replace."""
+        t.replacing = bool(pairs or rest)
+        if not self._eligible(t):
+            t.replacing = False
             return
-        batch = min(count, SPAWN_BATCH)
-        failed = False
-        while done < batch and self._budget_left():
-            if not self._spawn(t):
-                failed = True
-                break
-            done += 1
-        if done < batch and not failed:
-            self.loop.call_soon(self._replace, t, old, count, done)    # budget spent
+
+        def waiting():
+            return any(new.member and new.state == STARTING and new.proc is None
+                       for _, new in pairs)
+        while waiting() and self._budget_left() and self._has_unspawned(t):
+            self._spawn(t)
+        if waiting():
+            self.loop.call_soon(self._replace, t, pairs, rest)     # budget spent
             return
-        for proc in old[:done]:
-            if proc in t.running:
-                self._stop_one(proc, "reap")
-        if not failed and count > done and self._eligible(t):
-            self.loop.call_soon(self._replace, t, old[done:], count - done)
+        for old, _ in pairs:
+            if old.member:
+                self._stop_slot(t, old, "reap")
+        if rest:
+            batch, rest = rest[:SPAWN_BATCH], rest[SPAWN_BATCH:]
+            pairs = [(old, self._add_slot(t, old.index)) for old in batch]
+            self.loop.call_soon(self._replace, t, pairs, rest)
         else:
-            # after a failed spawn, the old processes that are left keep running
+            t.replacing = False
             self._manage(t)
 
     def ttin(self, name, n=1) -> int:
@@ -3353,7 +3903,7 @@ class Manager:
         t.numprocesses += n
         self._emit("update", name, per_process=False)
         if t.never_started:
-            t.state, t.never_started = "running", False
+            self._want(t)
         self._manage(t)
         return t.numprocesses
 
@@ -3405,7 +3955,7 @@ class Manager:
         return self.get_template(name).spec.definition()
 
     def get_process_status(self, name) -> dict:
-        return self.get_template(name).status()
+        return self.get_template(name).status(self.loop)
 
     def process_stats(self, proc, kids=None):
         """SPEC 9.1 stats of one process, plus ``id`` and ``name``; None if
@@ -3477,69 +4027,270 @@ class Manager:
                 except Exception:
                     log.exception("stats listener failed")
 
-    # -- the state machine ---------------------------------------------------------
-    def _cancel_timers(self, t):
-        for attr in ("retry_handle", "spawn_retry"):
-            handle = getattr(t, attr)
-            if handle is not None:
-                handle.cancel()
-                setattr(t, attr, None)
+    # -- lifecycle policy ------------------------------------------------------------
+    # Contract: a slot's state changes only in ``_feed`` (and in ``_on_exit``,
+    # which classifies the exit first); each applies the table of §4,
+    # performs the actions it returns through ``_ACTIONS``, keeps
+    # ``t.counts`` and ``t.state`` and publishes ``state`` on a change.  A
+    # template runs while ``t.wanted`` (not stopped on purpose) and not
+    # ``t.waiting``.
+
+    def _want(self, t):
+        t.wanted, t.never_started = True, False
+        t.last_error = None
 
     def _start(self, t, events=True):
-        self._cancel_timers(t)
-        t.flap.reset()
-        t.state, t.never_started = "running", False
-        t.last_error = None
+        """Run ``t``: slots that ended (backoff, failed, exited) start
+        again now, missing ones are added."""
+        self._want(t)
         if events:
             self._emit("start", t.name)
+        for slot in list(t.slots):
+            self._feed(t, slot, START)
         self._manage(t)
 
-    def _stop(self, t, state="stopped"):
-        """Stop every process of ``t``; no events if it was already stopped."""
-        self._cancel_timers(t)
-        was_running = t.state == "running" or t.never_started
-        t.state, t.never_started = state, False
-        if not was_running and not t.running:
-            return
-        self._emit("stop", t.name)
-        for proc in list(t.running):
-            self._stop_one(proc, "stop_pid")
+    def _stop(self, t):
+        """Stop every slot of ``t``; no events if it was already stopped."""
+        was_wanted = t.wanted or t.never_started
+        t.wanted, t.never_started = False, False
+        if was_wanted or t.slots:
+            self._emit("stop", t.name)
+            for slot in list(t.slots):
+                self._stop_slot(t, slot, "stop_pid")
+        self._update_state(t)
 
-    def _stop_one(self, proc, event):
-        """Take one process out of service: SIGTERM now, SIGKILL later."""
-        t = proc.template
-        if proc in t.running:
-            t.running.remove(proc)
-        self.running.pop(proc.id, None)
-        proc.requested = True
-        self._emit(event, proc.name, pid=proc.id, os_pid=proc.pid)
-        proc.kill(signal.SIGTERM)
+    def set_waiting(self, name, waiting_for) -> None:
+        """Hold ``name`` in state ``waiting`` while ``waiting_for`` (what it
+        waits for, a list of strings) is not empty; an empty list lets it
+        start.  For whoever checks dependencies."""
+        t = self.get_template(name)
+        t.waiting, t.waiting_for = bool(waiting_for), list(waiting_for)
+        self._update_state(t)
+        self._manage(t)
+
+    def _add_slot(self, t, index) -> Slot:
+        slot = Slot(index, self.loop.time())
+        slot.member = True
+        t.slots.append(slot)
+        t.counts[slot.bucket] += 1
+        self._feed(t, slot, START)
+        return slot
+
+    def _stop_slot(self, t, slot, event):
+        """Take ``slot`` out of ``t``: its process gets ``event``
+        (stop_pid, reap) and its stop signal; a slot with no process is
+        stopped at once."""
+        if slot.member:
+            slot.member = False
+            t.slots.remove(slot)
+            t.counts[slot.bucket] -= 1
+        proc = slot.proc
+        if proc is not None and proc.alive:
+            if proc in t.running:
+                t.running.remove(proc)
+            self.running.pop(proc.id, None)
+            proc.requested = True
+            self._emit(event, proc.name, pid=proc.id, os_pid=proc.pid)
+        self._feed(t, slot, STOP)
+
+    def _feed(self, t, slot, event) -> tuple:
+        """Feed ``event`` to ``slot`` and perform the actions."""
+        before = slot.bucket
+        try:
+            actions = slot.feed(event, self.loop.time(), t.policy)
+        except LifecycleError as exc:
+            log.error("%s slot %d: %s; event ignored (a bug in gafferd)", t.name, slot.index, exc)
+            return ()
+        self._transitioned(t, slot, before, actions)
+        return actions
+
+    def _transitioned(self, t, slot, before, actions):
+        if slot.member and slot.bucket != before:
+            t.counts[before] -= 1
+            t.counts[slot.bucket] += 1
+        for action in actions:
+            self._ACTIONS[action](self, t, slot)
+        if slot.state == STOPPING and (slot.proc is None or not slot.proc.alive):
+            self._feed(t, slot, STOPPED_EVENT)          # never spawned: nothing to wait for
+        self._update_state(t)
+
+    def _update_state(self, t):
+        state = template_state(t.wanted, t.waiting, t.counts)
+        if state == t.state:
+            return
+        previous, t.state = t.state, state
+        self._emit("state", t.name, state=state, previous=previous)
+        if state == "failed" and t.spec.critical:
+            self._critical(t, "failed")
+
+    def _critical(self, t, why):
+        if self.stopping or self.on_critical is None:
+            return
+        log.error("%s is critical and %s: stopping every process; gafferd exits with "
+                  "status 1", t.name, why)
+        self.loop.call_soon(self.on_critical, t.name)
+
+    # actions of the table (§4 A_*)
+    def _queue_spawn(self, t, slot):
+        t.unspawned.append(slot)
+        if t not in self._spawn_wanted and self._eligible(t):
+            self._spawn_wanted.add(t)
+            self._spawn_queue.append(t)
+            self._pump()
+
+    def _watch_ready(self, t, slot):
+        """Arm the readiness check of ``t.spec.ready`` for the new process
+        and, for a probe, its ``ready_timeout``."""
+        proc, kind = slot.proc, t.spec.ready.kind
+        probe = self.READY_PROBES.get(kind)
+        if probe is None:
+            if t.name not in self._unprobed:
+                self._unprobed.add(t.name)
+                log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
+                            t.name, kind)
+            probe = self.READY_PROBES["startsecs"]
+        elif kind not in ("startsecs", "spawn"):
+            proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
+                                                   t, slot, proc))
+        probe(self, t, slot, proc)
+
+    def _unwatch(self, t, slot):
+        proc = slot.proc
+        if proc is not None:
+            for handle in proc.watch:
+                handle.cancel()
+            proc.watch = []
+
+    def _kill_action(self, t, slot):
+        if slot.proc is not None and slot.proc.alive:
+            self._signal_stop(slot.proc)
+
+    def _schedule(self, t, slot):
+        slot.timer = self.loop.call_later(slot.delay, self._backoff_elapsed, t, slot)
+
+    def _cancel(self, t, slot):
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+
+    def _gave_up(self, t, slot):
+        t.give_ups += 1
+        self._emit("flap", t.name)          # what gaffer 0.4.4 listeners wait for
+
+    def _done(self, t, slot):
+        if t.spec.critical and not slot.ok and t.policy.restart == "never":
+            self._critical(t, "a process of it exited unsuccessfully")
+
+    _ACTIONS = {A_SPAWN: _queue_spawn, A_WATCH_READY: _watch_ready, A_UNWATCH: _unwatch,
+                A_KILL: _kill_action, A_SCHEDULE: _schedule, A_CANCEL: _cancel,
+                A_GIVE_UP: _gave_up, A_DONE: _done}
+
+    # -- readiness ----------------------------------------------------------------------
+    # ``READY_PROBES``: kind of the ``ready`` key -> probe(manager, t, slot,
+    # proc), called once the exec succeeded.  A probe puts what it starts
+    # (objects with ``cancel()``) in ``proc.watch``, which is cancelled when
+    # the process stops or exits, and calls ``mark_ready(proc)`` once the
+    # process is ready.  ``ready_timeout`` is armed by ``_watch_ready`` for
+    # every kind but startsecs and spawn.
+
+    def _ready_after_startsecs(self, t, slot, proc):
+        proc.watch.append(self.loop.call_later(t.spec.startsecs, self.mark_ready, proc))
+
+    def _ready_at_spawn(self, t, slot, proc):
+        self.loop.call_soon(self.mark_ready, proc)
+
+    READY_PROBES = {"startsecs": _ready_after_startsecs, "spawn": _ready_at_spawn}
+
+    def mark_ready(self, proc) -> None:
+        """``proc`` is ready; publishes ``ready`` the first time.  A
+        process that is no longer its slot's (it exited, was replaced) is
+        ignored."""
+        slot = proc.slot
+        if slot is None or slot.proc is not proc or slot.state not in (STARTING, RUNNING):
+            return
+        self._feed(proc.template, slot, READY)
+        if slot.state == RUNNING and not proc.ready:
+            proc.ready = True
+            self._emit("ready", proc.name, pid=proc.id, os_pid=proc.pid, slot=slot.index)
+
+    def process_failed(self, proc, why) -> None:
+        """Kill ``proc`` with its stop signal; its exit counts as a failed
+        start (a missed watchdog, a probe that judged it broken)."""
+        slot = proc.slot
+        if slot is None or slot.proc is not proc or slot.state not in (STARTING, RUNNING):
+            return
+        log.warning("%s[%d] (pid %s): %s; stopping it as a failed start", proc.name, proc.id,
+                    proc.pid, why)
+        if proc in proc.template.running:
+            proc.template.running.remove(proc)
+        self._feed(proc.template, slot, WATCHDOG_TIMEOUT)
+
+    def _on_ready_timeout(self, t, slot, proc):
+        if slot.proc is proc and slot.state == STARTING:
+            log.warning("%s[%d] (pid %s) not ready within %ss; stopping it as a failed start",
+                        t.name, proc.id, proc.pid, t.spec.ready_timeout)
+            if proc in t.running:
+                t.running.remove(proc)
+            self._feed(t, slot, READY_TIMEOUT)
+
+    def _backoff_elapsed(self, t, slot):
+        slot.timer = None
+        if slot.member and self._eligible(t):
+            self._feed(t, slot, BACKOFF_ELAPSED)
+
+    # -- spawning and stopping processes ----------------------------------------------
+    # Contract: a slot's ``spawn`` action queues it in ``t.unspawned``;
+    # ``_pump`` execs them in template (priority) order within
+    # SPAWN_BUDGET per loop iteration; ``_spawn`` feeds ``spawned`` or, on
+    # a failed exec, an exit with status 127.  ``kill`` sends the
+    # template's stop_signal to the process group, SIGKILL after
+    # graceful_timeout.
+    def _signal_stop(self, proc):
+        """The process's stop signal now (to its group), SIGKILL after its
+        graceful_timeout (at once when a second shutdown request hurries)."""
+        proc.kill(proc.spec.stop_signal)
         timeout = proc.spec.graceful_timeout
         if self.stopping and self._hurry:
             timeout = 0
         proc.kill_deadline = self.loop.time() + timeout
         proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
 
+    def _stop_one(self, proc, event):
+        """Take one process out of service (its slot leaves the template)."""
+        self._stop_slot(proc.template, proc.slot, event)
+
     def _kill_now(self, proc):
         if proc.alive:
-            log.warning("%s[%d] (pid %s) did not exit within %ss of SIGTERM; sending SIGKILL",
-                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout)
+            log.warning("%s[%d] (pid %s) did not exit within %ss of %s; sending SIGKILL",
+                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout,
+                        _signal_name(proc.spec.stop_signal))
             proc.kill(signal.SIGKILL)
 
     def _manage(self, t):
-        """Bring ``t`` to ``numprocesses``: queue the missing spawns, reap
-        the surplus oldest first (SPEC 3.2)."""
+        """Bring ``t`` to ``numprocesses`` slots: add the missing ones
+        (lowest free slot numbers), reap the surplus: slots without a
+        process first, then the oldest processes (SPEC 3.2)."""
         if not self._eligible(t):
+            self._update_state(t)
             return
-        if len(t.running) < t.numprocesses and t not in self._spawn_wanted:
-            self._spawn_wanted.add(t)
-            self._spawn_queue.append(t)
-            self._pump()
-        while len(t.running) > t.numprocesses:
-            self._stop_one(t.running[0], "reap")
+        if len(t.slots) < t.numprocesses:
+            used, index = {s.index for s in t.slots}, 0
+            while len(t.slots) < t.numprocesses:
+                while index in used:
+                    index += 1
+                used.add(index)
+                self._add_slot(t, index)
+        surplus = len(t.slots) - t.numprocesses
+        if surplus > 0 and not t.replacing:
+            idle = sorted((s for s in t.slots if s.proc is None), key=lambda s: -s.index)
+            live = sorted((s for s in t.slots if s.proc is not None), key=lambda s: s.proc.id)
+            for slot in (idle + live)[:surplus]:
+                self._stop_slot(t, slot, "reap")
+        self._update_state(t)
 
     def _eligible(self, t) -> bool:
-        return t.state == "running" and not self.stopping and self.processes.get(t.name) is t
+        return t.wanted and not t.waiting and not self.stopping and \
+            self.processes.get(t.name) is t
 
     def _budget_left(self) -> bool:
         """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
@@ -3552,14 +4303,16 @@ class Manager:
         return self.loop.time() < self._budget_end
 
     def _pump(self):
-        """Spawn what templates are waiting for, in queue (priority) order,
-        within this iteration's budget; the rest on the next iteration."""
+        """Spawn the slots templates are waiting for, in queue (priority)
+        order, within this iteration's budget; the rest on the next one."""
         queue = self._spawn_queue
         while queue and self._budget_left():
             t = queue[0]
-            if not self._eligible(t) or len(t.running) >= t.numprocesses or not self._spawn(t):
+            if not self._eligible(t) or not self._has_unspawned(t):
                 queue.popleft()
                 self._spawn_wanted.discard(t)
+                continue
+            self._spawn(t)
         if queue and not self._pump_scheduled:
             self._pump_scheduled = True
             self.loop.call_soon(self._pump_later)
@@ -3568,28 +4321,47 @@ class Manager:
         self._pump_scheduled = False
         self._pump()
 
+    @staticmethod
+    def _has_unspawned(t) -> bool:
+        """Drop the slots that were stopped before their exec; any left?"""
+        queue = t.unspawned
+        while queue and not (queue[0].member and queue[0].state == STARTING
+                             and queue[0].proc is None):
+            queue.popleft()
+        return bool(queue)
+
     def _spawn(self, t) -> bool:
-        """Start one process of ``t``; False (and a retry later) on failure."""
+        """Exec the process of the next slot of ``t`` waiting for one;
+        False when the exec failed (a failed start for that slot)."""
+        if not self._has_unspawned(t):
+            return False
+        slot = t.unspawned.popleft()
         spec = t.spec
         proc = Process(self, t, next(self._ids))
+        proc.slot = slot
         try:
             self._exec(proc)
         except SpawnError as exc:
             self.spawn_failures += 1
             t.last_error = str(exc)
-            log.error("cannot start %s: %s", t.name, exc)
-            self._on_spawn_failure(t)
+            log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
+            # like an exit with status 127 (SPEC 3.11) after no time up
+            self._after_exit(t, slot, proc, 127, 0, 0.0, False)
             return False
         self.spawned_total += 1
+        slot.proc = proc
         t.running.append(proc)
         self.running[proc.id] = proc
         self._by_pid[proc.pid] = proc
         self._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+        self._feed(t, slot, SPAWNED)
         return True
 
     def _exec(self, proc):
         spec = proc.spec
         env = child_environment(spec, self.environ)
+        env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
+                   GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         try:
             argv = command_line(spec, env)
         except KeyError as exc:
@@ -3705,92 +4477,16 @@ class Manager:
             self.log_writer.reopen(logfile)
         return len(self._logfiles)
 
-    def _on_spawn_failure(self, t):
-        """An exec that failed counts as an exit nobody asked for."""
-        if t.spawn_retry is not None or t.state != "running":
-            return
-        if t.spec.flapping is not None:
-            # like an exit with status 127 (SPEC 3.11): flapping decides
-            if self._flap(t) == RESPAWN:
-                t.spawn_retry = self.loop.call_soon(self._retry_spawn, t)
-            return
-        t.spawn_retry = self.loop.call_later(SPAWN_RETRY_DELAY, self._retry_spawn, t)
-
-    def _retry_spawn(self, t):
-        t.spawn_retry = None
-        self._manage(t)
-
-    def _flap(self, t) -> str:
-        decision = t.flap.on_exit(t.spec.flapping, self.loop.time())
-        if decision == RESPAWN:
-            return decision
-        self._emit("flap", t.name)
-        if decision == RETRY:
-            log.warning("%s is flapping: stopped, retry %d/%d in %ss", t.name,
-                        t.flap.retries, t.spec.flapping.max_retry, t.spec.flapping.retry_in)
-            self._stop(t, state="retrying")
-            t.retry_handle = self.loop.call_later(t.spec.flapping.retry_in, self._retry, t)
-        else:
-            t.give_ups += 1
-            log.error("%s is flapping: gave up after %d retries; it stays stopped "
-                      "until started again", t.name, t.spec.flapping.max_retry)
-            self._stop(t, state="failed")
-        return decision
-
-    def _retry(self, t):
-        t.retry_handle = None
-        if self.processes.get(t.name) is t and t.state == "retrying" and not self.stopping:
-            t.state = "running"
-            self._manage(t)
-
-    def _before_reap(self, proc):
-        """The leader is a zombie, so its process group id cannot be reused
-        yet: what is left of the group (grandchildren) gets SIGTERM and the
-        rest of the grace period, then SIGKILL, as systemd does for the
-        processes of a unit."""
-        if proc.requested:
-            deadline = proc.kill_deadline if not self._hurry else self.loop.time()
-        else:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                return
-            deadline = self.loop.time() + proc.spec.graceful_timeout
-        self.loop.call_at(deadline, self._kill_group, proc.pid, proc.requested)
-
-    def _kill_group(self, pgid, stopped):
-        """SIGKILL what is left of a finished leader's process group and,
-        after a stop that was asked for, of its session too (a grandchild
-        may have moved to a group of its own)."""
-        if pgid in self._by_pid:
-            return            # the number now leads a group of a new process of ours
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if stopped:
-            if not self._doomed_sessions:
-                # the deadlines of a stop of many processes are spread over
-                # the time it took: one scan serves all that fall due soon
-                self.loop.call_later(0 if self._hurry else SESSION_SCAN_DELAY,
-                                     self._kill_sessions)
-            self._doomed_sessions.add(pgid)
-
-    def _kill_sessions(self):
-        """One scan of /proc for every session whose deadline fell due in
-        the last SESSION_SCAN_DELAY (a stop of many processes scans a few
-        times, not N times)."""
-        doomed, self._doomed_sessions = self._doomed_sessions, set()
-        for pid, sid in session_ids():
-            if sid in doomed and sid not in self._by_pid:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+    # -- reaping -------------------------------------------------------------------------
+    # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
+    # ``GroupCleaner.before_reap`` while the leader is a zombie, then
+    # ``_on_exit``, which frees the process's resources, feeds the exit to
+    # its slot (``_after_exit``) and replaces a process stopped alone.
 
     def _on_exit(self, proc, exit_status, term_signal):
         self.loop.trimmer.touch()
         proc.exit_status, proc.term_signal = exit_status, term_signal
+        proc.core_dumped = bool(self.loop.core_dumped)
         self._by_pid.pop(proc.pid, None)
         if proc.kill_handle is not None:
             proc.kill_handle.cancel()
@@ -3804,24 +4500,94 @@ class Manager:
             t.running.remove(proc)
         self.running.pop(proc.id, None)
         t.recent.append(proc)
-        self._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
-                   term_signal=term_signal, os_pid=proc.pid)
+        uptime = self.loop.time() - proc.started
+        event = self._after_exit(t, proc.slot, proc, exit_status, term_signal, uptime,
+                                 proc.requested)
         for callback in proc._exit_callbacks:
             self.loop.call_soon(callback, proc)
         proc._exit_callbacks = []
         self.orphans.scan_soon()        # what it left running is ours now
         if self.stopping:
             self._check_stopped()
-            return
-        if self.processes.get(t.name) is not t or t.state != "running":
-            return
-        if not proc.requested:
-            t.restarts += 1
-            if t.spec.flapping is not None and self._flap(t) != RESPAWN:
-                return
-        self.loop.call_soon(self._manage, t)
+        elif event == STOPPED_EVENT and self._eligible(t):
+            self.loop.call_soon(self._manage, t)    # a process stopped alone is replaced
 
-    # -- whole-manager operations ---------------------------------------------------
+    _EXIT_REASONS = {STOPPED_EVENT: "stopped", EXIT_RESTART: "crashed",
+                     EXIT_RETRY: "failed_start", EXIT_GIVE_UP: "gave_up"}
+
+    def _after_exit(self, t, slot, proc, exit_status, term_signal, uptime, asked) -> str:
+        """Feed the exit (or failed exec) of ``proc`` to its slot; log it,
+        count it and publish ``exit``.  Returns the table event."""
+        before = slot.bucket
+        try:
+            event, actions = slot.exit(t.policy, exit_status, term_signal, uptime, asked,
+                                       self.loop.time())
+        except LifecycleError as exc:
+            log.error("%s slot %d: %s; exit ignored (a bug in gafferd)", t.name, slot.index, exc)
+            event, actions = None, ()
+        if proc.watch:
+            self._unwatch(t, slot)
+        if slot.proc is proc:
+            slot.proc = None
+        restart_in = slot.delay if A_SCHEDULE in actions else None
+        reason = self._EXIT_REASONS.get(event) or ("succeeded" if slot.ok else "failed")
+        t.exits[reason] += 1
+        if event != STOPPED_EVENT:
+            if reason != "succeeded":
+                t.restarts += 1
+            t.last_exit = {"id": proc.id, "os_pid": proc.pid, "exit_status": exit_status,
+                           "term_signal": term_signal, "uptime": round(uptime, 3),
+                           "time": self.loop.unix_time(self.loop.time())}
+            self._log_exit(t, slot, proc, event, exit_status, term_signal, uptime, restart_in)
+        if proc.pid is not None:
+            self._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
+                       term_signal=term_signal, os_pid=proc.pid,
+                       uptime=round(uptime, 3), restart_in=restart_in)
+        if event is not None:
+            self._transitioned(t, slot, before, actions)
+        return event
+
+    def _log_exit(self, t, slot, proc, event, exit_status, term_signal, uptime, restart_in):
+        """One line per exit nobody asked for (WARNING; INFO when the
+        policy expected it), summarised once a second in a storm."""
+        if event == EXIT_RESTART:
+            next_step = "restarting in %.1fs" % restart_in
+        elif event == EXIT_RETRY:
+            next_step = "failed start %d, restarting in %.1fs" % (slot.failed_starts, restart_in)
+        elif event == EXIT_GIVE_UP:
+            next_step = "gave up after %d failed starts" % slot.failed_starts
+        else:
+            next_step = "not restarted (restart = %s)" % t.policy.restart
+        level = logging.INFO if event == EXIT_DONE and slot.ok else logging.WARNING
+        storm = t.storm
+        now = self.loop.time()
+        if now - storm[0] >= 1.0:
+            storm[0], storm[1] = now, 0
+        storm[1] += 1
+        if storm[1] > STORM_LINES:
+            storm[2] += 1
+            if storm[3] is None:
+                storm[3] = self.loop.call_later(1.0, self._summarize_storm, t)
+            return
+        if proc.pid is None:
+            status = "exec failed"
+        else:
+            status = exit_text(exit_status, term_signal, getattr(proc, "core_dumped", False))
+        log.log(level, "%s[%d] (pid %s, slot %d) %s after %.1fs up; %s", t.name, proc.id,
+                proc.pid, slot.index, status, uptime, next_step)
+
+    def _summarize_storm(self, t):
+        storm = t.storm
+        storm[3] = None
+        if storm[2]:
+            log.warning("%s: %d more exits in the last second", t.name, storm[2])
+            storm[2] = 0
+
+    # -- whole-manager operations and shutdown ------------------------------------------
+    # Contract: ``stop`` is the only way down: every template is stopped
+    # (its slots fed ``stop``), adopted orphans get the same grace, and
+    # once no child of ours is left the applications stop and the
+    # callbacks run, exactly once.  A second ``stop`` hurries (SIGKILL).
     def start(self):
         """Start the applications (SPEC 8.1 step 9)."""
         for app in list(self.apps):
@@ -3840,7 +4606,7 @@ class Manager:
             except Exception:
                 log.exception("application %r failed to restart", app)
         for t in list(self.processes.values()):
-            if t.state == "running":
+            if t.wanted:
                 self.restart_process(t.name)
         if callback:
             self.loop.call_soon(callback)
@@ -3852,7 +4618,7 @@ class Manager:
             self._stop_callbacks.append(callback)
         if self.stopping:
             log.warning("second stop request: killing what is left now")
-            self._hurry = True
+            self._hurry = self.groups_left.hurry = True
             for proc in list(self._by_pid.values()):
                 proc.kill(signal.SIGKILL)
             self._kill_orphans(signal.SIGKILL)
@@ -3930,6 +4696,64 @@ class Manager:
                 callback()
 
 
+class GroupCleaner:
+    """What a process leaves behind when it exits: the rest of its process
+    group and, after a stop that was asked for, of its session.
+
+    ``before_reap(proc, hurry)`` is called while the leader is a zombie
+    (its group id cannot be reused yet); what is left gets SIGTERM and the
+    rest of the grace period, then SIGKILL, as systemd does for the
+    processes of a unit.  ``leaders`` (os pid -> Process, the manager's)
+    tells a group of a live process of ours, never killed.
+    """
+
+    def __init__(self, loop, leaders):
+        self.loop, self.leaders = loop, leaders
+        self.hurry = False                   # a second stop request: no grace left
+        self._doomed_sessions = set()        # sessions to kill at the next scan
+
+    def before_reap(self, proc):
+        if proc.requested:
+            deadline = proc.kill_deadline if not self.hurry else self.loop.time()
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = self.loop.time() + proc.spec.graceful_timeout
+        self.loop.call_at(deadline, self._kill_group, proc.pid, proc.requested)
+
+    def _kill_group(self, pgid, stopped):
+        """SIGKILL what is left of a finished leader's process group and,
+        after a stop that was asked for, of its session too (a grandchild
+        may have moved to a group of its own)."""
+        if pgid in self.leaders:
+            return            # the number now leads a group of a new process of ours
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if stopped:
+            if not self._doomed_sessions:
+                # the deadlines of a stop of many processes are spread over
+                # the time it took: one scan serves all that fall due soon
+                self.loop.call_later(0 if self.hurry else SESSION_SCAN_DELAY,
+                                     self._kill_sessions)
+            self._doomed_sessions.add(pgid)
+
+    def _kill_sessions(self):
+        """One scan of /proc for every session whose deadline fell due in
+        the last SESSION_SCAN_DELAY (a stop of many processes scans a few
+        times, not N times)."""
+        doomed, self._doomed_sessions = self._doomed_sessions, set()
+        for pid, sid in session_ids():
+            if sid in doomed and sid not in self.leaders:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
 class _ChildWatcher:
     """Bridges the loop's reaper to the manager for one process."""
 
@@ -3939,7 +4763,7 @@ class _ChildWatcher:
         self.manager, self.proc = manager, proc
 
     def before_reap(self, pid):
-        self.manager._before_reap(self.proc)
+        self.manager.groups_left.before_reap(self.proc)
 
     def __call__(self, pid, exit_status, term_signal):
         self.manager._on_exit(self.proc, exit_status, term_signal)
@@ -5003,10 +5827,11 @@ class Api:
         return Reply(200, b"OK", "text/plain; charset=UTF-8")
 
     def status(self, req, name):
-        return json_reply(200, self._template(name).status())
+        return json_reply(200, self._template(name).status(self.loop))
 
     def status_all(self, req):
-        return json_reply(200, {name: t.status() for name, t in self.manager.processes.items()})
+        return json_reply(200, {name: t.summary(self.loop)
+                                for name, t in self.manager.processes.items()})
 
     def reload(self, req):
         if self.reload_config is None:
@@ -5439,16 +6264,22 @@ class Api:
                [({}, m.orphans.reaped_total)])
         metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
                [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
-                for s in ("running", "stopped", "retrying", "failed")])
+                for s in TEMPLATE_STATES])
+        metric("gafferd_template_ready", "gauge", "Ready processes per template.",
+               [({"name": t.name}, t.counts[RUNNING]) for t in templates])
+        metric("gafferd_template_exits_total", "counter", "Process exits by reason "
+               "(stopped, crashed, failed_start, gave_up, succeeded, failed).",
+               [({"name": t.name, "reason": r}, n) for t in templates
+                for r, n in sorted(t.exits.items())])
         metric("gafferd_template_running", "gauge", "Running processes per template.",
                [({"name": t.name}, len(t.running)) for t in templates])
         metric("gafferd_template_target", "gauge", "Target process count per template.",
                [({"name": t.name}, t.numprocesses) for t in templates])
         metric("gafferd_template_restarts_total", "counter",
-               "Exits nobody asked for (each followed by a respawn or flapping).",
+               "Exits nobody asked for (restarted or not).",
                [({"name": t.name}, t.restarts) for t in templates])
         metric("gafferd_template_flapping_giveups_total", "counter",
-               "Times flapping protection gave up.", [({"name": t.name}, t.give_ups)
+               "Processes that gave up after start_retries failed starts.", [({"name": t.name}, t.give_ups)
                                                       for t in templates])
         procs = list(m.running.values())
         uptime, cpu, rss, fds = [], [], [], []
@@ -6679,7 +7510,15 @@ class Console:
         if event.startswith("proc."):
             return                          # each event once: the bare form
         name = payload.get("name", "gafferd")
-        if "os_pid" in payload:
+        if event == "exit":
+            self.write(name, "exit process with pid %s: %s after %ss up%s" % (
+                payload.get("os_pid"), exit_text(payload.get("exit_status"),
+                                                 payload.get("term_signal")),
+                payload.get("uptime"), "" if payload.get("restart_in") is None else
+                ", restarting in %ss" % payload["restart_in"]))
+        elif event == "state":
+            self.write(name, "state %s (was %s)" % (payload.get("state"), payload.get("previous")))
+        elif "os_pid" in payload:
             self.write(name, "%s process with pid %s" % (event, payload["os_pid"]))
             if event == "spawn" and self.stream_output:
                 proc = self.manager.find_process(payload.get("pid"))
@@ -6969,6 +7808,7 @@ class Daemon:
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
         self.log_file = None               # DaemonLog, set by main()
         self._stop_asked = None            # loop time of the first stop signal
+        self.exit_status = 0               # 1 once a critical template failed
 
     def load(self):
         """Read the config and settle the endpoints; ConfigError(s)."""
@@ -7041,6 +7881,7 @@ class Daemon:
             raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
         self.loop = Loop()
         self.manager = Manager(self.loop)
+        self.manager.on_critical = self._on_critical_failure
         self.api = Api(self.manager, self.plugins,
                        self.logged_reload if self.config_path else None)
         self.server = HttpServer(self.config.endpoints, self.api)
@@ -7074,7 +7915,7 @@ class Daemon:
                                                                  loop.time()),
                  manager.orphans.reaped_total)
         loop.close()
-        return 0
+        return self.exit_status
 
     # A last-resort stop waits at most this long for children that got
     # SIGTERM, whatever their graceful_timeout, before SIGKILL.
@@ -7143,6 +7984,13 @@ class Daemon:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
 
+    def _on_critical_failure(self, name):
+        """A ``critical`` template failed: stop everything, exit 1."""
+        self.exit_status = 1
+        if self._stop_asked is None:
+            self._stop_asked = self.loop.time()
+        self.manager.stop(self._after_stop)
+
     def _after_stop(self):
         self.webhooks.drain(self.loop.stop)
 
@@ -7193,34 +8041,10 @@ class Daemon:
         manager = self.manager
         if manager.stopping:
             raise ConfigError(self.config_path, None, None, "the daemon is shutting down")
-        wanted = collections.OrderedDict((s.name, s) for s in new.templates)
-        added = [n for n in wanted if n not in manager.processes]
-        removed = [n for n, t in manager.processes.items()
-                   if t.spec.origin == "config" and n not in wanted]
-        changed, unchanged = [], []
-        for name, spec in wanted.items():
-            t = manager.processes.get(name)
-            if t is None:
-                continue
-            if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
-                unchanged.append(name)
-            else:
-                changed.append(name)
-        result = {"added": added, "removed": removed, "changed": changed,
-                  "unchanged": unchanged, "dry_run": dry_run, "warnings": new.warnings}
+        result = manager.reload_templates(new.templates, dry_run)
+        result.update(dry_run=dry_run, warnings=new.warnings)
         if dry_run:
             return result
-        for name in removed:
-            manager.remove_process(name)
-        for name in changed:
-            t, spec = manager.processes[name], wanted[name]
-            if t.spec.key() == spec.key():
-                t.spec = spec
-                manager.scale_to(name, spec.numprocesses)
-            else:
-                manager.update_template(t, spec)
-        for name in added:
-            manager.add_template(wanted[name])
         self.webhooks.configure(new.webhooks)
         old_endpoints = [(e.name, [a.text for a in e.addresses]) for e in self.config.endpoints]
         if new.endpoints and [(e.name, [a.text for a in e.addresses])

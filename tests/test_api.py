@@ -81,7 +81,19 @@ port = 80
 """
 
 INI_ORDER = ["sleeper", "idle", "flapcfg", "ga:a", "ga:b", "12345", "talker", "churn"]
-STATES = {"running", "stopped", "retrying", "failed"}
+STATES = {"stopped", "waiting", "starting", "running", "degraded", "backoff", "failed",
+          "completed"}
+CLASSIC = ("active", "running", "max_processes", "state")      # the gaffer 0.4.4 keys
+
+
+def classic(status):
+    """The 0.4.4 keys of a status; the lifecycle keys are checked apart."""
+    return {k: status[k] for k in CLASSIC}
+
+
+def ready(api, name):
+    """Wait until every process of ``name`` is ready (startsecs, 1 s)."""
+    wait_for(lambda: api.status(name)["state"] == "running", message="%s running" % name)
 PROCESS_STATS_KEYS = {"pid", "cpu", "mem", "mem_info1", "mem_info2", "ctime",
                       "username", "nice", "cmdline", "children"}
 TEMPLATE_STATS_KEYS = {"name", "stats", "mem", "max_mem", "min_mem", "cpu",
@@ -169,14 +181,22 @@ class TestMisc:
 
     def test_status_running_template(self, api):
         api.wait_running("sleeper", 2)
+        ready(api, "sleeper")
         r = api.get("/status/sleeper")
         assert r.status == 200 and is_json(r)
-        assert r.json() == {"active": True, "running": 2, "max_processes": 2,
-                            "state": "running"}
+        body = r.json()
+        assert classic(body) == {"active": True, "running": 2, "max_processes": 2,
+                                 "state": "running"}
+        assert body["ready"] == 2 and body["restarts"] == 0 and body["last_exit"] is None
+        assert body["waiting_for"] == []
+        assert [(p["slot"], p["state"], p["restarts"]) for p in body["processes"]] == \
+            [(0, "running", 0), (1, "running", 0)]
+        assert sorted(p["id"] for p in body["processes"]) == api.pids("sleeper")
 
     def test_status_never_started_template(self, api):
-        assert api.status("idle") == {"active": False, "running": 0,
-                                      "max_processes": 1, "state": "stopped"}
+        assert classic(api.status("idle")) == {"active": False, "running": 0,
+                                               "max_processes": 1, "state": "stopped"}
+        assert api.status("idle")["processes"] == []
 
     def test_status_unknown(self, api):
         check_error(api.get("/status/nosuch"), 404, "not_found")
@@ -187,6 +207,7 @@ class TestMisc:
 
     def test_status_of_every_template(self, api):
         api.wait_running("sleeper", 2)
+        ready(api, "sleeper")
         r = api.get("/status")
         assert r.status == 200 and is_json(r)
         body = r.json()
@@ -196,22 +217,23 @@ class TestMisc:
         for name in INI_ORDER:
             assert set(body[name]) >= {"active", "running", "max_processes", "state"}, body[name]
             assert body[name]["state"] in STATES
-        assert body["sleeper"] == {"active": True, "running": 2, "max_processes": 2,
-                                   "state": "running"}
+        assert classic(body["sleeper"]) == {"active": True, "running": 2, "max_processes": 2,
+                                            "state": "running"}
+        assert body["sleeper"]["ready"] == 2 and "processes" not in body["sleeper"]
         assert body["idle"]["state"] == "stopped"
         assert body["idle"]["active"] is False
 
     def test_state_follows_stop_and_start(self, api, tpl):
         name = tpl()
-        assert api.status(name)["state"] == "running"
+        ready(api, name)
         ok(api.post("/processes/%s/_stop" % name))
-        wait_for(lambda: api.status(name) == {"active": False, "running": 0,
-                                              "max_processes": 1, "state": "stopped"},
+        wait_for(lambda: classic(api.status(name)) == {"active": False, "running": 0,
+                                                       "max_processes": 1, "state": "stopped"},
                  message="stopped state")
         assert api.json("GET", "/status")[name]["state"] == "stopped"
         ok(api.post("/processes/%s/_start" % name))
         api.wait_running(name, 1)
-        assert api.status(name)["state"] == "running"
+        ready(api, name)
 
 
 # -- /processes listing and creation -------------------------------------------
@@ -243,8 +265,11 @@ class TestProcessList:
 class TestCreate:
     def test_create_and_start(self, api, tpl):
         name = tpl(numprocesses=3)
-        assert api.status(name) == {"active": True, "running": 3, "max_processes": 3,
-                                    "state": "running"}
+        st = api.status(name)
+        assert classic(st) == {"active": True, "running": 3, "max_processes": 3,
+                               "state": st["state"]}
+        assert st["state"] in ("starting", "running")       # ready after startsecs
+        ready(api, name)
         for pid in os_pids(api, name):
             assert pid_alive(pid)
 

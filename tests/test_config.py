@@ -534,9 +534,8 @@ def test_flapping_forms_through_api(tmp_path, gafferd):
     assert flapping in (None, False, "off"), flapping
 
 
-def test_flapping_off_keeps_respawning_default_flapping_stops(tmp_path, gafferd):
-    off_count = tmp_path / "off.count"
-    on_count = tmp_path / "on.count"
+def test_crash_loops_back_off_unless_startsecs_and_restart_delay_are_0(tmp_path, gafferd):
+    counts = {n: tmp_path / ("%s.count" % n) for n in ("off", "on", "fast")}
     path = write(tmp_path / "gaffer.ini", sub("""
         [process:crash_off]
         cmd = echo x >> @OFF@
@@ -546,25 +545,28 @@ def test_flapping_off_keeps_respawning_default_flapping_stops(tmp_path, gafferd)
         [process:crash_on]
         cmd = echo x >> @ON@
         shell = true
-        """, OFF=off_count, ON=on_count))
+
+        [process:crash_fast]
+        cmd = echo x >> @FAST@
+        shell = true
+        startsecs = 0
+        """, OFF=counts["off"], ON=counts["on"], FAST=counts["fast"]))
     d = start(gafferd, path)
 
-    def lines(p):
+    def lines(name):
         try:
-            return len(p.read_text().split())
+            return len(counts[name].read_text().split())
         except FileNotFoundError:
             return 0
-    # Default flapping (2 exits within 1 s) stops the template and waits
-    # retry_in = 7 s before trying again.
-    wait_for(lambda: d.status("crash_on").get("state") == "retrying",
-             message="crash_on to be retrying")
-    runs = lines(on_count)
-    assert runs >= 2
-    # flapping = off: respawned again and again.
-    wait_for(lambda: lines(off_count) >= 10, message="crash_off respawns")
-    assert d.status("crash_off").get("state") not in ("retrying", "failed")
-    assert d.status("crash_on").get("state") == "retrying"
-    assert lines(on_count) == runs  # nothing spawned while waiting to retry
+    # startsecs = 0 and restart_delay = 0: respawned again and again
+    wait_for(lambda: lines("fast") >= 10, message="crash_fast respawns")
+    # the defaults, with or without the 0.4.4 flapping = off: each exit
+    # within startsecs is a failed start, retried after 1, 2, 4... s
+    wait_for(lambda: d.status("crash_on").get("state") == "backoff",
+             message="crash_on in backoff")
+    assert d.status("crash_off").get("state") in ("backoff", "starting")
+    assert lines("on") <= 3 and lines("off") <= 3
+    assert d.status("crash_on")["restarts"] >= 1
 
 
 # -- [env:NAME] ----------------------------------------------------------------

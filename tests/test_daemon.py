@@ -574,9 +574,12 @@ def test_verbose_prints_each_lifecycle_event_once(tmp_path, gafferd):
     assert d.stop() == 0
     lines = console_lines(d)
     for text in ("create v", "start v", "spawn process with pid %d" % pid, "stop v",
-                 "stop_pid process with pid %d" % pid, "exit process with pid %d" % pid):
+                 "stop_pid process with pid %d" % pid):
         matching = [l for l in lines if re.match(t + re.escape(text) + "$", l)]
         assert len(matching) == 1, (text, lines)
+    # the exit line says how it ended and after how long
+    exit_line = t + r"exit process with pid %d: killed by SIGTERM after [0-9.]+s up$" % pid
+    assert len([l for l in lines if re.match(exit_line, l)]) == 1, lines
     assert not any("proc." in l for l in lines), lines
     # -v alone does not copy the children's output.
     assert not any("chatter-out" in l for l in lines), lines

@@ -11,7 +11,25 @@ import time
 
 import pytest
 
-from conftest import PY, EventWatcher, holds_for, pid_alive
+from conftest import PY, EventWatcher as _EventWatcher, holds_for, pid_alive
+
+
+def lifecycle_event(event):
+    """``state`` and ``ready`` (and their proc.NAME twins): the per-process
+    lifecycle, checked in test_state_events; the other tests follow the
+    gaffer 0.4.4 events."""
+    return event["event"].rsplit(".", 1)[-1] in ("state", "ready")
+
+
+class EventWatcher(_EventWatcher):
+    """The watcher of conftest without the lifecycle events."""
+
+    @property
+    def events(self):
+        return [e for e in super().events if not lifecycle_event(e)]
+
+    def names(self):
+        return [e["event"] for e in self.events]
 
 CHILD = r'''
 import sys, time
@@ -24,7 +42,8 @@ while True:
 NAME_ONLY = {"event", "name"}
 SPAWN_KEYS = {"event", "name", "pid", "detached", "os_pid"}
 PID_KEYS = {"event", "name", "pid", "os_pid"}
-EXIT_KEYS = {"event", "name", "pid", "exit_status", "term_signal", "os_pid"}
+EXIT_KEYS = {"event", "name", "pid", "exit_status", "term_signal", "os_pid", "uptime",
+             "restart_in"}
 
 
 @pytest.fixture
@@ -218,35 +237,43 @@ def test_restart(daemon, watcher, child):
     no_more_events(watcher, 21)
 
 
-def test_flap(daemon, watcher, child):
+def test_flap_when_a_process_gives_up(daemon, watcher, child):
+    # gaffer 0.4.4 flapping maps onto startsecs 5, backoff 0.5 flat,
+    # start_retries 1: run, (0.5 s) run, give up; the give-up is a "flap"
     flapping = {"attempts": 2, "window": 5.0, "retry_in": 0.5, "max_retry": 1}
     daemon.json("POST", "/processes", template("fl", child, "exit1", flapping=flapping))
-    # run, run, flap, (retry) run, run, flap -> gives up
-    watcher.wait(lambda ev: [e["event"] for e in ev].count("flap") == 2, 10,
-                 message="two flaps")
-    timed = list(watcher.timed)
+    watcher.wait(lambda ev: [e["event"] for e in ev].count("proc.fl.flap") == 1, 10,
+                 message="a flap")
+    timed = [(t, e) for t, e in watcher.timed if not lifecycle_event(e)]
     names = [e["event"] for _, e in timed]
     assert names[:3] == ["create", "start", "proc.fl.start"]
     core = [(t, e) for t, e in timed if e["event"] in ("spawn", "exit", "flap", "proc.fl.flap")]
     assert [e["event"] for _, e in core] == [
-        "spawn", "exit", "spawn", "exit", "flap", "proc.fl.flap",
         "spawn", "exit", "spawn", "exit", "flap", "proc.fl.flap"]
-    flaps = [e for _, e in core if e["event"] in ("flap", "proc.fl.flap")]
-    assert flaps[0] == {"event": "flap", "name": "fl"}
-    assert flaps[1] == {"event": "proc.fl.flap", "name": "fl"}
-    for _, e in core:
-        if e["event"] == "exit":
-            assert e["exit_status"] == 1 and e["term_signal"] == 0
-    # the retry waits retry_in after the first flap
-    assert core[6][0] - core[4][0] >= 0.45
-    # flapping stops the template
-    first_flap = names.index("flap")
-    assert "stop" in names[first_flap:names.index("spawn", first_flap)]
-    assert pairs([e for _, e in timed if e["event"] in ("exit", "proc.fl.exit")], "fl")
-    n = len(timed)
-    no_more_events(watcher, n, 1.0)  # gave up: no more retries
+    assert core[4][1] == {"event": "flap", "name": "fl"}
+    exits = [e for _, e in core if e["event"] == "exit"]
+    for e in exits:
+        assert e["exit_status"] == 1 and e["term_signal"] == 0 and e["uptime"] < 5
+    assert exits[0]["restart_in"] == 0.5 and exits[1]["restart_in"] is None
+    assert core[2][0] - core[1][0] >= 0.45          # the backoff
     assert daemon.status("fl")["state"] == "failed"
+    assert pairs([e for _, e in timed if e["event"] in ("exit", "proc.fl.exit")], "fl")
 
+
+def test_state_events(daemon, child):
+    w = _EventWatcher(daemon, "state")
+    try:
+        daemon.json("POST", "/processes", template("st", child, numprocesses=2))
+        w.wait(lambda ev: len(ev) >= 2, message="starting, running")
+        assert w.events[:2] == [
+            {"event": "state", "name": "st", "state": "starting", "previous": "stopped"},
+            {"event": "state", "name": "st", "state": "running", "previous": "starting"}]
+        daemon.json("POST", "/processes/st/_stop")
+        w.wait(lambda ev: len(ev) >= 3, message="stopped")
+        assert w.events[2] == {"event": "state", "name": "st", "state": "stopped",
+                               "previous": "running"}
+    finally:
+        w.close()
 
 def test_prefix_and_exact_subscribers_get_each_event_once(daemon, child):
     every = EventWatcher(daemon)

@@ -109,7 +109,8 @@ def test_the_enumeration_finds_what_it_must():
     assert set(numeric_endpoint_keys()) == {"backlog", "max_body_size", "keepalive_timeout",
                                             "request_timeout", "max_connections"}
     for key in numeric_process_keys() + numeric_endpoint_keys():
-        assert key in gafferd.RANGES or key in ("uid", "gid", "flapping"), key
+        # flapping and backoff are lists of numbers with ranges per field
+        assert key in gafferd.RANGES or key in ("uid", "gid", "flapping", "backoff"), key
     assert gafferd.MAX_DURATION == 7 * 24 * 3600
 
 
@@ -235,7 +236,7 @@ def test_numbers_in_json_bodies(talker):
     keys = numeric_process_keys()
     for i, raw in enumerate(JSON_BAD):
         for key in keys:
-            if key == "flapping" and raw == '" 5"':
+            if key in ("flapping", "backoff") and raw == '" 5"':
                 continue       # a list "attempts, window, ...": blanks separate values
             if may_be_negative(key) and raw in ("-5", '"-5"'):
                 continue

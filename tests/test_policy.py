@@ -1,4 +1,4 @@
-"""§1, §3 and §4 pure helpers: flapping decisions with a fake clock,
+"""§1, §3 and §4 pure helpers: the gaffer 0.4.4 flapping key and its mapping,
 output rings, sizes, signal and heartbeat parsing."""
 from __future__ import annotations
 
@@ -10,40 +10,24 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gafferd  # noqa: E402
-from gafferd import GIVE_UP, RESPAWN, RETRY, Flapping, FlapState  # noqa: E402
+from gafferd import Flapping  # noqa: E402
 
 
-def test_flapping_detects_two_quick_exits_and_retries_up_to_max_retry():
-    limits = Flapping(attempts=2, window=1.0, retry_in=7.0, max_retry=2)
-    state = FlapState()
-    now = 100.0
-    decisions = []
-    for _ in range(3):                      # three bursts of two quick exits
-        decisions.append(state.on_exit(limits, now))
-        decisions.append(state.on_exit(limits, now + 0.1))
-        now += 10                           # the retry comes after retry_in
-    assert decisions == [RESPAWN, RETRY, RESPAWN, RETRY, RESPAWN, GIVE_UP]
-
-
-def test_isolated_exits_never_flap_and_reset_retries():
-    limits = Flapping(2, 1.0, 7.0, 5)
-    state = FlapState()
-    assert state.on_exit(limits, 0.0) == RESPAWN
-    assert state.on_exit(limits, 0.5) == RETRY
-    assert state.retries == 1
-    assert state.on_exit(limits, 10.0) == RESPAWN
-    assert state.on_exit(limits, 20.0) == RESPAWN      # span 10 s > window
-    assert state.retries == 0
-
-
-def test_attempts_above_max_retry_still_detects():
-    limits = Flapping(attempts=4, window=1.0, retry_in=1.0, max_retry=1)
-    state = FlapState()
-    assert [state.on_exit(limits, t) for t in (0, .1, .2, .3)] == [RESPAWN] * 3 + [RETRY]
-
-
-def test_attempts_one_flaps_at_once():
-    assert FlapState().on_exit(Flapping(1, 1.0, 1.0, 1), 5.0) == RETRY
+def test_flapping_of_gaffer_0_4_4_maps_onto_the_per_process_keys():
+    # flapping = attempts, window, retry_in, max_retry: an exit within
+    # window is a failed start, waits retry_in, max_retry of them are retried
+    spec = gafferd.build_spec("w", sys.executable, {"flapping": "2, 5., 0.5, 3"},
+                              base_dir="/", origin="api")
+    assert spec.startsecs == 5.0 and spec.start_retries == 3
+    assert spec.backoff.to_list() == [0.5, 1.0, 0.5]
+    # keys the template sets itself win; off keeps the default backoff
+    spec = gafferd.build_spec("w", sys.executable, {"flapping": "2, 5., 0.5, 3",
+                                                    "startsecs": "2"}, base_dir="/", origin="api")
+    assert spec.startsecs == 2.0
+    spec = gafferd.build_spec("w", sys.executable, {"flapping": "off"}, base_dir="/",
+                              origin="api")
+    assert spec.backoff == gafferd.Backoff() and spec.start_retries is None
+    assert spec.startsecs == 1.0
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -111,7 +111,17 @@ def start_time(pid):
     return (ticks + 1) / os.sysconf("SC_CLK_TCK")
 
 
-def environ_of(pid):
+def environ_of(pid, own=False):
+    """The environment of ``pid``; without ``own``, less the GAFFERD_NAME,
+    GAFFERD_ID and GAFFERD_SLOT every process gets."""
+    env = _environ(pid)
+    if not own:
+        for key in ("GAFFERD_NAME", "GAFFERD_ID", "GAFFERD_SLOT"):
+            env.pop(key, None)
+    return env
+
+
+def _environ(pid):
     with open("/proc/%d/environ" % pid, "rb") as f:
         raw = f.read()
     env = {}
@@ -154,7 +164,8 @@ def test_processes_start_in_priority_order(daemon_factory, tmp_path, child):
 # -- respawn ----------------------------------------------------------------------
 
 def test_killed_child_is_replaced_within_50ms(daemon_factory, tmp_path, child):
-    d = daemon_factory(section("k", child, tmp_path, flapping="off"))
+    # killed before startsecs (1 s) would be a failed start with a backoff
+    d = daemon_factory(section("k", child, tmp_path, flapping="off", startsecs="0"))
     d.wait_running("k", 1)
 
     def current(exclude=()):
@@ -187,32 +198,37 @@ def test_killed_child_is_replaced_within_50ms(daemon_factory, tmp_path, child):
 
 # -- flapping -----------------------------------------------------------------------
 
-def test_crash_loop_is_stopped_by_flapping(daemon_factory, tmp_path, child):
+def test_crash_loop_with_0_4_4_flapping_gives_up_per_process(daemon_factory, tmp_path, child):
+    # flapping = attempts, window, retry_in, max_retry maps onto the
+    # per-process keys: startsecs = 5 (window), backoff 0.5 flat
+    # (retry_in), start_retries = 2 (max_retry): three failed starts, then
+    # the process (and with one process, the template) is failed.
     d = daemon_factory(section("crash", child, tmp_path, "exit1",
                                flapping="2, 5., 0.5, 2"))
-    wait_for(lambda: d.status("crash")["state"] == "retrying", 10, interval=0.005,
-             message="state retrying")
+    wait_for(lambda: d.status("crash")["state"] == "backoff", 10, interval=0.005,
+             message="state backoff")
     wait_for(lambda: d.status("crash")["state"] == "failed", 15,
              message="state failed")
     starts = spawned(tmp_path)
-    # 2 exits -> flap, then max_retry (2) retries of 2 runs each -> give up
-    assert len(starts) == 6, starts
+    assert len(starts) == 3, starts
     times = [t for _, _, t in starts]
-    for before, after in ((1, 2), (3, 4)):  # the retries wait retry_in
+    for before, after in ((0, 1), (1, 2)):  # each failed start waits the backoff
         gap = times[after] - times[before]
         assert 0.45 <= gap < 3.0, times
     st = d.status("crash")
     assert st["running"] == 0 and st["active"] is False
+    assert st["processes"][0]["state"] == "failed" and st["restarts"] == 3
+    assert st["last_exit"]["exit_status"] == 1
     # a template that gave up stays stopped
-    holds_for(lambda: len(spawned(tmp_path)) == 6 and d.status("crash")["state"] == "failed",
+    holds_for(lambda: len(spawned(tmp_path)) == 3 and d.status("crash")["state"] == "failed",
               1.0, message="failed template staying stopped")
 
     # _start runs it again
     assert d.json("POST", "/processes/crash/_start") == {"ok": True}
-    wait_for(lambda: len(spawned(tmp_path)) >= 8, message="runs after _start")
-    wait_for(lambda: d.status("crash")["state"] == "retrying", 5, interval=0.005,
-             message="retrying again")
-    # a stop cancels the pending retry
+    wait_for(lambda: len(spawned(tmp_path)) >= 4, message="runs after _start")
+    wait_for(lambda: d.status("crash")["state"] == "backoff", 5, interval=0.005,
+             message="backoff again")
+    # a stop cancels the pending restart
     assert d.json("POST", "/processes/crash/_stop") == {"ok": True}
     count = len(spawned(tmp_path))
     assert d.status("crash")["state"] == "stopped"
@@ -221,10 +237,15 @@ def test_crash_loop_is_stopped_by_flapping(daemon_factory, tmp_path, child):
               message="stopped template not retried")
 
 
-def test_flapping_off_keeps_respawning(daemon_factory, tmp_path, child):
+def test_flapping_off_keeps_the_backoff(daemon_factory, tmp_path, child):
+    # flapping = off no longer means a tight respawn loop: failed starts
+    # wait 1, 2, 4... seconds and the process is never given up
     d = daemon_factory(section("loop", child, tmp_path, "exit1", flapping="off"))
-    wait_for(lambda: len(spawned(tmp_path)) >= 12, 20, message="12 runs")
-    assert d.status("loop")["state"] == "running"
+    wait_for(lambda: len(spawned(tmp_path)) >= 3, 20, message="3 runs")
+    times = [t for _, _, t in spawned(tmp_path)]
+    assert 0.9 <= times[1] - times[0] < 1.8, times
+    assert 1.9 <= times[2] - times[1] < 3.0, times
+    assert d.status("loop")["state"] in ("backoff", "starting")
 
 
 def test_intentional_stops_do_not_count_as_flapping(daemon_factory, tmp_path, child):
@@ -250,8 +271,10 @@ def test_intentional_stops_do_not_count_as_flapping(daemon_factory, tmp_path, ch
         (survivor,) = os_pids(d, "calm")
 
         def steady():
+            # the survivor may still be within its startsecs (5 s): starting
             st = d.status("calm")
-            return st["state"] == "running" and st["running"] == 1 and pid_alive(survivor)
+            return st["state"] in ("starting", "running") and st["running"] == 1 \
+                and st["restarts"] == 0 and pid_alive(survivor)
         holds_for(steady, 0.8, message="template running after intentional stops")
         names = w.names()
         assert "flap" not in names and "stop" not in names, names
@@ -406,7 +429,7 @@ def test_10000_spawn_exit_cycles_leak_no_fd_and_no_zombie(daemon_factory, tmp_pa
         [process:blink]
         cmd = %s
         numprocesses = 20
-        flapping = off
+        startsecs = 0
         start = false
         """ % TRUE)
 
@@ -451,7 +474,7 @@ def test_start_after_stop(daemon_factory, tmp_path, child):
     d.wait_running("s", 1)
     (new,) = os_pids(d, "s")
     assert new != old and pid_alive(new)
-    assert d.status("s")["state"] == "running"
+    wait_for(lambda: d.status("s")["state"] == "running", message="ready after startsecs")
 
 
 def test_restart_spawns_new_processes_and_reaps_old(daemon_factory, tmp_path, child):

@@ -50,15 +50,19 @@ def names(events):
     return [e["event"] for e in events]
 
 
-START_STOP = ["start", "proc.w.start", "spawn", "proc.w.spawn",
-              "stop", "proc.w.stop", "stop_pid", "proc.w.stop_pid", "exit", "proc.w.exit"]
-W = section("w", "sleep", "600", start="false")
+# startsecs = 600: the process is "starting" (never "running" or ready)
+# for the whole test, so the state events come in a fixed order
+START_STOP = ["start", "proc.w.start", "spawn", "proc.w.spawn", "state", "proc.w.state",
+              "stop", "proc.w.stop", "stop_pid", "proc.w.stop_pid", "state", "proc.w.state",
+              "exit", "proc.w.exit"]
+N_START = 6                 # the events of a start
+W = section("w", "sleep", "600", start="false", startsecs="600")
 
 
 def start_then_stop(d, all_events):
     """Start and stop template w; ``all_events`` is a /watch continuous reply."""
     assert d.post("/processes/w/_start").status == 200
-    events_until(all_events, 4)
+    events_until(all_events, N_START)
     assert d.post("/processes/w/_stop").status == 200
     return events_until(all_events, len(START_STOP))
 
@@ -115,8 +119,9 @@ def test_continuous_patterns_get_exactly_their_events_in_order(gafferd):
         assert set(spawn) == {"event", "name", "pid", "detached", "os_pid"}
         assert spawn["name"] == "w" and spawn["detached"] is False
         assert dict(got[3], event="spawn") == spawn
-        exit_ = got[8]
-        assert set(exit_) == {"event", "name", "pid", "exit_status", "term_signal", "os_pid"}
+        exit_ = got[START_STOP.index("exit")]
+        assert set(exit_) == {"event", "name", "pid", "exit_status", "term_signal", "os_pid",
+                              "uptime", "restart_in"}
         assert (exit_["pid"], exit_["os_pid"]) == (spawn["pid"], spawn["os_pid"])
         assert exit_["term_signal"] == signal.SIGTERM
         # continuous replies stay open: more events keep coming on them
@@ -152,7 +157,8 @@ def test_eventsource_is_valid_sse(gafferd):
         # ids count the daemon's events: consecutive here, shared by every feed
         ids = [int(e.id) for e in parser.events]
         assert ids == list(range(ids[0], ids[0] + len(ids))), ids
-        sse_until(proc, proc_parser, lambda p: len(p.events) >= 5, 5.0, "proc.w events")
+        sse_until(proc, proc_parser, lambda p: len(p.events) >= len(START_STOP) // 2, 5.0,
+                  "proc.w events")
         assert [e.event for e in proc_parser.events] == \
             [e for e in START_STOP if e.startswith("proc.w.")]
         assert [int(e.id) for e in proc_parser.events] == \
@@ -170,11 +176,12 @@ def test_eventsource_resumes_from_last_event_id_without_gap_or_repeat(gafferd):
     all_events = watch(d, "")
     try:
         assert d.post("/processes/w/_start").status == 200
-        sse_until(first, parser, lambda p: len(p.events) >= 4, 5.0, "the start events")
-        events_until(all_events, 4)
+        sse_until(first, parser, lambda p: len(p.events) >= N_START, 5.0, "the start events")
+        events_until(all_events, N_START)
     finally:
         first.close()                          # the client loses its feed here
-    seen = parser.events[:4]
+    seen = parser.events[:N_START]
+    away = len(START_STOP) - N_START
     try:
         assert d.post("/processes/w/_stop").status == 200   # 6 events while away
         events_until(all_events, len(START_STOP))
@@ -191,14 +198,15 @@ def test_eventsource_resumes_from_last_event_id_without_gap_or_repeat(gafferd):
         assert s.status == 200
         p2 = SSEParser()
         try:
-            sse_until(s, p2, lambda p: len(p.events) >= 6, 5.0, "the missed events")
-            assert [e.event for e in seen + p2.events[:6]] == START_STOP
+            sse_until(s, p2, lambda p: len(p.events) >= away, 5.0, "the missed events")
+            assert [e.event for e in seen + p2.events[:away]] == START_STOP
             ids = [int(e.id) for e in p2.events]
             assert ids == list(range(int(seen[-1].id) + 1, int(seen[-1].id) + 1 + len(ids)))
             # then live events, none repeated
             assert d.post("/processes/w/_start").status == 200
-            sse_until(s, p2, lambda p: len(p.events) >= len(ids) + 4, 5.0, "live events")
-            assert [e.event for e in p2.events[-4:]] == START_STOP[:4]
+            sse_until(s, p2, lambda p: len(p.events) >= len(ids) + N_START, 5.0,
+                      "live events")
+            assert [e.event for e in p2.events[-N_START:]] == START_STOP[:N_START]
             ids = [int(e.id) for e in p2.events]
             assert ids == list(range(ids[0], ids[0] + len(ids)))
         finally:
@@ -227,7 +235,8 @@ def test_last_event_id_too_old_unknown_or_bogus(gafferd):
     try:
         assert s.status == 200
         assert d.post("/processes/w/_start").status == 200
-        sse_until(s, parser, lambda p: [e.event for e in p.events[-4:]] == START_STOP[:4],
+        sse_until(s, parser, lambda p: [e.event for e in p.events[-N_START:]] ==
+                  START_STOP[:N_START],
                   5.0, "missed, then events")
         assert parser.events[0].event == "missed"
         assert json.loads(parser.events[0].data[0]) == {"event": "missed", "missed": None}
