@@ -215,6 +215,7 @@ RANGES = {
     "stop_signal": (1, signal.NSIG - 1),
     "ready_timeout": (0.0, MAX_DURATION),
     "ready_interval": (0.01, MAX_DURATION),
+    "depends_on": (0, 1000),             # names in one depends_on
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
     "logfile_backups": (0, 1000),
     "output_buffer": (0, MAX_BUFFER),
@@ -808,6 +809,45 @@ def _c_ready(value, ctx):
     return parse_ready(value)
 
 
+# What a dependency must reach before its dependent starts, ``ready`` when
+# the item names none.  Evaluated by §4 ``dependency_status``.
+DEPENDENCY_CONDITIONS = ("started", "ready", "completed", "completed_successfully")
+
+
+def _c_depends_on(value, ctx):
+    """``NAME[:CONDITION], ...`` or a JSON list of such strings -> a tuple
+    of ``(name, condition)``.  A name may hold a colon (``web:api``, a
+    template of group ``web``): only a last part that is a condition is
+    read as one, so ``web:api:ready`` names template ``web:api``.  Whether
+    the names exist is checked with the other templates
+    (``dependency_problems``)."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError("%r: use NAME[:CONDITION], ..." % (value,))
+    minimum, maximum = RANGES["depends_on"]
+    if len(items) > maximum:
+        raise ValueError("%d names: at most %d" % (len(items), maximum))
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError("%r is not a NAME[:CONDITION] string" % (item,))
+        item = item.strip()
+        if not item and isinstance(value, str):
+            continue                            # "a, b," : a trailing comma
+        head, colon, tail = item.rpartition(":")
+        name, condition = (head, tail) if colon and tail in DEPENDENCY_CONDITIONS \
+            else (item, "ready")
+        if not name or "/" in name or any(c.isspace() or ord(c) < 32 for c in name):
+            raise ValueError("%r is not NAME[:CONDITION] (conditions: %s)"
+                             % (item, ", ".join(DEPENDENCY_CONDITIONS)))
+        if (name, condition) not in out:
+            out.append((name, condition))
+    return tuple(out)
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -844,6 +884,8 @@ PROCESS_KEYS = collections.OrderedDict([
                        "a process not ready by then is a failed start")),
     ("ready_interval", (_c_ranged(parse_float, "ready_interval"), 1.0,
                         "seconds between readiness probes")),
+    ("depends_on", (_c_depends_on, (), "NAME[:CONDITION], ...: templates or groups that "
+                    "must be started, ready, completed or completed_successfully first")),
     ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
     ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
@@ -863,7 +905,7 @@ PROCESS_KEYS = collections.OrderedDict([
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
-             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries")
+             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on")
 
 # Keys every INI template reports in GET /processes/NAME (SPEC 2.7).
 _INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
@@ -892,10 +934,12 @@ class TemplateSpec:
         out.pop("start", None)
         return {k: _echo(v) for k, v in out.items()}
 
-    def key(self) -> tuple:
-        """What must be equal for a reload to leave the template alone."""
+    def key(self, ignore=()) -> tuple:
+        """What must be equal for a reload to leave the template alone
+        (but for ``numprocesses`` and the keys in ``ignore``)."""
         d = self.definition()
-        d.pop("numprocesses", None)
+        for name in ("numprocesses",) + tuple(ignore):
+            d.pop(name, None)
         return (json.dumps(d, sort_keys=True, default=str), self.base_dir)
 
     def logfile_for(self, index: int):
@@ -1294,6 +1338,76 @@ def token_file_warning(spec: EndpointSpec):
             % (spec.name, spec.auth_token_file, stat.S_IMODE(mode)))
 
 
+# -- dependencies between templates ------------------------------------------
+# ``depends_on`` makes a directed graph over templates (a group name stands
+# for every template of the group).  It must name only templates or groups
+# that exist, never the template itself, and have no cycle: checked for the
+# whole set of templates that will exist together (a config file, a reload
+# with the templates made over HTTP, a template added or changed over HTTP).
+
+def dependency_targets(name, templates, groups) -> list:
+    """The templates ``name`` stands for in a ``depends_on``: the template
+    of that name if there is one, else every template of the group of that
+    name, else []."""
+    if name in templates:
+        return [name]
+    return list(groups.get(name, ()))
+
+
+def dependency_problems(specs) -> list:
+    """``(template name, message)`` for each mistake in the ``depends_on``
+    of ``specs`` (every TemplateSpec that will exist together): an unknown
+    name, a template that depends on itself (or on its own group), and each
+    cycle, with its path (``a -> b -> c -> a``).  [] when the graph is
+    sound.  Pure; iterative, so a long chain never hits the recursion
+    limit."""
+    templates = collections.OrderedDict((s.name, s) for s in specs)
+    groups = {}
+    for spec in specs:
+        if spec.group:
+            groups.setdefault(spec.group, []).append(spec.name)
+    problems, edges = [], {}
+    for spec in specs:
+        targets = []
+        for name, _ in spec.depends_on:
+            members = dependency_targets(name, templates, groups)
+            if not members:
+                hint = " (conditions: %s)" % ", ".join(DEPENDENCY_CONDITIONS) \
+                    if ":" in name else ""
+                problems.append((spec.name, "depends on %r, which is neither a template "
+                                            "nor a group%s" % (name, hint)))
+            elif spec.name in members:
+                problems.append((spec.name, "depends on itself%s" % (
+                    "" if name == spec.name else " (through its group %r)" % name)))
+            else:
+                targets.extend(m for m in members if m not in targets)
+        edges[spec.name] = targets
+    done, reported = set(), set()
+    for root in templates:
+        if root in done:
+            continue
+        path, on_path, stack = [root], {root: 0}, [iter(edges[root])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                node = path.pop()
+                del on_path[node]
+                done.add(node)
+                continue
+            if nxt in on_path:
+                cycle = path[on_path[nxt]:] + [nxt]
+                key = frozenset(cycle)
+                if key not in reported:
+                    reported.add(key)
+                    problems.append((nxt, "dependency cycle: %s" % " -> ".join(cycle)))
+            elif nxt not in done:
+                on_path[nxt] = len(path)
+                path.append(nxt)
+                stack.append(iter(edges[nxt]))
+    return problems
+
+
 class Config:
     """Everything one config file (and its includes) says."""
 
@@ -1494,6 +1608,9 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
         except ConfigErrors as exc:
             errors.extend(exc.errors)
     cfg.templates.sort(key=lambda t: t.priority)            # stable: ties keep file order
+    by_name = {spec.name: spec for spec in cfg.templates}
+    for name, message in dependency_problems(cfg.templates):
+        errors.append(ConfigError(by_name[name].source, "process:" + name, "depends_on", message))
     names = [n.strip() for n in g.get("http_endpoints", "").split(",") if n.strip()]
     for name in names:
         section = "endpoint:" + name
@@ -1748,10 +1865,11 @@ TEMPLATE_STATES = ("stopped", "waiting", "starting", "running", "degraded", "bac
                    "failed", "completed")
 
 
-def template_state(wanted: bool, waiting: bool, counts) -> str:
+def template_state(wanted: bool, waiting: bool, counts, blocked: bool = False) -> str:
     """A template's state from how many of its slots are in each bucket
     (``Slot.bucket``); ``wanted`` is false when it was stopped on purpose,
-    ``waiting`` true while its dependencies do not hold.
+    ``waiting`` true while its dependencies do not hold, ``blocked`` true
+    once one of them never can (the template is then ``failed``).
 
     stopped: not wanted; waiting: dependencies not met; completed: every
     slot exited with a success; failed: nothing up or retrying and some
@@ -1761,6 +1879,8 @@ def template_state(wanted: bool, waiting: bool, counts) -> str:
     """
     if not wanted:
         return "stopped"
+    if blocked:
+        return "failed"
     if waiting:
         return "waiting"
     get = counts.get
@@ -1781,6 +1901,35 @@ def template_state(wanted: bool, waiting: bool, counts) -> str:
     if get(STARTING, 0):
         return "starting"
     return "running"
+
+
+# A dependency's condition, from the dependency's template state: it
+# ``holds``, the dependent ``waits``, or it can ``never`` hold until the
+# dependency is started again.  ``completed`` asks for every process to
+# have exited, by success or not; a ``failed`` template whose processes all
+# exited is such a one.
+_CONDITION_HOLDS = {
+    "started": ("starting", "running", "degraded", "backoff", "completed"),
+    "ready": ("running", "completed"),
+    "completed": ("completed",),
+    "completed_successfully": ("completed",),
+}
+
+
+def dependency_status(condition: str, state: str, counts) -> str:
+    """``holds``, ``waits`` or ``never``: whether a dependency in template
+    state ``state`` (with ``counts`` as for ``template_state``) meets
+    ``condition`` (one of DEPENDENCY_CONDITIONS)."""
+    if state in _CONDITION_HOLDS[condition]:
+        return "holds"
+    if state != "failed":
+        return "waits"
+    if condition == "completed":
+        get = counts.get
+        if get(EXITED, 0) + get("exited_failed", 0) == sum(
+                n for bucket, n in counts.items() if bucket != STOPPED) > 0:
+            return "holds"
+    return "never"
 
 
 def utf8_partial_tail(data) -> int:
@@ -3585,6 +3734,7 @@ class Template:
     ``running`` count).  ``wanted``: false once stopped on purpose.
     ``waiting`` / ``waiting_for``: set by whoever checks dependencies; the
     template state is ``waiting`` while it is true, and no slot starts.
+    ``blocked``: the reason a dependency can never hold (state ``failed``).
     ``state``: the template state of §4 ``template_state``, updated by the
     manager after every slot transition (a ``state`` event on change).
     """
@@ -3603,6 +3753,7 @@ class Template:
         self.never_started = True
         self.waiting = False
         self.waiting_for = []
+        self.blocked = None                    # why a dependency can never hold, or None
         self.state = "stopped"
         self.restarts = 0                      # exits nobody asked for since the start
         self.give_ups = 0
@@ -3709,6 +3860,9 @@ class Manager:
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
         self._unprobed = set()                         # templates warned about their ready kind
+        self._deps_check_scheduled = False
+        self._to_stop = []                             # shutdown: templates not stopped yet
+        self._needed_by = {}                           # shutdown: template -> its dependents
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -3784,12 +3938,16 @@ class Manager:
         if name in self.processes:
             raise KeyError(name)
         start = settings.pop("start", True)
-        return self.add_template(self._spec_from_api(name, cmd, settings), start)
+        spec = self._spec_from_api(name, cmd, settings)
+        self.check_dependencies(spec)
+        return self.add_template(spec, start)
 
     def update_process(self, name, cmd, **settings):
         t = self.get_template(name)
         start = settings.pop("start", True)
-        self.update_template(t, self._spec_from_api(name, cmd, settings), start)
+        spec = self._spec_from_api(name, cmd, settings)
+        self.check_dependencies(spec)
+        self.update_template(t, spec, start)
 
     def update_template(self, t: Template, spec: TemplateSpec, start=None):
         """SPEC 3.2 update: stop the old processes, take the new definition
@@ -3806,8 +3964,20 @@ class Manager:
         scaled when nothing but ``numprocesses`` changed), add the new
         ones.  Templates made over HTTP are left alone.  Returns the names
         ``added``, ``removed``, ``changed`` and ``unchanged``; with
-        ``dry_run`` nothing changes."""
+        ``dry_run`` nothing changes.  ConfigErrors, and nothing changes,
+        when the ``depends_on`` of the result (with the templates made
+        over HTTP) would name an unknown template or close a cycle; a
+        change of nothing but ``depends_on`` restarts nothing (a waiting
+        template waits for the new list)."""
         wanted = collections.OrderedDict((s.name, s) for s in specs)
+        kept = [t.spec for n, t in self.processes.items()
+                if t.spec.origin != "config" and n not in wanted]
+        problems = dependency_problems(list(specs) + kept)
+        if problems:
+            by_name = {spec.name: spec for spec in list(specs) + kept}
+            raise ConfigErrors([ConfigError(by_name[n].source or "(made over HTTP)",
+                                            "process:" + n, "depends_on", message)
+                                for n, message in problems])
         added = [n for n in wanted if n not in self.processes]
         removed = [n for n, t in self.processes.items()
                    if t.spec.origin == "config" and n not in wanted]
@@ -3831,6 +4001,12 @@ class Manager:
             if t.spec.key() == spec.key():
                 t.take_spec(spec)
                 self.scale_to(name, spec.numprocesses)
+            elif t.spec.key(ignore=("depends_on",)) == spec.key(ignore=("depends_on",)):
+                t.take_spec(spec)
+                self.scale_to(name, spec.numprocesses)
+                if t.waiting and not t.spec.depends_on:
+                    self.set_waiting(name, [])
+                self._dependencies_changed()
             else:
                 self.update_template(t, spec)
         for name in added:
@@ -3845,8 +4021,14 @@ class Manager:
             self.groups[t.group].remove(name)
         self._emit("delete", name, per_process=False)
 
-    def start_process(self, name):
-        self._start(self.get_template(name))
+    def start_process(self, name, deps=True):
+        """Start ``name``; with ``deps``, first the dependencies it would
+        otherwise wait for in vain (``_dependencies_to_start``)."""
+        t = self.get_template(name)
+        if deps:
+            for d in self._dependencies_to_start(t):
+                self._start(d)
+        self._start(t)
 
     def stop_process(self, name_or_id):
         name, pid = _parse_target(name_or_id)
@@ -3857,9 +4039,10 @@ class Manager:
 
     def restart_process(self, name):
         t = self.get_template(name)
-        if not t.wanted:
-            self._want(t)
         self._emit("restart", t.name)
+        if not t.wanted or t.waiting or t.blocked:
+            self._start(t, events=False)    # nothing to replace; through its dependencies
+            return
         old = [s for s in t.slots if s.proc is not None]
         for slot in [s for s in t.slots if s.proc is None]:
             self._feed(t, slot, START)            # backoff, failed, exited: again now
@@ -3904,6 +4087,8 @@ class Manager:
         self._emit("update", name, per_process=False)
         if t.never_started:
             self._want(t)
+            if self._held_back(t):
+                return t.numprocesses
         self._manage(t)
         return t.numprocesses
 
@@ -4041,10 +4226,16 @@ class Manager:
 
     def _start(self, t, events=True):
         """Run ``t``: slots that ended (backoff, failed, exited) start
-        again now, missing ones are added."""
+        again now, missing ones are added; unless its dependencies do not
+        hold yet (it is ``waiting``) or never can (``failed``)."""
         self._want(t)
         if events:
             self._emit("start", t.name)
+        if self._held_back(t):
+            return
+        self._run(t)
+
+    def _run(self, t):
         for slot in list(t.slots):
             self._feed(t, slot, START)
         self._manage(t)
@@ -4064,9 +4255,13 @@ class Manager:
         waits for, a list of strings) is not empty; an empty list lets it
         start.  For whoever checks dependencies."""
         t = self.get_template(name)
+        was_waiting = t.waiting
         t.waiting, t.waiting_for = bool(waiting_for), list(waiting_for)
         self._update_state(t)
-        self._manage(t)
+        if was_waiting and not t.waiting and t.wanted:
+            self._run(t)                    # what the start held back
+        else:
+            self._manage(t)
 
     def _add_slot(self, t, index) -> Slot:
         slot = Slot(index, self.loop.time())
@@ -4115,11 +4310,13 @@ class Manager:
         self._update_state(t)
 
     def _update_state(self, t):
-        state = template_state(t.wanted, t.waiting, t.counts)
+        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
         if state == t.state:
             return
         previous, t.state = t.state, state
-        self._emit("state", t.name, state=state, previous=previous)
+        extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
+        self._emit("state", t.name, state=state, previous=previous, **extra)
+        self._dependencies_changed()
         if state == "failed" and t.spec.critical:
             self._critical(t, "failed")
 
@@ -4508,6 +4705,7 @@ class Manager:
         proc._exit_callbacks = []
         self.orphans.scan_soon()        # what it left running is ours now
         if self.stopping:
+            self._stop_in_order()
             self._check_stopped()
         elif event == STOPPED_EVENT and self._eligible(t):
             self.loop.call_soon(self._manage, t)    # a process stopped alone is replaced
@@ -4583,6 +4781,160 @@ class Manager:
             log.warning("%s: %d more exits in the last second", t.name, storm[2])
             storm[2] = 0
 
+    # -- dependencies ----------------------------------------------------------------------
+    # Contract: ``depends_on`` gates a start.  At each start ``_held_back``
+    # puts the template in ``waiting`` (``set_waiting``) or ``failed`` (a
+    # dependency can never meet its condition: ``blocked``); every template
+    # state change schedules one ``_check_waiting`` on a later iteration,
+    # which releases, updates or blocks the waiting ones.  Once a template
+    # has started, its dependencies' later failures do not stop it.  The
+    # graph stays sound: ``check_dependencies`` refuses a template that
+    # would name an unknown template, itself, or close a cycle, and
+    # ``dependents_of`` tells a removal who still needs what it removes.
+    # At shutdown ``_stop_in_order`` stops a template once every template
+    # that depends on it has exited.
+
+    def _dependency_report(self, t) -> tuple:
+        """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
+        do not hold yet, and why one never can (or None)."""
+        missing = []
+        for name, condition in t.spec.depends_on:
+            members = dependency_targets(name, self.processes, self.groups)
+            if not members:                     # start-up: not added yet
+                missing.append("%s:%s" % (name, condition))
+            for member in members:
+                d = self.processes[member]
+                status = dependency_status(condition, d.state, d.counts)
+                if status == "never":
+                    return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
+                        member, d.state, member, condition,
+                        " (%s)" % d.blocked if d.blocked else "")
+                if status == "waits":
+                    missing.append("%s:%s" % (member, condition))
+        return missing, None
+
+    def _held_back(self, t) -> bool:
+        """At a start of ``t``: ``waiting`` while its dependencies do not
+        hold, ``failed`` if one never can; True in both cases.  A template
+        with live processes has started already and is never held back."""
+        t.blocked = None
+        if not t.spec.depends_on or t.running:
+            t.waiting, t.waiting_for = False, []
+            return False
+        missing, never = self._dependency_report(t)
+        if never:
+            self._block(t, never)
+            return True
+        t.waiting, t.waiting_for = bool(missing), missing
+        self._update_state(t)
+        return t.waiting
+
+    def _block(self, t, reason):
+        t.blocked, t.last_error = reason, reason
+        t.waiting, t.waiting_for = False, []
+        log.error("%s cannot start: %s", t.name, reason)
+        previous = t.state
+        self._update_state(t)
+        if t.state == previous:                 # failed already: say why it still is
+            self._emit("state", t.name, state=t.state, previous=previous, reason=reason)
+
+    def _dependencies_changed(self):
+        if not self._deps_check_scheduled and not self.stopping:
+            self._deps_check_scheduled = True
+            self.loop.call_soon(self._check_waiting)
+
+    def _check_waiting(self):
+        """Release, update or block every waiting template."""
+        self._deps_check_scheduled = False
+        if self.stopping:
+            return
+        for t in list(self.processes.values()):
+            if t.waiting and t.wanted and self.processes.get(t.name) is t:
+                missing, never = self._dependency_report(t)
+                if never:
+                    self._block(t, never)
+                elif missing != t.waiting_for:
+                    self.set_waiting(t.name, missing)
+
+    def _dependencies_to_start(self, t) -> list:
+        """The dependencies of ``t``, transitively, dependencies first,
+        that a start of ``t`` starts: stopped ones and ones whose condition
+        can never hold as they are (failed, completed unsuccessfully)."""
+        out, seen, stack = [], {t.name}, [(t, iter(t.spec.depends_on))]
+        while stack:
+            item = next(stack[-1][1], None)
+            if item is None:
+                node = stack.pop()[0]
+                if node is not t:
+                    out.append(node)
+                continue
+            name, condition = item
+            for member in dependency_targets(name, self.processes, self.groups):
+                d = self.processes[member]
+                if member in seen:
+                    continue
+                seen.add(member)
+                if not d.wanted or d.blocked or \
+                        dependency_status(condition, d.state, d.counts) == "never":
+                    stack.append((d, iter(d.spec.depends_on)))
+                else:
+                    stack.append((None, iter(d.spec.depends_on)))
+        return [d for d in out if d is not None]
+
+    def check_dependencies(self, spec) -> None:
+        """ValueError naming the problem if ``spec``, added or put in place
+        of the template of its name, would make ``depends_on`` name an
+        unknown template or group, the template itself, or a cycle."""
+        specs = [t.spec for name, t in self.processes.items() if name != spec.name] + [spec]
+        problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
+        if problems:
+            raise ValueError("depends_on: " + "; ".join(problems))
+
+    def dependents_of(self, names) -> list:
+        """The templates, outside ``names``, with a dependency that only
+        templates of ``names`` stand for: what removing them would leave
+        depending on nothing."""
+        names, out = set(names), []
+        for t in self.processes.values():
+            if t.name not in names and any(
+                    set(members) <= names for members in (
+                        dependency_targets(dep, self.processes, self.groups)
+                        for dep, _ in t.spec.depends_on) if members):
+                out.append(t.name)
+        return out
+
+    def _stop_in_order(self):
+        """Shutdown: stop each template that no template still to stop or
+        with a process left depends on, until every one is stopped.  Each
+        waits for its dependents' exits (each within its own
+        graceful_timeout, then SIGKILL), so the chain ends; if nothing can
+        be stopped and only processes of templates still to stop are
+        left (a cycle, made around the checks), the rest stop together."""
+        while self._to_stop:
+            pending = set(self._to_stop)
+            live = {p.template for p in self._by_pid.values()}
+            ready = [t for t in self._to_stop
+                     if not any(d in pending or d in live for d in self._needed_by.get(t, ()))]
+            if not ready:
+                if live - pending:
+                    return                              # wait for their exits
+                ready = list(self._to_stop)
+            for t in ready:
+                self._to_stop.remove(t)
+                self._stop(t)
+
+    def _dependents_map(self) -> dict:
+        """Template -> the templates that depend on it (directly or by its
+        group)."""
+        out = {t: [] for t in self.processes.values()}
+        for d in self.processes.values():
+            for dep, _ in d.spec.depends_on:
+                for member in dependency_targets(dep, self.processes, self.groups):
+                    t = self.processes[member]
+                    if t is not d and d not in out[t]:
+                        out[t].append(d)
+        return out
+
     # -- whole-manager operations and shutdown ------------------------------------------
     # Contract: ``stop`` is the only way down: every template is stopped
     # (its slots fed ``stop``), adopted orphans get the same grace, and
@@ -4619,6 +4971,9 @@ class Manager:
         if self.stopping:
             log.warning("second stop request: killing what is left now")
             self._hurry = self.groups_left.hurry = True
+            for t in self._to_stop:
+                self._stop(t)
+            self._to_stop = []
             for proc in list(self._by_pid.values()):
                 proc.kill(signal.SIGKILL)
             self._kill_orphans(signal.SIGKILL)
@@ -4626,8 +4981,9 @@ class Manager:
         self.stopping = True
         self._shutdown_started = self.loop.time()
         self._kill_orphans(signal.SIGTERM)      # adopted orphans: same grace as the rest
-        for t in list(self.processes.values()):
-            self._stop(t)
+        self._to_stop = list(self.processes.values())
+        self._needed_by = self._dependents_map()
+        self._stop_in_order()                   # dependents first
         self._check_stopped()
 
     def _check_stopped(self):
@@ -5886,6 +6242,10 @@ class Api:
                               environ=self.manager.environ, warnings=warnings)
         except (ConfigError, ConfigErrors) as exc:
             raise ApiError(400, "invalid_process_info", api_config_message(exc)) from None
+        try:
+            self.manager.check_dependencies(spec)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_process_info", str(exc)) from None
         for warning in warnings:
             log.warning("%s %s: template %s: %s", req.method, req.path, name, warning)
         return spec, start, warnings
@@ -5912,8 +6272,18 @@ class Api:
         self.manager.update_template(t, spec, start)
         return self._ok(warnings)
 
+    def _refuse_needed(self, names, what):
+        """409 while another template depends on what a DELETE removes."""
+        users = self.manager.dependents_of(names)
+        if users:
+            raise ApiError(409, "conflict", "%s: %s depend%s on it (depends_on); change or "
+                           "delete %s first" % (what, ", ".join(users),
+                                                "s" if len(users) == 1 else "",
+                                                "it" if len(users) == 1 else "them"))
+
     def delete_template(self, req, name):
         self._template(name)
+        self._refuse_needed([name], name)
         self.manager.remove_process(name)
         return json_reply(200, OK)
 
@@ -5934,7 +6304,8 @@ class Api:
         t = self._template(name)
         m = self.manager
         if action == "_start":
-            m.start_process(name)
+            m.start_process(name, deps=req.query.get("no_deps", "0").strip().lower()
+                            not in _TRUE)
         elif action == "_stop":
             m.stop_process(name)
         elif action == "_restart":
@@ -6224,7 +6595,9 @@ class Api:
         raise ApiError(404, "resource_not_found", "POST /groups/NAME/_start, _stop or _restart")
 
     def delete_group(self, req, name):
-        self.manager.remove_group(self._group(name))
+        group = self._group(name)
+        self._refuse_needed(self.manager.get_group(group), "group " + group)
+        self.manager.remove_group(group)
         return json_reply(200, OK)
 
     def group_action(self, req, name, action):
