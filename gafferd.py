@@ -4244,6 +4244,7 @@ class Manager:
         """Stop every slot of ``t``; no events if it was already stopped."""
         was_wanted = t.wanted or t.never_started
         t.wanted, t.never_started = False, False
+        t.waiting, t.waiting_for, t.blocked = False, [], None   # judged again at the next start
         if was_wanted or t.slots:
             self._emit("stop", t.name)
             for slot in list(t.slots):
@@ -4885,7 +4886,7 @@ class Manager:
         """ValueError naming the problem if ``spec``, added or put in place
         of the template of its name, would make ``depends_on`` name an
         unknown template or group, the template itself, or a cycle."""
-        specs = [t.spec for name, t in self.processes.items() if name != spec.name] + [spec]
+        specs = [spec] + [t.spec for name, t in self.processes.items() if name != spec.name]
         problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
         if problems:
             raise ValueError("depends_on: " + "; ".join(problems))
