@@ -308,3 +308,22 @@ def test_a_group_dependency_waits_for_every_template_of_the_group(daemon_factory
     wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
     r = d.request("DELETE", "/groups/db")
     assert r.status == 409, r
+
+
+def test_scaling_a_waiting_template_and_reload_removing_what_an_api_template_needs(
+        daemon_factory, tmp_path):
+    prog = write(tmp_path, "p.py", "import time\n" + SLEEP)
+    d = daemon_factory(section("db", PY, prog, start="false", startsecs="0.1"))
+    assert d.json("POST", "/processes", {"name": "web", "cmd": PY, "args": prog,
+                                         "depends_on": "db", "startsecs": 0.1}) == {"ok": True}
+    assert d.json("POST", "/processes/web/_add/2")["numprocesses"] == 3
+    st = d.status("web")
+    assert st["state"] == "waiting" and st["running"] == 0 and st["max_processes"] == 3, st
+    d.json("POST", "/processes/db/_start")
+    wait_for(lambda: d.status("web")["ready"] == 3, 10, message="three web processes ready")
+    with open(d.config_path, "w") as f:
+        f.write("")
+    r = d.post("/reload")
+    assert r.status == 400 and "[process:web] depends_on: depends on 'db'" in \
+        r.json()["message"], r
+    assert d.status("db")["state"] == "running"
