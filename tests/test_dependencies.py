@@ -128,13 +128,21 @@ def test_web_waits_for_db_to_be_ready_whatever_the_priority(daemon_factory, tmp_
                                priority="1", startsecs="0.2") +
                        section("db", PY, "%s %s db" % (prog, log), priority="2",
                                startsecs="1.5"))
-    st = d.status("web")
-    assert st["state"] == "waiting" and st["waiting_for"] == ["db:ready"], st
-    assert st["running"] == 0
-    wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
+    w = EventWatcher(d)
+    try:
+        st = d.status("web")
+        assert st["state"] == "waiting" and st["waiting_for"] == ["db:ready"], st
+        assert st["running"] == 0
+        wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
+        events = w.wait(lambda ev: ("spawn", "web") in [(e["event"], e.get("name"))
+                                                        for e in ev], message="web spawn")
+    finally:
+        w.close()
+    seen = [(e["event"], e.get("name")) for e in events]
+    assert seen.index(("ready", "db")) < seen.index(("spawn", "web")), seen
     assert d.status("web")["waiting_for"] == []
     when = stamps(log)
-    assert when["web"] - when["db"] >= 1.4, when
+    assert when["db"] < when["web"], when
 
 
 def test_a_migration_runs_before_the_web_server(daemon_factory, tmp_path):
@@ -149,7 +157,8 @@ def test_a_migration_runs_before_the_web_server(daemon_factory, tmp_path):
     wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
     assert d.status("migrate")["state"] == "completed"
     when = stamps(log)
-    assert when["db"] < when["migrate"] < when["web"] - 0.25, when
+    assert when["migrate"] < when["web"] - 0.25, when        # web began after migrate ended
+    assert d.pids("db")[0] < d.status("migrate")["last_exit"]["id"] < d.pids("web")[0]
 
 
 def test_a_failed_migration_fails_the_web_server_which_never_starts(daemon_factory, tmp_path):
@@ -197,7 +206,8 @@ def test_start_starts_stopped_dependencies_first_unless_no_deps(daemon_factory, 
     assert d.status("app")["state"] == "running"
     wait_for(lambda: d.status("db")["state"] == "running", 10, message="db running")
     when = stamps(log)
-    assert when["db"] <= when["app"] < when["web"], when
+    assert when["app"] < when["web"], when
+    assert d.pids("db")[0] < d.pids("app")[0] < d.pids("web")[0]      # ids follow the spawns
     # a completed or running dependency is left alone; a failed one is started again
     first_db = d.pids("db")
     d.json("POST", "/processes/web/_stop")
@@ -207,7 +217,7 @@ def test_start_starts_stopped_dependencies_first_unless_no_deps(daemon_factory, 
 
 
 def test_shutdown_stops_a_template_only_after_its_dependents_exited(daemon_factory, tmp_path):
-    order = str(tmp_path / "order")
+    order, up = str(tmp_path / "order"), str(tmp_path / "up")
     prog = write(tmp_path, "t.py", (
         "import signal, sys, time\n"
         "def bye(*a):\n"
@@ -215,7 +225,8 @@ def test_shutdown_stops_a_template_only_after_its_dependents_exited(daemon_facto
         "    with open(%r, 'a') as f: f.write(sys.argv[1] + '\\n')\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, bye)\n"
-        "time.sleep(1000)\n") % order)
+        "with open(%r, 'a') as f: f.write(sys.argv[1] + '\\n')\n"
+        "time.sleep(1000)\n") % (order, up))
     d = daemon_factory(section("db", PY, prog + " db 0", startsecs="0.1") +
                        section("web", PY, prog + " web 0.4", depends_on="db",
                                startsecs="0.1", numprocesses="2") +
@@ -223,6 +234,8 @@ def test_shutdown_stops_a_template_only_after_its_dependents_exited(daemon_facto
                                startsecs="0.1") +
                        section("other", PY, prog + " other 0", startsecs="0.1"))
     wait_for(lambda: d.status("worker")["state"] == "running", 10, message="all running")
+    wait_for(lambda: os.path.exists(up) and len(open(up).read().split()) == 5, 10,
+             message="every handler installed")
     started = time.monotonic()
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 5
