@@ -3810,7 +3810,9 @@ class Manager:
         subscribe(pattern, cb) / unsubscribe / subscribe_once / publish
         add_process(name, cmd, **settings) (KeyError on conflict, ValueError
             when invalid), update_process(name, cmd, **settings),
-        remove_process(name), start_process(name),
+        remove_process(name), start_process(name, deps=True) (its stopped
+            or failed dependencies first), check_dependencies(spec)
+            (ValueError), dependents_of(names),
         stop_process(name_or_id), restart_process(name),
         ttin(name, n=1), ttou(name, n=1), send_signal(name_or_id, signum),
         get_process_info(name), get_process_status(name),
