@@ -22,8 +22,8 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
-    § 8  processes (I/O)                spawning, pipes, log files, the manager
-    § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, webhooks
+    § 8  processes (I/O)                spawning, pipes, log files, readiness, the manager
+    § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, tcp:/http: checks, webhooks
     § 10 plugins                        Plugin, discovery, sites, routes
     § 11 HTTP API                       the route table and its handlers
     § 12 HTTP server (I/O)              listeners, connections, streaming
@@ -75,8 +75,10 @@ Loop API offered to plugins (``start(loop, manager)``)
                                          the daemon reaps every child, so
                                          never call Popen.wait() yourself.
     http_request(loop, method, url, body=b"", headers=None, timeout=20.0,
-                 callback=None)          non-blocking HTTP(S) client;
-                                         callback(status, body, error)
+                 callback=None, max_response=None)
+                                         non-blocking HTTP(S) client;
+                                         callback(status, body, error);
+                                         -> request with .cancel()
 
 Manager API: see ``Manager`` (§8) and SPEC section 10.4; plugin API:
 see ``Plugin`` (§10).
@@ -2850,8 +2852,10 @@ class MemoryTrimmer:
 # § 8 processes (I/O) ------------------------------------------------------
 # Owns: spawning children (SPEC 3.3-3.6), their pipes, ring buffers and
 # log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
-# graceful_timeout), reacting to exits (respawn, flapping), and the
-# ``Manager`` that holds templates, processes and groups.  Uses §1-§7.
+# graceful_timeout), reacting to exits (respawn, flapping), the readiness
+# checks that need no network client (log:, cmd:, the sd_notify socket and
+# its watchdog), and the ``Manager`` that holds templates, processes and
+# groups.  Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§14) drive it through the
 # Manager methods listed in its docstring.
 
@@ -5244,10 +5248,12 @@ def _hold_fd_numbers(below: int) -> list:
 # § 9 HTTP client and webhooks (I/O) -------------------------------------------
 # Owns: a small non-blocking HTTP/1.1 client (plain or TLS) with its own
 # DNS lookup (IP literals, /etc/hosts, then a UDP query to the servers of
-# /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; and
+# /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; the
+# ``tcp:`` and ``http:`` readiness checks, which it adds to
+# ``Manager.READY_PROBES``; and
 # the webhooks application (SPEC section 5, issue 4): exact event names
 # and ".", in-order delivery per URL, 3 attempts with back-off, a bounded
-# queue.  Uses §1, §5, §7.  Plugins use ``http_request``.
+# queue.  Uses §1, §5, §7, §8 (ReadyPoller).  Plugins use ``http_request``.
 
 
 def _hosts_lookup(host):
