@@ -4743,6 +4743,8 @@ class Manager:
                         stdio[1 + index] = w
                         proc._fds[r] = _UNREDIRECTED[index]
             if spec.ready.kind == "notify" or spec.watchdog_sec:
+                if proc.slot is not None:
+                    proc.slot.status_text = ""      # the last process's words are not its
                 proc.notify = NotifySocket(self, proc)
                 env["NOTIFY_SOCKET"] = proc.notify.address
                 if spec.watchdog_sec:

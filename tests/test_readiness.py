@@ -392,3 +392,45 @@ def test_bad_ready_values_are_config_errors(value, tmp_path):
     path = write(tmp_path, "g.ini", section("x", "true", ready=value))
     r = run_gafferd(["--check", path])
     assert r.returncode == 2 and "ready" in r.stderr
+
+
+def _line_watch(pattern):
+    import re
+    import gafferd
+    hits = []
+    watch = gafferd.LineWatch(re.compile(pattern), lambda: hits.append(1))
+    return gafferd, watch, hits
+
+
+def test_line_watch_whole_bytewise_and_per_stream():
+    text = b"boot\r\nnoise\nserver ready on 80\r\nafter\n"
+    for step in (len(text), 1, 3):
+        gafferd, watch, hits = _line_watch(rb"^server ready on \d+$")
+        for i in range(0, len(text), step):
+            watch("out", text[i:i + step])
+        assert hits == [1], step
+        watch("out", b"server ready on 81\n")
+        assert hits == [1]                      # once
+    gafferd, watch, hits = _line_watch(rb"^ab$")
+    watch("out", b"a")
+    watch("err", b"b\n")                        # two streams never make one line
+    assert hits == []
+    watch("err", b"ab\n")
+    assert hits == [1]
+
+
+def test_line_watch_caps_lines_and_skips_the_rest():
+    gafferd, watch, hits = _line_watch(rb"MARK")
+    cap = gafferd.READY_LINE_MAX
+    watch("out", b"x" * (cap - 3) + b"MA")      # the mark straddles the cap ...
+    watch("out", b"RK" + b"y" * (3 * cap))      # ... so it is cut off
+    watch("out", b"MARK, still the same line\n")
+    assert hits == [] and watch.partial["out"] == b""
+    for _ in range(100):                        # 100 reads of a line with no end
+        watch("out", b"z" * 65536)
+        assert watch.partial["out"] is None     # nothing kept
+    watch("out", b"\nMARK\n")
+    assert hits == [1]
+    gafferd, watch, hits = _line_watch(rb"MARK$")
+    watch("out", b"x" * (cap - 4) + b"MARK" + b"rest of a long line\n")
+    assert hits == [1]                          # the first READY_LINE_MAX bytes count
