@@ -22,8 +22,8 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
-    § 8  processes (I/O)                spawning, pipes, log files, the manager
-    § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, webhooks
+    § 8  processes (I/O)                spawning, pipes, log files, readiness, the manager
+    § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, tcp:/http: checks, webhooks
     § 10 plugins                        Plugin, discovery, sites, routes
     § 11 HTTP API                       the route table and its handlers
     § 12 HTTP server (I/O)              listeners, connections, streaming
@@ -75,8 +75,10 @@ Loop API offered to plugins (``start(loop, manager)``)
                                          the daemon reaps every child, so
                                          never call Popen.wait() yourself.
     http_request(loop, method, url, body=b"", headers=None, timeout=20.0,
-                 callback=None)          non-blocking HTTP(S) client;
-                                         callback(status, body, error)
+                 callback=None, max_response=None)
+                                         non-blocking HTTP(S) client;
+                                         callback(status, body, error);
+                                         -> request with .cancel()
 
 Manager API: see ``Manager`` (§8) and SPEC section 10.4; plugin API:
 see ``Plugin`` (§10).
@@ -157,6 +159,12 @@ WEBHOOK_ATTEMPTS = 3
 WEBHOOK_QUEUE = 1000
 SHUTDOWN_DRAIN = 3.0                 # webhooks get this long at shutdown
 RECENT_PROCESSES = 10                # exited processes kept for _log
+READY_LINE_MAX = 4096                # bytes of a line a log: readiness check looks at
+READY_ATTEMPT_MIN = 5.0              # seconds a tcp:/http:/cmd: check gets, at least
+READY_HTTP_MAX = 64 * 1024           # bytes of an http: readiness answer
+NOTIFY_DATAGRAM = 4096               # bytes of one sd_notify message (systemd's limit too)
+NOTIFY_BURST = 64                    # sd_notify messages read per wake-up of one socket
+STATUS_TEXT_MAX = 512                # characters of a STATUS= text kept
 EVENT_HISTORY = 1000                 # events kept for /watch resumes (Last-Event-ID)
 RECENT_ORPHANS = 50                  # reaped adopted orphans kept for GET /orphans
 ORPHAN_SCAN_DELAY = 0.5              # after exits, one look for new orphans per this
@@ -216,6 +224,7 @@ RANGES = {
     "ready_timeout": (0.0, MAX_DURATION),
     "ready_interval": (0.01, MAX_DURATION),
     "depends_on": (0, 1000),             # names in one depends_on
+    "watchdog_sec": (0.0, MAX_DURATION),
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
     "logfile_backups": (0, 1000),
     "output_buffer": (0, MAX_BUFFER),
@@ -886,6 +895,8 @@ PROCESS_KEYS = collections.OrderedDict([
                         "seconds between readiness probes")),
     ("depends_on", (_c_depends_on, (), "NAME[:CONDITION], ...: templates or groups that "
                     "must be started, ready, completed or completed_successfully first")),
+    ("watchdog_sec", (_c_ranged(parse_float, "watchdog_sec"), 0.0,
+                      "a ready process silent (no WATCHDOG=1) this long is killed; 0: off")),
     ("redirect_output", (_c_labels, [], "labels for stdout and stderr")),
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
     ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
@@ -1216,7 +1227,7 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("server_names", ("list", [], "extra Host names accepted on loopback binds")),
     ("auth_token", ("str", None, "require this token (Bearer or Basic password)")),
     ("auth_token_file", ("path", None, "read auth_token from this file")),
-    ("public_ping", ("bool", False, "let /ping through without the token")),
+    ("public_ping", ("bool", False, "let /ping and /ready through without the token")),
     ("insecure", ("bool", False, "allow a non-loopback bind without a token")),
     ("max_body_size", ("size", DEFAULT_MAX_BODY, "largest request body")),
     ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
@@ -2990,8 +3001,10 @@ class MemoryTrimmer:
 # § 8 processes (I/O) ------------------------------------------------------
 # Owns: spawning children (SPEC 3.3-3.6), their pipes, ring buffers and
 # log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
-# graceful_timeout), reacting to exits (respawn, flapping), and the
-# ``Manager`` that holds templates, processes and groups.  Uses §1-§7.
+# graceful_timeout), reacting to exits (respawn, flapping), the readiness
+# checks that need no network client (log:, cmd:, the sd_notify socket and
+# its watchdog), and the ``Manager`` that holds templates, processes and
+# groups.  Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§14) drive it through the
 # Manager methods listed in its docstring.
 
@@ -3467,6 +3480,11 @@ class LogWriter:
             proc.resume_output(self)
 
 
+# Labels of stdout and stderr when they are read only for a ``log:``
+# readiness check (not redirected): nothing outside the process sees them.
+_UNREDIRECTED = ("\0stdout", "\0stderr")
+
+
 class Process:
     """One OS process of a template.
 
@@ -3494,6 +3512,8 @@ class Process:
         self.slot = None                # the Slot (§4) this process fills
         self.watch = []                 # readiness timers and probes, cancelled at the stop
         self.ready = False
+        self.line_watch = None          # callable(label, data) of a log: readiness check
+        self.notify = None              # its NotifySocket (ready = notify, watchdog_sec)
         self.core_dumped = False
         self.exit_status = self.term_signal = None
         self.kill_handle = None
@@ -3538,6 +3558,10 @@ class Process:
             self._exit_callbacks.remove(callback)
 
     def _dispatch(self, label, data):
+        if self.line_watch is not None:
+            self.line_watch(label, data)
+        if label in _UNREDIRECTED:
+            return                      # read only for a log: readiness check
         ring = self.rings.get(label)
         if ring is not None:
             ring.append(data)
@@ -3794,6 +3818,299 @@ class Template:
                 "restarts": s.restarts, "status_text": s.status_text,
             } for s in sorted(self.slots, key=lambda s: s.index)]
         return out
+
+
+# -- readiness checks ---------------------------------------------------------------
+# What ``Manager.READY_PROBES`` starts for a new process (the ``ready``
+# key, README "Readiness").  Each is an object with ``cancel()`` kept in
+# ``Process.watch`` and cancelled when the process stops or exits; none
+# ever blocks the loop: output is looked at as it is read, sockets are
+# non-blocking, a ``cmd:`` check is a child reaped like any other.
+
+class LineWatch:
+    """The ``log:REGEX`` check: ``on_match()`` once a line of the process's
+    stdout or stderr (one line buffer each) matches ``regex``.
+
+    Bounded work: a line is looked at up to READY_LINE_MAX bytes; a longer
+    one is matched on those first bytes and the rest of it, up to the next
+    newline, is skipped without being kept or scanned by the regex.  So a
+    child printing 100 MB without a newline costs one newline search per
+    read and one regex run.  The regex itself comes from the config: one
+    with catastrophic backtracking still runs on the loop, on lines of at
+    most READY_LINE_MAX bytes (the config's problem, as the README says).
+    """
+
+    def __init__(self, regex, on_match):
+        self.regex, self.on_match = regex, on_match
+        self.partial = {}               # label -> start of a line; None while skipping one
+        self.done = False
+
+    def __call__(self, label, data):
+        if self.done:
+            return
+        held, start = self.partial.get(label, b""), 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            if held is not None:
+                room = READY_LINE_MAX - len(held)
+                if self._match(held + data[start:min(end, start + room)]):
+                    return
+            held, start = b"", end + 1
+        if held is not None and start < len(data):
+            room = READY_LINE_MAX - len(held)
+            held += data[start:start + room]
+            if len(data) - start >= room:       # longer than a line may be
+                if self._match(held):
+                    return
+                held = None
+        self.partial[label] = held
+
+    def _match(self, line) -> bool:
+        if self.regex.search(line[:-1] if line.endswith(b"\r") else line) is None:
+            return False
+        self.cancel()
+        self.on_match()
+        return True
+
+    def cancel(self):
+        self.done = True
+        self.partial.clear()
+
+
+class NotifySocket:
+    """The sd_notify(3) socket of one process (``ready = notify``, or any
+    ``watchdog_sec``): an AF_UNIX datagram socket in the abstract
+    namespace (no file to clean up), given to the process as
+    ``NOTIFY_SOCKET=@gafferd-notify/...``; one per process, so a flood
+    fills only the sender's own queue.
+
+    Messages are ``KEY=VALUE`` lines (systemd's protocol): ``READY=1``
+    marks the process ready (``ready = notify`` only), ``STATUS=TEXT``
+    becomes its ``status_text``, ``WATCHDOG=1`` feeds the watchdog; other
+    keys (MAINPID, STOPPING, RELOADING, WATCHDOG=trigger ...) are ignored.
+
+    Who may speak: SO_PASSCRED makes the kernel attach the sender's
+    credentials to each datagram (an unprivileged sender cannot forge its
+    pid); a datagram counts only if that pid is the process or a process
+    of its session (every process is started in a session of its own),
+    so no process can mark another ready, and a helper the process forked
+    can.  A datagram larger than NOTIFY_DATAGRAM is dropped whole, and at
+    most NOTIFY_BURST are read per wake-up.
+    """
+
+    def __init__(self, manager, proc):
+        self.manager, self.proc, self.loop = manager, proc, manager.loop
+        name = "gafferd-notify/%d/%d/%s" % (os.getpid(), proc.id, os.urandom(6).hex())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self.sock.bind("\0" + name)
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+        self.address = "@" + name
+        self.closed = self.reading = False
+        self.last_ping = self.timer = None
+        self.refused = 0
+
+    def start(self):
+        self.reading = True
+        self.loop.add_reader(self.sock.fileno(), self._on_message)
+
+    def _on_message(self):
+        for _ in range(NOTIFY_BURST):
+            try:
+                data, ancillary, flags, _ = self.sock.recvmsg(
+                    NOTIFY_DATAGRAM, socket.CMSG_SPACE(struct.calcsize("3i")))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or self.closed:
+                continue
+            sender = self._sender(ancillary)
+            if sender is None or not self._ours(sender):
+                self.refused += 1
+                if self.refused == 1:
+                    log.warning("%s[%d]: refused an sd_notify message from pid %s, which is "
+                                "not in the process's session", self.proc.name, self.proc.id,
+                                sender)
+                continue
+            self._handle(data)
+
+    @staticmethod
+    def _sender(ancillary):
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and \
+                    len(payload) >= struct.calcsize("3i"):
+                return struct.unpack("3i", payload[:struct.calcsize("3i")])[0]
+        return None
+
+    def _ours(self, sender) -> bool:
+        if sender == self.proc.pid:
+            return True
+        try:
+            return os.getsid(sender) == self.proc.pid
+        except OSError:                 # gone already: nothing to trust
+            return False
+
+    def _handle(self, data):
+        proc = self.proc
+        for line in data.split(b"\n"):
+            key, _, value = line.partition(b"=")
+            if key == b"READY" and value == b"1":
+                if proc.spec.ready.kind == "notify":
+                    self.manager.mark_ready(proc)
+            elif key == b"STATUS":
+                slot = proc.slot
+                if slot is not None and slot.proc is proc:
+                    slot.status_text = value.decode("utf-8", "replace")[:STATUS_TEXT_MAX]
+            elif key == b"WATCHDOG" and value == b"1":
+                self.last_ping = self.loop.time()
+
+    def arm_watchdog(self):
+        """Start the watchdog (once the process is ready, as systemd does):
+        no ``WATCHDOG=1`` for ``watchdog_sec`` seconds and the process is
+        killed, a failed start."""
+        period = self.proc.spec.watchdog_sec
+        if period and not self.closed and self.timer is None:
+            self.last_ping = self.loop.time()
+            self.timer = self.loop.call_later(period, self._check_watchdog)
+
+    def _check_watchdog(self):
+        self.timer = None
+        period = self.proc.spec.watchdog_sec
+        due = self.last_ping + period
+        if self.loop.time() < due:
+            self.timer = self.loop.call_at(due, self._check_watchdog)
+            return
+        self.manager.process_failed(self.proc, "no WATCHDOG=1 for %ss (watchdog_sec)" % period)
+
+    def cancel(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.reading:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class ReadyPoller:
+    """Repeats a readiness check (``tcp:``, ``http:``, ``cmd:``) until it
+    passes, then calls ``manager.mark_ready(proc)``.
+
+    One attempt at a time: ``attempt(done)`` starts one and returns an
+    object with ``cancel()``; it calls ``done(ok, why=None)`` once (``why``:
+    the check could not even run, logged once).  An attempt still running
+    after ``max(ready_interval, READY_ATTEMPT_MIN)`` seconds is cancelled
+    and failed; the next starts ``ready_interval`` seconds after the last
+    one ended, so slow answers never pile up.
+    """
+
+    def __init__(self, manager, proc, attempt):
+        self.manager, self.proc, self.attempt = manager, proc, attempt
+        self.loop = manager.loop
+        self.interval = proc.spec.ready_interval
+        self.limit = max(self.interval, READY_ATTEMPT_MIN)
+        self.current = self.timer = None
+        self.number = 0                 # of the attempt running; 0 between attempts
+        self.warned = self.over = False
+        self._start()
+
+    def _start(self):
+        self.number += 1
+        number = self.number
+        self.timer = self.loop.call_later(self.limit, self._finished, number, False)
+        current = self.attempt(lambda ok, why=None: self._finished(number, ok, why))
+        if self.number == number and not self.over:
+            self.current = current      # (unless it finished at once)
+
+    def _finished(self, number, ok, why=None):
+        if self.over or number != self.number:
+            return
+        self.number = 0
+        current, self.current = self.current, None
+        if current is not None:
+            current.cancel()
+        self.timer.cancel()
+        if ok:
+            self.over = True
+            self.manager.mark_ready(self.proc)
+            return
+        if why and not self.warned:
+            self.warned = True
+            log.warning("%s[%d]: readiness check %s: %s", self.proc.name, self.proc.id,
+                        self.proc.spec.ready.text, why)
+        self.timer = self.loop.call_later(self.interval, self._start)
+
+    def cancel(self):
+        self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.current is not None:
+            self.current.cancel()
+            self.current = None
+
+
+class _CmdAttempt:
+    """One run of a ``cmd:COMMAND`` check: the command as the template's
+    user, in its environment and working directory, in a session of its
+    own; ``done(exit status 0)``.  Cancelled (a timeout, the process
+    stopped), it gets SIGKILL with its process group; whatever of the group
+    is left when it is reaped gets SIGKILL too, so no check outlives its
+    run.  The loop reaps it like any child (``before_reap`` and
+    ``__call__`` are its watcher)."""
+
+    def __init__(self, manager, proc, done):
+        self.done, self.over, self.reaped, self.pid = done, False, False, None
+        spec, loop = proc.spec, manager.loop
+        argv = spec.ready.arg
+        env = manager.process_environment(proc)
+        executable = find_executable(argv[0], spec, env)
+        if executable is None:
+            loop.call_soon(self._finish, False, "executable %r not found" % argv[0])
+            return
+        try:
+            popen = subprocess.Popen(
+                argv, executable=executable, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=spec.cwd, env=env,
+                start_new_session=True, restore_signals=True, close_fds=True,
+                **manager._identity(spec))
+        except (OSError, subprocess.SubprocessError, SpawnError) as exc:
+            loop.call_soon(self._finish, False, "cannot run %s: %s" % (argv[0], exc))
+            return
+        popen.returncode = 0            # reaped by the loop, never by subprocess
+        self.pid = popen.pid
+        loop.watch_child(self.pid, self)
+
+    def _finish(self, ok, why=None):
+        if not self.over:
+            self.over = True
+            self.done(ok, why)
+
+    def before_reap(self, pid):
+        self._kill_group()
+
+    def __call__(self, pid, exit_status, term_signal):
+        self.reaped = True
+        self._finish(exit_status == 0 and not term_signal)
+
+    def _kill_group(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def cancel(self):
+        self.over = True
+        if self.pid is not None and not self.reaped:
+            self._kill_group()
 
 
 def _parse_target(name_or_id):
@@ -4349,7 +4666,7 @@ class Manager:
                 log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
                             t.name, kind)
             probe = self.READY_PROBES["startsecs"]
-        elif kind not in ("startsecs", "spawn"):
+        elif kind not in ("startsecs", "spawn") and t.spec.ready_timeout > 0:
             proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
                                                    t, slot, proc))
         probe(self, t, slot, proc)
@@ -4399,7 +4716,23 @@ class Manager:
     def _ready_at_spawn(self, t, slot, proc):
         self.loop.call_soon(self.mark_ready, proc)
 
-    READY_PROBES = {"startsecs": _ready_after_startsecs, "spawn": _ready_at_spawn}
+    def _ready_on_log(self, t, slot, proc):
+        proc.line_watch = LineWatch(t.spec.ready.arg, lambda: self._line_matched(proc))
+        proc.watch.append(proc.line_watch)
+
+    def _line_matched(self, proc):
+        proc.line_watch = None          # no more regex work for this process
+        self.mark_ready(proc)
+
+    def _ready_on_notify(self, t, slot, proc):
+        pass                            # _exec gave it its NotifySocket, already listening
+
+    def _ready_on_cmd(self, t, slot, proc):
+        proc.watch.append(ReadyPoller(self, proc, lambda done: _CmdAttempt(self, proc, done)))
+
+    # tcp: and http: are added by §9, which has the resolver and the client
+    READY_PROBES = {"startsecs": _ready_after_startsecs, "spawn": _ready_at_spawn,
+                    "log": _ready_on_log, "notify": _ready_on_notify, "cmd": _ready_on_cmd}
 
     def mark_ready(self, proc) -> None:
         """``proc`` is ready; publishes ``ready`` the first time.  A
@@ -4412,6 +4745,8 @@ class Manager:
         if slot.state == RUNNING and not proc.ready:
             proc.ready = True
             self._emit("ready", proc.name, pid=proc.id, os_pid=proc.pid, slot=slot.index)
+            if proc.notify is not None:
+                proc.notify.arm_watchdog()
 
     def process_failed(self, proc, why) -> None:
         """Kill ``proc`` with its stop signal; its exit counts as a failed
@@ -4557,11 +4892,17 @@ class Manager:
         self._feed(t, slot, SPAWNED)
         return True
 
-    def _exec(self, proc):
-        spec = proc.spec
-        env = child_environment(spec, self.environ)
+    def process_environment(self, proc) -> dict:
+        """The environment ``proc`` is started with (a new dict), which
+        its ``cmd:`` readiness check gets too."""
+        env = child_environment(proc.spec, self.environ)
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
+        return env
+
+    def _exec(self, proc):
+        spec = proc.spec
+        env = self.process_environment(proc)
         try:
             argv = command_line(spec, env)
         except KeyError as exc:
@@ -4593,6 +4934,21 @@ class Manager:
                     pipes[label] = w
                     proc._fds[r] = label
                 stdio[1 + index] = pipes[label]
+            if spec.ready.kind == "log":
+                for index in (0, 1):    # read for the check even when not redirected
+                    if stdio[1 + index] is subprocess.DEVNULL:
+                        r, w = os.pipe()
+                        ours.append(r)
+                        theirs.append(w)
+                        stdio[1 + index] = w
+                        proc._fds[r] = _UNREDIRECTED[index]
+            if spec.ready.kind == "notify" or spec.watchdog_sec:
+                if proc.slot is not None:
+                    proc.slot.status_text = ""      # the last process's words are not its
+                proc.notify = NotifySocket(self, proc)
+                env["NOTIFY_SOCKET"] = proc.notify.address
+                if spec.watchdog_sec:
+                    env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
             custom = []
             for label in proc.custom_streams:
                 mine, child = socket.socketpair()
@@ -4616,6 +4972,9 @@ class Manager:
             proc.close_custom_streams()
             proc._fds.clear()
             proc.stdin_fd = None
+            if proc.notify is not None:
+                proc.notify.cancel()
+                proc.notify = None
             raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
         finally:
             for fd in theirs + held:
@@ -4633,6 +4992,9 @@ class Manager:
             path = spec.logfile_for(index)
             if path and label not in proc._logs:
                 proc._logs[label] = self._logfile(path, spec)
+        if proc.notify is not None:
+            proc.notify.start()
+            proc.watch.append(proc.notify)
         watcher = _ChildWatcher(self, proc)
         self.loop.watch_child(proc.pid, watcher)
         proc.sample = (self.loop.time(), 0.0)
@@ -5247,10 +5609,12 @@ def _hold_fd_numbers(below: int) -> list:
 # § 9 HTTP client and webhooks (I/O) -------------------------------------------
 # Owns: a small non-blocking HTTP/1.1 client (plain or TLS) with its own
 # DNS lookup (IP literals, /etc/hosts, then a UDP query to the servers of
-# /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; and
+# /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; the
+# ``tcp:`` and ``http:`` readiness checks, which it adds to
+# ``Manager.READY_PROBES``; and
 # the webhooks application (SPEC section 5, issue 4): exact event names
 # and ".", in-order delivery per URL, 3 attempts with back-off, a bounded
-# queue.  Uses §1, §5, §7.  Plugins use ``http_request``.
+# queue.  Uses §1, §5, §7, §8 (ReadyPoller).  Plugins use ``http_request``.
 
 
 def _hosts_lookup(host):
@@ -5384,8 +5748,10 @@ class _ClientRequest:
 
     MAX_RESPONSE = 4 << 20
 
-    def __init__(self, loop, method, url, body, headers, timeout, callback):
+    def __init__(self, loop, method, url, body, headers, timeout, callback, max_response=None):
         self.loop, self.callback = loop, callback
+        if max_response is not None:
+            self.MAX_RESPONSE = max_response
         parts = urllib.parse.urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -5538,6 +5904,11 @@ class _ClientRequest:
         self._close()
         self.callback(0, b"", error)
 
+    def cancel(self):
+        """Drop the request; the callback is not called."""
+        if not self.done:
+            self._close()
+
     def _close(self):
         self.done = True
         self.timer.cancel()
@@ -5550,11 +5921,79 @@ class _ClientRequest:
             self.sock = None
 
 
-def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callback=None):
+def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callback=None,
+                 max_response=None):
     """Send one HTTP(S) request without blocking; ``callback(status,
-    body, error)`` gets status 0 and an error string on failure."""
+    body, error)`` gets status 0 and an error string on failure (a
+    response over ``max_response`` bytes, 4 MB by default, is one).
+    Returns the request, whose ``cancel()`` drops it."""
     return _ClientRequest(loop, method, url, body, headers, timeout,
-                          callback or (lambda status, body, error: None))
+                          callback or (lambda status, body, error: None), max_response)
+
+
+# -- readiness checks that need the resolver or the client -------------------
+class _TcpAttempt:
+    """One ``tcp:[HOST:]PORT`` check: resolve HOST without blocking, then a
+    non-blocking connect; ``done(connected)``.  Closed at once either way
+    (the ReadyPoller bounds how long it may take)."""
+
+    def __init__(self, loop, host, port, limit, done):
+        self.loop, self.port, self.done = loop, port, done
+        self.sock, self.over = None, False
+        resolve(loop, host, self._on_resolved, limit)
+
+    def _on_resolved(self, address, error):
+        if self.over:
+            return
+        if address is None:
+            self._finish(False)
+            return
+        try:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                      socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((address, self.port))
+        except OSError:
+            self._finish(False)
+            return
+        if err == errno.EINPROGRESS:
+            self.loop.add_writer(self.sock.fileno(), self._on_connected)
+        else:
+            self._finish(err == 0)
+
+    def _on_connected(self):
+        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
+
+    def _finish(self, ok):
+        if not self.over:
+            self.cancel()
+            self.done(ok)
+
+    def cancel(self):
+        self.over = True
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+
+def _ready_on_tcp(manager, t, slot, proc):
+    host, port = t.spec.ready.arg
+    proc.watch.append(ReadyPoller(manager, proc, lambda done: _TcpAttempt(
+        manager.loop, host, port, max(t.spec.ready_interval, READY_ATTEMPT_MIN), done)))
+
+
+def _ready_on_http(manager, t, slot, proc):
+    """A GET that answers 2xx; at most READY_HTTP_MAX bytes of answer and
+    the ReadyPoller's time limit, so a server that trickles bytes for ever
+    costs one bounded attempt after another."""
+    url, limit = t.spec.ready.arg, max(t.spec.ready_interval, READY_ATTEMPT_MIN)
+    proc.watch.append(ReadyPoller(manager, proc, lambda done: http_request(
+        manager.loop, "GET", url, timeout=limit, max_response=READY_HTTP_MAX,
+        callback=lambda status, body, error: done(200 <= status < 300))))
+
+
+Manager.READY_PROBES.update(tcp=_ready_on_tcp, http=_ready_on_http)
 
 
 class Webhooks:
@@ -5961,6 +6400,8 @@ _FEED_TYPES = {"eventsource": "text/event-stream"}
 ROUTES = [
     (r"/", {"GET": "welcome"}),
     (r"/ping", {"GET": "ping"}),
+    (r"/ready", {"GET": "ready"}),
+    (r"/ready/([^/]+)", {"GET": "ready_template"}),
     (r"/status", {"GET": "status_all"}),
     (r"/metrics", {"GET": "metrics"}),
     (r"/reload", {"POST": "reload"}),
@@ -6184,6 +6625,30 @@ class Api:
 
     def ping(self, req):
         return Reply(200, b"OK", "text/plain; charset=UTF-8")
+
+    # A template is ready when all its processes are (``running``) or it
+    # is a task that completed; one stopped on purpose is left out of
+    # GET /ready, and not ready for GET /ready/NAME.
+    _READY_STATES = ("running", "completed")
+
+    def ready(self, req):
+        """200 ``{"ready": true}`` when every template that should be
+        running is ready, else 503 with ``not_ready``: {name: state}."""
+        stopping = self.manager.stopping
+        return self._readiness({name: "stopping" if stopping else t.state
+                                for name, t in self.manager.processes.items()
+                                if t.wanted and (stopping or t.state not in self._READY_STATES)})
+
+    def ready_template(self, req, name):
+        t = self._template(name)
+        ready = t.wanted and not self.manager.stopping and t.state in self._READY_STATES
+        return self._readiness({} if ready else {t.name: t.state})
+
+    @staticmethod
+    def _readiness(not_ready):
+        if not_ready:
+            return json_reply(503, {"ready": False, "not_ready": not_ready})
+        return json_reply(200, {"ready": True})
 
     def status(self, req, name):
         return json_reply(200, self._template(name).status(self.loop))
@@ -7231,6 +7696,14 @@ class _WebSocket:
         self._callbacks = []
 
 
+def _public_path(path) -> bool:
+    """What ``public_ping = true`` lets through without the token: the
+    liveness and readiness checks a load balancer or an orchestrator
+    makes (``/ping``, ``/ready``, ``/ready/NAME``)."""
+    return path in ("/ping", "/ready") or (path.startswith("/ready/") and
+                                            "/" not in path[len("/ready/"):])
+
+
 class Connection:
     """One client connection: HTTP/1.x requests, then maybe a stream.
 
@@ -7709,7 +8182,7 @@ class Connection:
                                         "cors_origins to allow it (cors_origins = * only "
                                         "allows reading)" % (req.method, origin)}), []
         if ep.auth_token and req.method != "OPTIONS" and \
-                not (ep.public_ping and req.path == "/ping") and \
+                not (ep.public_ping and _public_path(req.path)) and \
                 not token_matches(req.headers.get("authorization", ""), ep.auth_token,
                                   basic=origin is None or safe):
             return json_reply(401, {"error": "unauthorized", "message":
