@@ -684,7 +684,8 @@
     cell.textContent = exitText(e) + (isFinite(ago) ? " · " + formatDuration(Math.max(0, ago)) + " ago" : "");
     cell.dataset.signal = e.term_signal || 0;
     cell.dataset.status = e.exit_status != null ? e.exit_status : "";
-    cell.title = (e.term_signal ? "killed by " : "") + exitText(e) + ": #" + e.id + (e.os_pid != null ? " (pid " + e.os_pid + ")" : "") +
+    cell.title = (e.term_signal ? "killed by " : "") + exitText(e) + ": #" + e.id +
+                 (e.os_pid != null ? " (pid " + e.os_pid + ")" : "") +
                  (typeof e.uptime === "number" ? ", up " + e.uptime.toFixed(1) + " s" : "") +
                  (typeof e.time === "number" ? ", at " + new Date(e.time * 1000).toLocaleString() : "");
   }
@@ -959,7 +960,13 @@
             t.status.last_exit = {id: payload.pid, os_pid: payload.os_pid,
                                   exit_status: payload.exit_status, term_signal: payload.term_signal,
                                   uptime: payload.uptime, time: Date.now() / 1000};
-            if (typeof t.status.restarts === "number") t.status.restarts += 1;
+            // a success (by the template's success_exit_codes) that is not
+            // restarted (restart_in null) leaves the process exited: no restart
+            const codes = t.def && Array.isArray(t.def.success_exit_codes) ?
+                          t.def.success_exit_codes : [0];
+            const ok = payload.restart_in == null && !payload.term_signal &&
+                       codes.indexOf(payload.exit_status) >= 0;
+            if (!ok && typeof t.status.restarts === "number") t.status.restarts += 1;
             render(t);
           }
         }
