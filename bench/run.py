@@ -229,7 +229,6 @@ class FastChildWatcher:
         self.parent = parent
         self.exe = exe
         self.targets = set()     # live exec'd children
-        self.other = set()       # children known not to be EXE (for good)
         self.seen_at = {}        # pid -> monotonic time first seen exec'd
         self.order = []          # exec'd pids in the order they were seen
 
@@ -237,9 +236,8 @@ class FastChildWatcher:
         now = time.monotonic()
         kids = proc_children(self.parent)
         self.targets &= kids
-        self.other &= kids
         for pid in kids:
-            if pid in self.targets or pid in self.other:
+            if pid in self.targets:
                 continue
             try:
                 link = os.readlink("/proc/%d/exe" % pid)
@@ -249,7 +247,8 @@ class FastChildWatcher:
                 self.targets.add(pid)
                 self.seen_at[pid] = now
                 self.order.append(pid)
-            # else: forked, not exec'd yet: looked at again next poll
+            # else: forked, not exec'd yet (or another program): looked at
+            # again next poll
         return now
 
     def wait_count(self, n, timeout, alive=None):
