@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark gafferd beside supervisord, Circus and the machine's floor.
 
-Runs the scenarios S1-S6 of issue 6 and prints a Markdown table of medians
+Runs the scenarios S1-S7 and prints a Markdown table of medians
 (with min and max over the repetitions), each figure also given as a ratio
 to the floor and to the best peer measured in the same run.
 
@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 THIS = os.path.abspath(__file__)
 GAFFERD = os.path.join(REPO, "gafferd.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-ALL_SCENARIOS = ["S1", "S2", "S3", "S4", "S4b", "S5", "S6"]
+ALL_SCENARIOS = ["S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7"]
 ALL_MANAGERS = ["gafferd", "supervisord", "circus"]
 PEERS = ["supervisord", "circus"]
 COLUMNS = ["floor", "gafferd", "supervisord", "circus"]
@@ -198,6 +198,68 @@ class ChildWatcher:
             if time.monotonic() > deadline:
                 raise BenchError("only %d of %d %s exec'd after %.0f s"
                                  % (len(self.targets), n, what, timeout))
+            if alive is not None:
+                alive()
+            time.sleep(0.002)
+
+
+def proc_children(pid):
+    """Direct children of PID, from /proc/PID/task/TID/children (every thread)."""
+    out = set()
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            out.update(int(c) for c in _read("/proc/%d/task/%s/children"
+                                             % (pid, tid)).split())
+        except OSError:
+            pass
+    return out
+
+
+class FastChildWatcher:
+    """ChildWatcher for a few tens of children, cheap enough to poll every
+    0.1-0.2 ms: reads the parent's /proc/PID/task/*/children (~60 us)
+    instead of scanning all of /proc.
+
+    `seen_at[pid]` is the monotonic time of the first poll that saw PID
+    exec'd (its exe link resolves to EXE): an upper bound of its exec
+    time, late by at most one poll period.
+    """
+
+    def __init__(self, parent, exe):
+        self.parent = parent
+        self.exe = exe
+        self.targets = set()     # live exec'd children
+        self.seen_at = {}        # pid -> monotonic time first seen exec'd
+        self.order = []          # exec'd pids in the order they were seen
+
+    def poll(self):
+        now = time.monotonic()
+        kids = proc_children(self.parent)
+        self.targets &= kids
+        for pid in kids:
+            if pid in self.targets:
+                continue
+            try:
+                link = os.readlink("/proc/%d/exe" % pid)
+            except OSError:
+                continue             # going away, or not readable yet
+            if link == self.exe:
+                self.targets.add(pid)
+                self.seen_at[pid] = now
+                self.order.append(pid)
+            # else: forked, not exec'd yet (or another program): looked at
+            # again next poll
+        return now
+
+    def wait_count(self, n, timeout, alive=None):
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if len(self.targets) >= n:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError("only %d of %d children exec'd after %.0f s"
+                                 % (len(self.targets), n, timeout))
             if alive is not None:
                 alive()
             time.sleep(0.002)
@@ -455,13 +517,16 @@ class Program:
     """What a scenario asks a manager to run (one template / program)."""
 
     def __init__(self, name, argv, numprocesses=1, stdout_logfile=None,
-                 capture=False, flapping=True):
+                 capture=False, immediate=False):
         self.name = name
         self.argv = argv
         self.numprocesses = numprocesses
         self.stdout_logfile = stdout_logfile
         self.capture = capture or bool(stdout_logfile)
-        self.flapping = flapping       # False: respawn however fast it dies
+        # True: respawn at once however fast it dies (gafferd: startsecs = 0
+        # and restart_delay = 0; by default a process that dies within
+        # startsecs is a failed start and waits for its backoff)
+        self.immediate = immediate
 
 
 class Manager:
@@ -477,7 +542,7 @@ class Manager:
     """
 
     name = "?"
-    scenarios = {"S1", "S2", "S3", "S4", "S5"}
+    scenarios = {"S1", "S2", "S3", "S4", "S5", "S7"}
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -571,7 +636,7 @@ class Manager:
 
 class Gafferd(Manager):
     name = "gafferd"
-    scenarios = {"S1", "S2", "S3", "S4", "S4b", "S5", "S6"}
+    scenarios = {"S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7"}
 
     def available(self):
         if not os.path.exists(GAFFERD):
@@ -596,8 +661,8 @@ class Gafferd(Manager):
                       "args = %s" % shlex.join(pr.argv[1:]),
                       "numprocesses = %d" % pr.numprocesses,
                       "graceful_timeout = 5"]
-            if not pr.flapping:
-                lines.append("flapping = off")
+            if pr.immediate:
+                lines += ["startsecs = 0", "restart_delay = 0"]
             if pr.capture:
                 lines.append("redirect_output = stdout, stderr")
             if pr.stdout_logfile:
@@ -1197,7 +1262,68 @@ def worker_watchclients(p):
          "exit_pids": c["exit_pids"]} for c in clients]})
 
 
+def worker_statussampler(p):
+    """S7: the manager's own count of running processes, sampled every
+    `interval` s; a line "reset" on stdin starts the figures again, any
+    other line ends the sampling."""
+    interval = p["interval"]
+    if p["kind"] == "gafferd":
+        import http.client
+        state = {"c": None}
+
+        def sample():
+            if state["c"] is None:
+                state["c"] = http.client.HTTPConnection("127.0.0.1", p["port"],
+                                                        timeout=10)
+            try:
+                state["c"].request("GET", p["path"])
+                r = state["c"].getresponse()
+                body = r.read()
+            except Exception:
+                state["c"].close()
+                state["c"] = None
+                raise
+            st = json.loads(body)
+            return st["running"], st.get("ready"), st.get("state")
+    else:
+        import xmlrpc.client
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % p["port"])
+
+        def sample():
+            info = proxy.supervisor.getAllProcessInfo()
+            return sum(1 for i in info if i["statename"] == "RUNNING"), None, None
+    n = errors = 0
+    min_running = min_ready = None
+    states = []
+    ready_sent = False
+    while True:
+        try:
+            running, ready, st = sample()
+            n += 1
+            min_running = running if min_running is None else min(min_running, running)
+            if ready is not None:
+                min_ready = ready if min_ready is None else min(min_ready, ready)
+            if st is not None and st not in states:
+                states.append(st)
+        except Exception:
+            errors += 1
+        if not ready_sent and n:
+            print("ready", flush=True)
+            ready_sent = True
+        r, _, _ = select.select([0], [], [], interval)
+        if r:
+            line = os.read(0, 4096)
+            if line.strip() != b"reset":
+                break
+            n = errors = 0
+            min_running = min_ready = None
+            states = []
+    _result({"n": n, "errors": errors, "min_running": min_running,
+             "min_ready": min_ready, "states": states})
+
+
 WORKERS = {
+    "statussampler": worker_statussampler,
     "httpstatus": worker_httpstatus,
     "xmlrpcstatus": worker_xmlrpcstatus,
     "circusstatus": worker_circusstatus,
@@ -1237,6 +1363,8 @@ class Settings:
         self.s5_settle = 1.0 if quick else 5.0
         self.s5_window = 5.0 if quick else 60.0
         self.s6_window = 4.0 if quick else 10.0
+        self.s7_pairs = 4 if quick else 12     # half timed, half sampled
+        self.settle_past_startsecs = 1.5      # > gafferd's default startsecs (1 s)
 
 
 def start_column(ctx, col, programs, floor_kind=None, floor_params=None):
@@ -1281,29 +1409,34 @@ def _raise(e):
 def s2_once(ctx, S, col):
     n = 20
     argv = ctx.sleep_argv(86400)
-    obj, parent = start_column(ctx, col, [Program("sleep", argv, n, flapping=False)],
+    # default settings: every worker is up longer than startsecs (1 s)
+    # before the first kill, so each kill is a crash after a good run
+    # (restart_delay 0), never a failed start (which waits for its backoff)
+    obj, parent = start_column(ctx, col, [Program("sleep", argv, n)],
                                "respawner", {"n": n, "argv": argv})
     try:
-        cw = ChildWatcher(parent, ctx.sleep_exe)
+        # the manager's children are polled through /proc/PID/task/*/children
+        # (~60 us a poll; a scan of all of /proc takes 1-3 ms on a busy machine)
+        cw = FastChildWatcher(parent, ctx.sleep_exe)
         cw.wait_count(n, 60)
-        time.sleep(0.5)
-        cw.scan()
-        victims = sorted(cw.targets)
+        time.sleep(S.settle_past_startsecs)
+        cw.poll()
+        victims = [p for p in cw.order if p in cw.targets]     # oldest first
         lats = []
         timeouts = 0
         for i in range(S.s2_kills):
             victim = victims[i % len(victims)]
             if victim not in cw.targets:
                 continue
-            known = set(cw.targets)
-            t0 = time.perf_counter()
+            first_new = len(cw.order)
+            t0 = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             while True:
-                cw.scan()
-                if cw.targets - known:
-                    lats.append((time.perf_counter() - t0) * 1000.0)
+                cw.poll()
+                if len(cw.order) > first_new:
+                    lats.append((cw.seen_at[cw.order[first_new]] - t0) * 1000.0)
                     break
-                if time.perf_counter() - t0 > 15:
+                if time.monotonic() - t0 > 15:
                     timeouts += 1
                     break
                 time.sleep(0.0002)
@@ -1547,7 +1680,7 @@ def s6_once(ctx, S, col):
         alive = obj.check_alive
     try:
         if col != "floor":
-            obj.start([Program("r%d" % i, argv, 1, flapping=False)
+            obj.start([Program("r%d" % i, argv, 1, immediate=True)
                        for i in range(S6_TEMPLATES)])
             obj.wait_ready()
         cw = ChildWatcher(obj.pid, ctx.sleep_exe)
@@ -1600,10 +1733,134 @@ def s6_once(ctx, S, col):
         ctx.sweep()
 
 
+S7_N = 20
+
+
+def s7_once(ctx, S, col):
+    """`kill -9` two of 20 workers within 100 ms, default settings.
+
+    Each pair: the two workers seen exec'd longest ago (both up more than
+    startsecs), the second killed 10-90 ms after the first.  The k-th new
+    `sleep` child of the manager seen after the first kill replaces the
+    k-th kill; its latency is from just before that kill() call to the
+    first poll (every ~0.2 ms, FastChildWatcher) that sees it exec'd.
+    Meanwhile every other worker's pid is watched: one that disappears is
+    a sibling stopped.  During the second half of the pairs the manager's
+    own running count is sampled every 10 ms by a separate process
+    (gafferd `/status/NAME`, supervisord XML-RPC; not Circus: its client
+    needs zmq).  Only the first half's latencies make the S7 rows: a
+    status call wakes a manager that polls (supervisord reaps and restarts
+    on its next wake-up, so the sampler alone cuts its latency from ~1 s
+    to ~50 ms); the second half's are `_S7lat_sampled`."""
+    n = S7_N
+    argv = ctx.sleep_argv(86400)
+    obj, parent = start_column(ctx, col, [Program("sleep", argv, n)],
+                               "respawner", {"n": n, "argv": argv})
+    if col == "floor":
+        alive = lambda: obj.p.poll() is None or _raise(
+            BenchError("floor died: " + obj.stderr_tail()))
+    else:
+        alive = obj.check_alive
+    sampler = None
+    try:
+        fw = FastChildWatcher(parent, ctx.sleep_exe)
+        fw.wait_count(n, 60, alive)
+        if col != "floor":
+            obj.wait_ready()
+
+        def idle(seconds):
+            """Polls (every 5 ms) for `seconds`; returns the fewest live."""
+            fewest = n
+            t_end = time.monotonic() + seconds
+            while time.monotonic() < t_end:
+                fw.poll()
+                fewest = min(fewest, len(fw.targets))
+                time.sleep(0.005)
+            return fewest
+
+        min_live = idle(S.settle_past_startsecs)
+        lats = []
+        lats_sampled = []
+        timeouts = 0
+        siblings_stopped = set()
+        for pair in range(S.s7_pairs):
+            if pair == S.s7_pairs // 2 and col in ("gafferd", "supervisord"):
+                params = {"kind": col, "port": obj.port, "interval": 0.01,
+                          "path": "/status/sleep"}
+                sampler = Worker(ctx, "statussampler", params)
+                sampler.expect("ready", 30)
+                sampler.send("reset\n")    # count from here: all 20 up
+                min_live = min(min_live, idle(0.05))
+            now = fw.poll()
+            old = sorted((p for p in fw.targets
+                          if now - fw.seen_at[p] > S.settle_past_startsecs),
+                         key=lambda p: fw.seen_at[p])
+            if len(old) < 2:
+                min_live = min(min_live, idle(0.5))
+                continue
+            victims = old[:2]
+            others = fw.targets - set(victims)
+            first_new = len(fw.order)
+            gap = random.uniform(0.01, 0.09)
+            kills = []
+            new = []
+            deadline = None
+            while True:
+                if len(kills) < 2 and (not kills or time.monotonic() - kills[0] >= gap):
+                    kills.append(time.monotonic())
+                    os.kill(victims[len(kills) - 1], signal.SIGKILL)
+                    if len(kills) == 2:
+                        deadline = kills[1] + 15.0
+                fw.poll()
+                min_live = min(min_live, len(fw.targets))
+                siblings_stopped |= others - fw.targets
+                new = fw.order[first_new:]
+                if len(kills) == 2 and len(new) >= 2:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    timeouts += 2 - len(new)
+                    break
+                time.sleep(0.0002)
+            for k, pid in enumerate(new[:2]):
+                (lats if sampler is None else lats_sampled).append(
+                    (fw.seen_at[pid] - kills[k]) * 1000.0)
+            t_pause = random.uniform(0.2, 0.4)
+            min_live = min(min_live, idle(t_pause))
+            siblings_stopped |= others - fw.targets
+            alive()
+        min_live = min(min_live, idle(0.5))
+        alive()
+        if not lats:
+            raise BenchError("no replacement seen (%d timeouts)" % timeouts)
+        lats += [15000.0] * timeouts
+        res = {"S7": statistics.median(lats), "S7max": max(lats),
+               "S7sib": float(len(siblings_stopped)), "S7live": float(min_live),
+               "_S7all": lats}
+        if lats_sampled:
+            res["_S7lat_sampled"] = [round(x, 2) for x in lats_sampled]
+        if sampler is not None:
+            sampler.send("stop\n")
+            r = sampler.result(30)
+            if r["min_running"] is None:
+                raise BenchError("status sampler: no answer (%d errors)" % r["errors"])
+            res["S7run"] = float(r["min_running"])
+            res["_S7samples"] = r["n"]
+            if r["min_ready"] is not None:
+                res["_S7minready"] = r["min_ready"]
+                res["_S7states"] = r["states"]
+        return res
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        obj.stop()
+        ctx.sweep()
+
+
 SCENARIO_FUNCS = {"S1": s1_once, "S2": s2_once, "S3": s3_once, "S4": s4_once,
-                  "S4b": s4b_once, "S5": s5_once, "S6": s6_once}
+                  "S4b": s4b_once, "S5": s5_once, "S6": s6_once, "S7": s7_once}
 SCENARIO_COLUMNS = {"S1": COLUMNS, "S2": COLUMNS, "S3": COLUMNS, "S4": COLUMNS,
-                    "S4b": ["floor", "gafferd"], "S5": COLUMNS, "S6": ["floor", "gafferd"]}
+                    "S4b": ["floor", "gafferd"], "S5": COLUMNS, "S6": ["floor", "gafferd"],
+                    "S7": COLUMNS}
 
 
 # --------------------------------------------------------------------------
@@ -1643,11 +1900,22 @@ ROWS = [
      "higher", "100 %", lambda g, f: g >= 100.0),
     ("S6cpu", "S6 daemon CPU, scaled to 1,000 respawns/s", "% of a core", "lower",
      "≤ 50 %", lambda g, f: g <= 50),
+    ("S7", "S7 kill -9 two of 20 within 100 ms (default settings): kill → "
+     "replacement exec'd, median", "ms", "lower", "≤ 5 ms", lambda g, f: g <= 5),
+    ("S7max", "S7 same, slowest replacement", "ms", "lower", "–", None),
+    ("S7sib", "S7 other workers that stopped (their pids, watched in `/proc`)",
+     "processes", "lower", "0", lambda g, f: g == 0),
+    ("S7live", "S7 fewest live workers seen in `/proc` (of 20)", "processes",
+     "higher", "≥ 18", lambda g, f: g >= 18),
+    ("S7run", "S7 fewest `running` in the manager's own status, sampled every "
+     "10 ms (of 20)", "processes", "higher", "≥ 18", lambda g, f: g >= 18),
 ]
 ROW_SCENARIO = {"S1": "S1", "S2": "S2", "S2p99": "S2", "S3": "S3", "S3p99": "S3",
                 "S3c10": "S3", "S4": "S4", "S4p99": "S4", "S4b": "S4b",
                 "S5idle": "S5", "S5cpu": "S5", "S5wake": "S5", "S5rss": "S5",
-                "S6rate": "S6", "S6deliv": "S6", "S6cpu": "S6"}
+                "S6rate": "S6", "S6deliv": "S6", "S6cpu": "S6",
+                "S7": "S7", "S7max": "S7", "S7sib": "S7", "S7live": "S7", "S7run": "S7"}
+NO_RATIO = {"S7sib", "S7live", "S7run"}   # counts: a ratio means nothing
 FLOOR_ALIAS = {"S5rss": "S5idle"}     # RSS targets are against bare python
 
 
@@ -1737,7 +2005,7 @@ def build_table(results, columns, rows_wanted):
             txt = "**%s**" % fmt(med)
             if len(vals) > 1:
                 txt += " (%s–%s)" % (fmt(min(vals)), fmt(max(vals)))
-            if col != "floor":
+            if col != "floor" and key not in NO_RATIO:
                 rf = ratio(med, fmed)
                 if rf is not None and fmed != 0:
                     txt += " · %s× floor" % fmt_ratio(rf)
@@ -1805,7 +2073,7 @@ def report(ctx, S, results, columns, scenarios, versions, t_start, interrupted,
             notes.append("- %s %s: %s" % (sc, COLUMN_TITLES[col], e))
     extra = []
     for (k, col), vals in sorted(results.extra.items()):
-        if k == "_S2all":
+        if k in ("_S2all", "_S7all"):
             vals = ["%d kills, max %.1f ms" % (len(v), max(v)) for v in vals]
         extra.append("- %s %s: %s" % (k[1:], COLUMN_TITLES[col], json.dumps(vals)))
     if notes:
@@ -1826,7 +2094,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Benchmark gafferd beside supervisord, Circus and the machine's "
-                    "floor (issue 6, scenarios S1-S6). Prints a Markdown table and "
+                    "floor (scenarios S1-S7). Prints a Markdown table and "
                     "writes it to bench/results-<date>.md.")
     ap.add_argument("--quick", action="store_true",
                     help="short windows and 1 repetition (under 3 minutes)")

@@ -607,3 +607,66 @@ def test_console_misses_no_change_made_while_it_loads_and_does_not_scroll(
     assert page.js("window.scrollY") == 0
     assert page.js("document.activeElement === document.getElementById('log')") is False
     assert browser.exceptions == []
+
+
+@needs_chromium
+def test_console_shows_lifecycle_columns_and_follows_a_crash(daemon_factory, tmp_path, browser):
+    """Each template's state, ready count, restarts and last exit are shown,
+    and follow a crash live: kill -9 one of the two workers, the row goes
+    through `starting` (the replacement is not ready before startsecs) back
+    to `running`, restarts shows 1 and the last exit the signal."""
+    d = daemon_factory(console_config(tmp_path))
+    d.wait_running("grp:worker", 2)
+    wait_for(lambda: d.status("grp:worker")["ready"] == 2, 10.0,
+             message="both workers ready (up startsecs)")
+    page = Page(browser)
+    page.navigate("http://127.0.0.1:%d/_plugin/console/" % d.port)
+    page.wait_js("document.body.dataset.ready === '1'", message="the console to load")
+    page.wait_js("document.getElementById('watch-state').dataset.state === 'live'",
+                 message="the /watch feed to be live")
+    heads = page.js("Array.from(document.querySelectorAll('.templates thead th'))"
+                    ".map((th) => th.textContent)")
+    assert "Ready" in heads and "Restarts" in heads and "Last exit" in heads, heads
+    page.wait_js("%s === 'running' && %s === '2' && %s === '0'"
+                 % (row_state("grp:worker"), cell_js("grp:worker", "ready"),
+                    cell_js("grp:worker", "restarts")),
+                 message="grp:worker running, 2 ready, no restart")
+    assert page.js(cell_js("grp:worker", "last_exit")) == "—"
+    assert page.js(cell_js("idle", "ready")) == "0"
+    assert page.js(row_state("idle")) == "stopped"
+
+    # every state the row shows from now on
+    page.js("""(() => { window.seenStates = [];
+        new MutationObserver(() => {
+            const r = %s; const s = r && r.dataset.state;
+            if (s && window.seenStates[window.seenStates.length - 1] !== s) window.seenStates.push(s);
+        }).observe(document.getElementById('templates-body'),
+                   {subtree: true, attributes: true, attributeFilter: ['data-state']});
+        return true; })()""" % row_js("grp:worker"))
+    ids = d.pids("grp:worker")
+    victim = d.os_pid(ids[0])
+    os.kill(victim, signal.SIGKILL)
+    page.wait_js("%s === '1'" % cell_js("grp:worker", "restarts"), message="one restart shown")
+    page.wait_js("%s.startsWith('SIGKILL · ')" % cell_js("grp:worker", "last_exit"),
+                 message="the last exit shown as SIGKILL")
+    cell = "%s.querySelector('[data-field=\"last_exit\"]')" % row_js("grp:worker")
+    assert page.js("%s.dataset.signal" % cell) == "9"
+    title = page.js("%s.title" % cell)
+    assert "killed by SIGKILL" in title and ("pid %d" % victim) in title, title
+    # the replacement becomes ready after startsecs: the row is running again
+    wait_for(lambda: d.status("grp:worker")["ready"] == 2, 10.0,
+             message="the replacement ready")
+    page.wait_js("%s === 'running' && %s === '2'"
+                 % (row_state("grp:worker"), cell_js("grp:worker", "ready")),
+                 message="the row running again with 2 ready")
+    seen = page.js("window.seenStates")
+    assert "starting" in seen and seen[-1] == "running", seen
+    st = d.status("grp:worker")
+    assert st["restarts"] == 1 and st["last_exit"]["term_signal"] == signal.SIGKILL, st
+    assert page.js(cell_js("grp:worker", "restarts")) == "1"
+    # the other templates were not touched
+    assert page.js(cell_js("dummy", "restarts")) == "0"
+    assert page.js(cell_js("dummy", "last_exit")) == "—"
+    page.js("document.getElementById('statusbar').hidden = true")
+    page.screenshot("console-lifecycle.png")
+    assert browser.exceptions == []

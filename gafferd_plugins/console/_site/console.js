@@ -5,11 +5,15 @@
  * framework, no build step, no external resource.
  *
  * How the page stays current
- *   - GET /status lists the templates; GET /stats/NAME gives their processes
- *     (internal id, OS pid, CPU, memory); GET /processes/NAME the definition.
+ *   - GET /status lists the templates with their lifecycle summary (state,
+ *     ready count, restarts, last exit); GET /status/NAME re-reads one;
+ *     GET /stats/NAME gives their processes (internal id, OS pid, CPU,
+ *     memory); GET /processes/NAME the definition.
  *   - GET /watch?feed=eventsource is read with fetch() and a stream reader
  *     (EventSource cannot send an Authorization header). Each event naming a
- *     template schedules a (debounced) refresh of that template's row. Nothing
+ *     template schedules a (debounced) refresh of that template's row; a
+ *     `state` event and an `exit` nobody asked for are also shown at once,
+ *     before that refresh confirms them. Nothing
  *     polls the daemon for state; only CPU/memory figures are re-read on a slow
  *     timer, because no event announces that they changed.
  *   - No change is ever missed, at start-up or after a lost feed: the feed is
@@ -540,9 +544,9 @@
   /* Templates: rendering                                                 */
   /* ------------------------------------------------------------------ */
 
-  const COLUMNS = ["name", "group", "state", "running", "procs", "cpu", "mem", "rss",
-                   "uptime", "restarts", "actions"];
-  const NUMERIC = new Set(["cpu", "mem", "rss", "uptime", "restarts"]);
+  const COLUMNS = ["name", "group", "state", "running", "ready", "procs", "cpu", "mem", "rss",
+                   "uptime", "restarts", "last_exit", "actions"];
+  const NUMERIC = new Set(["ready", "cpu", "mem", "rss", "uptime", "restarts"]);
 
   const ACTIONS = [
     {action: "start", label: "Start", title: "start the template"},
@@ -616,6 +620,10 @@
     c.state.replaceChildren(badge(state));
     c.running.textContent = (s.running != null ? s.running : "?") + " / " +
                             (s.max_processes != null ? s.max_processes : "?");
+    c.ready.textContent = typeof s.ready === "number" ? String(s.ready) : "—";
+    c.ready.title = "processes ready (of " + (s.max_processes != null ? s.max_processes : "?") +
+                    " wanted)" + (s.waiting_for && s.waiting_for.length ?
+                    "; waiting for " + s.waiting_for.join(", ") : "");
     c.procs.replaceChildren(pidList(t.procs));
 
     const live = t.procs.length > 0;
@@ -624,10 +632,14 @@
     c.mem.textContent = live ? num(sum("mem"), 1) : "—";
     c.rss.textContent = live ? formatSize(t.procs.reduce((a, p) => a + parseSize(p.rss), 0)) : "—";
     renderUptime(t);
-    const restarts = metrics.restarts.has(t.name) ? metrics.restarts.get(t.name) : t.restarts;
+    // the daemon's count (GET /status/NAME, else /metrics), else what this page saw
+    const known = typeof s.restarts === "number" ? s.restarts :
+                  metrics.restarts.has(t.name) ? metrics.restarts.get(t.name) : null;
+    const restarts = known != null ? known : t.restarts;
     c.restarts.textContent = restarts != null ? String(restarts) : "—";
-    c.restarts.title = metrics.restarts.has(t.name) ? "restarts (daemon)" :
+    c.restarts.title = known != null ? "exits nobody asked for since the template started" :
                        "unasked-for exits seen by this page";
+    renderLastExit(t);
 
     const btn = (a) => t.row.querySelector('button[data-action="' + a + '"]');
     btn("start").disabled = state === "running" && s.running >= s.max_processes;
@@ -637,6 +649,45 @@
     renderProcRows(t);
     if (prev && prev !== state) flash(t.row);
     renderEmpty();
+  }
+
+  /* Linux signal numbers (what the daemon reports in term_signal). */
+  const SIGNALS = ["", "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL",
+                   "USR1", "SEGV", "USR2", "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT",
+                   "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF",
+                   "WINCH", "IO", "PWR", "SYS"];
+
+  /* "SIGKILL" (killed by it) or "exit 3", from a last_exit object or an
+   * exit event. */
+  function exitText(e) {
+    if (e.term_signal) {
+      const n = e.term_signal;
+      return SIGNALS[n] ? "SIG" + SIGNALS[n] : "signal " + n;
+    }
+    return "exit " + (e.exit_status != null ? e.exit_status : "?");
+  }
+
+  /* The last exit nobody asked for: what, and how long ago (redrawn every
+   * second with the uptimes); the title holds the details. */
+  function renderLastExit(t) {
+    if (!t.row) return;
+    const cell = t.row.cells_.last_exit;
+    const e = (t.status || {}).last_exit;
+    if (!e) {
+      cell.textContent = "—";
+      cell.title = "no exit nobody asked for";
+      delete cell.dataset.signal;
+      delete cell.dataset.status;
+      return;
+    }
+    const ago = typeof e.time === "number" ? Date.now() / 1000 - e.time : NaN;
+    cell.textContent = exitText(e) + (isFinite(ago) ? " · " + formatDuration(Math.max(0, ago)) + " ago" : "");
+    cell.dataset.signal = e.term_signal || 0;
+    cell.dataset.status = e.exit_status != null ? e.exit_status : "";
+    cell.title = (e.term_signal ? "killed by " : "") + exitText(e) + ": #" + e.id +
+                 (e.os_pid != null ? " (pid " + e.os_pid + ")" : "") +
+                 (typeof e.uptime === "number" ? ", up " + e.uptime.toFixed(1) + " s" : "") +
+                 (typeof e.time === "number" ? ", at " + new Date(e.time * 1000).toLocaleString() : "");
   }
 
   function argsOf(def) {
@@ -689,7 +740,7 @@
       tr.dataset.name = t.name;
       tr.dataset.id = p.id;
       const cells = {
-        name: "#" + p.id, group: "", state: "", running: "",
+        name: "#" + p.id, group: "", state: "", running: "", ready: "", last_exit: "",
         procs: p.pid != null ? "pid " + p.pid : "", cpu: num(p.cpu, 1), mem: num(p.mem, 1),
         rss: formatSize(parseSize(p.rss)),
         uptime: uptimeOf(t, p) != null ? formatDuration(uptimeOf(t, p)) : "—", restarts: "",
@@ -721,6 +772,7 @@
   /* Uptime cells only: redrawn every second from what is known, no request. */
   function renderUptime(t) {
     if (!t.row) return;
+    renderLastExit(t);
     const ups = t.procs.map((p) => uptimeOf(t, p)).filter((u) => u != null);
     t.row.cells_.uptime.textContent = ups.length ? formatDuration(Math.max.apply(null, ups)) : "—";
     t.procRows.forEach((tr, i) => {
@@ -745,7 +797,7 @@
     if (!n && !ph) {
       const tr = document.createElement("tr");
       tr.className = "placeholder";
-      tr.innerHTML = '<td colspan="11"></td>';
+      tr.innerHTML = '<td colspan="' + COLUMNS.length + '"></td>';
       body.appendChild(tr);
     }
     const cell = body.querySelector("tr.placeholder td");
@@ -900,10 +952,34 @@
       }
       case "exit": {
         const t = templates.get(name);
-        // An exit nobody asked for (no stop_pid/reap announced it) is a restart.
-        if (t && !(t.stopping && t.stopping.has(payload.pid))) t.restarts += 1;
+        // An exit nobody asked for (no stop_pid/reap announced it) is a restart:
+        // shown at once; the refresh below brings the daemon's own figures.
+        if (t && !(t.stopping && t.stopping.has(payload.pid))) {
+          t.restarts += 1;
+          if (t.status) {
+            t.status.last_exit = {id: payload.pid, os_pid: payload.os_pid,
+                                  exit_status: payload.exit_status, term_signal: payload.term_signal,
+                                  uptime: payload.uptime, time: Date.now() / 1000};
+            // a success (by the template's success_exit_codes) that is not
+            // restarted (restart_in null) leaves the process exited: no restart
+            const codes = t.def && Array.isArray(t.def.success_exit_codes) ?
+                          t.def.success_exit_codes : [0];
+            const ok = payload.restart_in == null && !payload.term_signal &&
+                       codes.indexOf(payload.exit_status) >= 0;
+            if (!ok && typeof t.status.restarts === "number") t.status.restarts += 1;
+            render(t);
+          }
+        }
         if (t && t.stopping) t.stopping.delete(payload.pid);
         scheduleMetrics();
+        break;
+      }
+      case "state": {
+        const t = templates.get(name);
+        if (t && t.status && typeof payload.state === "string") {
+          t.status.state = payload.state;
+          render(t);
+        }
         break;
       }
       case "stop_pid": case "reap": {
