@@ -121,6 +121,14 @@ def stamps(path):
         return {line.split()[0]: float(line.split()[1]) for line in f if line.strip()}
 
 
+def stamps_of(path, *names):
+    """stamps(path) once every one of ``names`` has written its line: a
+    process is ready after startsecs, which a slow interpreter start-up on
+    a busy machine can outlast before the program's first line runs."""
+    return wait_for(lambda: all(n in stamps(path) for n in names) and stamps(path), 10,
+                    message="start stamps of %s" % ", ".join(names))
+
+
 def test_web_waits_for_db_to_be_ready_whatever_the_priority(daemon_factory, tmp_path):
     log = str(tmp_path / "stamps")
     prog = write(tmp_path, "p.py", STAMP + SLEEP)
@@ -141,7 +149,7 @@ def test_web_waits_for_db_to_be_ready_whatever_the_priority(daemon_factory, tmp_
     seen = [(e["event"], e.get("name")) for e in events]
     assert seen.index(("ready", "db")) < seen.index(("spawn", "web")), seen
     assert d.status("web")["waiting_for"] == []
-    when = stamps(log)
+    when = stamps_of(log, "db", "web")
     assert when["db"] < when["web"], when
 
 
@@ -156,7 +164,7 @@ def test_a_migration_runs_before_the_web_server(daemon_factory, tmp_path):
                                restart="never", depends_on="db"))
     wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
     assert d.status("migrate")["state"] == "completed"
-    when = stamps(log)
+    when = stamps_of(log, "migrate", "web")
     assert when["migrate"] < when["web"] - 0.25, when        # web began after migrate ended
     assert d.pids("db")[0] < d.status("migrate")["last_exit"]["id"] < d.pids("web")[0]
 
@@ -205,7 +213,7 @@ def test_start_starts_stopped_dependencies_first_unless_no_deps(daemon_factory, 
     wait_for(lambda: d.status("web")["state"] == "running", 10, message="web running")
     assert d.status("app")["state"] == "running"
     wait_for(lambda: d.status("db")["state"] == "running", 10, message="db running")
-    when = stamps(log)
+    when = stamps_of(log, "app", "web")
     assert when["app"] < when["web"], when
     assert d.pids("db")[0] < d.pids("app")[0] < d.pids("web")[0]      # ids follow the spawns
     # a completed or running dependency is left alone; a failed one is started again

@@ -30,16 +30,22 @@ while True:
 
 # an orphan adopted by the daemon (the parent exits at once) that records
 # the SIGTERM it gets and then exits
+# The parent exits only once its child has left the process group (the
+# group's remnants get SIGTERM when the parent exits) and says where it is.
 ORPHAN = r"""
 import os, signal, sys, time
 if os.fork():
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sys.argv[1] + ".pid") and time.monotonic() < deadline:
+        time.sleep(0.01)
     os._exit(0)
 os.setsid()
 def term(*a):
     open(sys.argv[1], "w").write("TERM")
     os._exit(0)
 signal.signal(signal.SIGTERM, term)
-open(sys.argv[1] + ".pid", "w").write(str(os.getpid()))
+open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1] + ".pid")
 while True:
     time.sleep(1)
 """
@@ -87,7 +93,7 @@ def test_adopted_orphans_get_sigterm_at_the_start_of_shutdown(daemon_factory, tm
         [process:parent]
         cmd = %s
         args = %s %s
-        flapping = off
+        restart = never
         [process:stubborn]
         cmd = sh -c 'trap "" TERM; while true; do sleep 0.1; done'
         graceful_timeout = 3
