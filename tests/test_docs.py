@@ -4,7 +4,7 @@ Each config key, route and event is described in one place of docs/; these
 tests fail when a key, route or event is added to (or removed from) the
 tables in gafferd.py without the matching line in the docs, when README.md
 grows past what a new user reads, or when a relative link or #anchor in
-README.md, HACKING.md, bench/ and soak/ READMEs or docs/*.md points at
+README.md, HACKING.md, SECURITY.md, bench/ and soak/ READMEs or docs/*.md points at
 nothing.  Pure: no daemon is started.
 """
 from __future__ import annotations
@@ -103,8 +103,9 @@ def table_after(path, heading):
 
 
 def markdown_files():
-    return ([ROOT / "README.md", ROOT / "HACKING.md", ROOT / "bench" / "README.md",
-             ROOT / "soak" / "README.md"] + sorted(DOCS.glob("*.md")))
+    return ([ROOT / "README.md", ROOT / "HACKING.md", ROOT / "SECURITY.md",
+             ROOT / "bench" / "README.md", ROOT / "soak" / "README.md"]
+            + sorted(DOCS.glob("*.md")))
 
 
 # -- README --------------------------------------------------------------------------------------
