@@ -1692,9 +1692,9 @@ def s1_crash_storm(sc):
     duration = 10.0 if sc.short else 60.0
     crash = sc.write("crash.sh", CRASH_SH)
     cfg = endpoint_config() + "".join(
-        "[process:storm:c%03d]\ncmd = %s\nflapping = off\n\n" % (i, crash) for i in range(n))
+        "[process:storm:c%03d]\ncmd = %s\nstartsecs = 0\nrestart_delay = 0\n\n" % (i, crash) for i in range(n))
     d = sc.daemon(cfg).start()
-    sc.fig("templates / lifetime", "%d / 0-50 ms, flapping off, %.0f s" % (n, duration))
+    sc.fig("templates / lifetime", "%d / 0-50 ms, immediate respawns (startsecs = 0, restart_delay = 0), %.0f s" % (n, duration))
     time.sleep(4.0)                                   # warm-up storm (fills every recent list)
     d.j("POST", "/groups/storm/_stop")
     d.wait_status(lambda st: all(s["running"] == 0 for s in st.values()), 30, "the warm-up to stop")
@@ -1999,7 +1999,7 @@ def s4_streams(sc):
     stats = os.path.join(sc.dir, "produced")
     cfg = endpoint_config() + (
         "[process:prod]\ncmd = %s\nargs = -u %s %d %s\nnumprocesses = %d\n"
-        "redirect_output = stdout\nredirect_input = true\nflapping = off\n"
+        "redirect_output = stdout\nredirect_input = true\nstartsecs = 0\nrestart_delay = 0\n"
         "graceful_timeout = 2\n\n" % (PY, prod, rate, stats, nprod))
     d = sc.daemon(cfg).start()
     d.wait_status(lambda st: st["prod"]["running"] == nprod, 30, "producers")
@@ -2201,7 +2201,7 @@ def s6_hostile(sc):
     cfg = endpoint_config()
     for mode in modes:
         cfg += ("[process:hostile:%s]\ncmd = %s\nargs = %s %s %s\nredirect_output = stdout, stderr\n"
-                "graceful_timeout = %s\nflapping = off\nstart = false\n\n"
+                "graceful_timeout = %s\nstartsecs = 0\nrestart_delay = 0\nstart = false\n\n"
                 % (mode, PY, prog, mode, state, gt))
     cfg += "[process:warm]\ncmd = sleep 100000\nstart = false\n\n"
     d = sc.daemon(cfg).start()
@@ -2385,9 +2385,9 @@ def s7_exhaustion(sc):
         os.symlink(os.path.join(sc.dir, "writer-real.log"), logpath)
     cfg = endpoint_config() + (
         "[process:hog]\ncmd = sleep 100000\nnumprocesses = 10\nredirect_output = stdout, stderr\n"
-        "start = false\nflapping = off\n\n"
+        "start = false\nstartsecs = 0\nrestart_delay = 0\n\n"
         "[process:many]\ncmd = sleep 100001\nnumprocesses = 10\nredirect_output = stdout, stderr\n"
-        "start = false\nflapping = off\n\n"
+        "start = false\nstartsecs = 0\nrestart_delay = 0\n\n"
         "[process:writer]\ncmd = %s\nargs = -u %s\nredirect_output = stdout\n"
         "stdout_logfile = %s\n\n" % (PY, writer, logpath))
     d = sc.daemon(cfg).start()
@@ -2627,7 +2627,7 @@ def s8_last_output(sc):
     cfg = endpoint_config() + (
         "[process:last]\ncmd = %s\nargs = -u %s\nredirect_output = stdout, stderr\n"
         "redirect_input = true\nstdout_logfile = logs/last.out\nstderr_logfile = logs/last.err\n"
-        "flapping = off\noutput_buffer = 256KB\n\n" % (PY, prog))
+        "startsecs = 0\nrestart_delay = 0\noutput_buffer = 256KB\n\n" % (PY, prog))
     d = sc.daemon(cfg).start()
     out_log, err_log = os.path.join(logs, "last.out"), os.path.join(logs, "last.err")
     sizes = [10, 4000, 65536, 200000, 70000, 1000, 300000]
