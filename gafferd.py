@@ -80,7 +80,7 @@ Loop API offered to plugins (``start(loop, manager)``)
                                          callback(status, body, error);
                                          -> request with .cancel()
 
-Manager API: see ``Manager`` (§8) and SPEC section 10.4; plugin API:
+Manager API: see ``Manager`` (§8) and docs/plugins.md; plugin API:
 see ``Plugin`` (§10).
 """
 from __future__ import annotations
@@ -118,7 +118,7 @@ import types
 import urllib.parse
 
 # Heavy modules (ssl, hashlib, hmac, ctypes, difflib, mimetypes, email) are
-# imported where they are used, so an idle daemon stays small (issue 6, S5).
+# imported where they are used, so an idle daemon stays small (bench/README.md, S5).
 
 __version__ = "0.4.4"        # the API contract version that clients compare
 GAFFERD_VERSION = "1.0.0"    # this implementation's own version
@@ -131,7 +131,7 @@ log = logging.getLogger("gafferd")
 # by all later sections.  Uses nothing but the standard library.
 
 DEFAULT_BIND = "127.0.0.1:5000"
-DEFAULT_PORT = 8000                  # SPEC 2.3: "host" without a port
+DEFAULT_PORT = 8000                  # "host" without a port listens here, as in gaffer 0.4.4
 DEFAULT_BACKLOG = 128
 DEFAULT_GRACEFUL_TIMEOUT = 10.0
 DEFAULT_OUTPUT_BUFFER = 64 * 1024    # ring buffer per output label
@@ -152,7 +152,7 @@ SPAWN_BATCH = 64                     # spawns per restart step
 SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
-SAMPLE_INTERVAL = 0.1                # stats feeds, SPEC 9.3
+SAMPLE_INTERVAL = 0.1                # stats feeds sample this often, as gaffer 0.4.4 did
 HEARTBEAT_DEFAULT = 60.0             # heartbeat=true
 WEBHOOK_TIMEOUT = 20.0
 WEBHOOK_ATTEMPTS = 3
@@ -181,7 +181,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2,
 
 
 def parse_bool(value) -> bool:
-    """configparser's boolean words (SPEC 2.1), or a JSON bool/0/1."""
+    """configparser's boolean words (1/yes/true/on, 0/no/false/off), or a JSON bool/0/1."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -198,7 +198,7 @@ def parse_bool(value) -> bool:
 # here; a value outside it is a config error naming file, section and
 # key, or a 400 naming the parameter.  Nothing larger reaches a timer
 # (epoll refuses timeouts beyond 2**31 ms, select() raises on them) or
-# sizes a buffer.  README "Configuration" and "HTTP API" quote this table.
+# sizes a buffer.  docs/configuration.md and docs/http-api.md quote this table.
 MAX_DURATION = 7 * 24 * 3600.0       # one week: every timeout, interval and delay
 MAX_COUNT = 1000000                  # retries, attempts, lines, connections
 MAX_BUFFER = 1 << 30                 # bytes held in memory (ring, request body)
@@ -316,7 +316,7 @@ def parse_list(value) -> list:
 
 
 def human_size(n: int) -> str:
-    """SPEC 9.1: the largest power-of-1024 unit <= n, floored (4534272 -> 4M)."""
+    """gaffer 0.4.4's sizes: the largest power-of-1024 unit <= n, floored (4534272 -> 4M)."""
     for power, letter in reversed(list(enumerate("KMGTPEZY", 1))):
         unit = 1024 ** power
         if n >= unit:
@@ -325,7 +325,7 @@ def human_size(n: int) -> str:
 
 
 def format_ctime(seconds: float) -> str:
-    """Total CPU time as M:SS.cc (SPEC 9.1 re-implementation)."""
+    """Total CPU time as M:SS.cc, gaffer 0.4.4's look without its hour and centisecond bugs."""
     centis = int(round(seconds * 100))
     return "%d:%02d.%02d" % (centis // 6000, centis // 100 % 60, centis % 100)
 
@@ -466,8 +466,8 @@ class SpawnError(Exception):
 
 
 # § 3 configuration (pure) ---------------------------------------------------
-# Owns: the INI format (SPEC section 2) and the JSON template format (SPEC
-# 6.4.2), turned into validated, read-only ``TemplateSpec`` and
+# Owns: the INI format (docs/configuration.md) and the JSON template format
+# of POST /processes, turned into validated, read-only ``TemplateSpec`` and
 # ``EndpointSpec`` objects inside a ``Config``.  Every key of every section
 # is in a table below with its type, default and help text.  Uses §1-§2;
 # reads files and the user database but starts nothing.  Used by the
@@ -475,7 +475,7 @@ class SpawnError(Exception):
 
 
 class Flapping:
-    """Flapping limits (SPEC 3.8): ``attempts`` exits within ``window``
+    """Flapping limits (gaffer 0.4.4's ``flapping``): ``attempts`` exits within ``window``
     seconds stop the template; it is retried after ``retry_in`` seconds,
     at most ``max_retry`` times, then it stays stopped ("failed")."""
 
@@ -918,7 +918,7 @@ PROCESS_KEYS = collections.OrderedDict([
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
              "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on")
 
-# Keys every INI template reports in GET /processes/NAME (SPEC 2.7).
+# Keys every INI template reports in GET /processes/NAME, given or not, as gaffer 0.4.4 did.
 _INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
                "numprocesses", "start", "priority")
 
@@ -1025,7 +1025,7 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     ConfigErrors when several keys are bad (every one is reported).
 
     ``raw`` holds INI strings or JSON values.  Everything that can be
-    checked before a spawn is checked here (SPEC 3.11): the name, numbers,
+    checked before a spawn is checked here, not at spawn time: the name, numbers,
     users, groups, the working directory, ``$VAR`` references and that
     the executable exists.  A key no table knows is neither stored nor
     compared by ``TemplateSpec.key()``; it is reported as a line added
@@ -1098,7 +1098,7 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
 
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
-    """SPEC 3.4 re-implementation: the daemon's environment (if os_env)
+    """Not gaffer 0.4.4's in-place merge: the daemon's environment (if os_env)
     overlaid with the explicit env, a new dict every time.
 
     With a ``uid``, HOME, USER, LOGNAME and SHELL are those of that user
@@ -1123,7 +1123,7 @@ def _user_environment(uid: int) -> dict:
 
 
 def command_line(spec: TemplateSpec, env) -> list:
-    """argv for a spawn (SPEC 3.3 with the shell and $VAR fixes).
+    """argv for a spawn (``shell``: cmd unsplit under sh -c; $VAR also in argv[0]).
 
     Raises KeyError for an unknown ``$VAR`` and ValueError for bad quoting.
     """
@@ -1303,7 +1303,7 @@ def build_endpoint(name, items, defaults, source, section, base_dir, resolve=Tru
     for problem in problems.values():
         raise problem
     if not values.get("backlog"):
-        values["backlog"] = DEFAULT_BACKLOG       # SPEC 1: 0 means unset
+        values["backlog"] = DEFAULT_BACKLOG       # 0 means unset, as in gaffer 0.4.4
     spec = EndpointSpec(name, values, source)
     if spec.auth_token_file and not spec.auth_token:
         try:
@@ -1547,7 +1547,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
                     errors.append(exc)
                 except ConfigErrors as exc:
                     errors.extend(exc.errors)
-    # Merge: later files win, new sections are appended (SPEC 2.2).
+    # Merge: later files win, new sections are appended, as gaffer 0.4.4 did.
     combined = configparser.ConfigParser(interpolation=None)
     origin = {}            # section -> (file label, base dir)
     webhooks = collections.OrderedDict()
@@ -1657,7 +1657,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
 # Owns: the lifecycle of a process slot (its state table, the restart
 # policy, exit classification, backoff delays) and the state of a template
 # derived from its slots, the ring buffer that keeps recent output, and
-# reading process facts from /proc (SPEC section 9).  The clock is always
+# reading process facts from /proc (for GET /stats).  The clock is always
 # an argument.  Uses §1, §3 (RANGES for the backoff).  Used by §8.
 
 # -- the process lifecycle --------------------------------------------------
@@ -2135,7 +2135,7 @@ def read_cmdline(pid: int, limit: int = MAX_CMDLINE):
 
 
 def process_stats(pid: int, previous, now: float, kids=None, depth=0):
-    """SPEC 9.1 stats dict for ``pid``; ``previous`` is (time, cpu seconds)
+    """gaffer 0.4.4's stats dict for ``pid``; ``previous`` is (time, cpu seconds)
     of the last sample, for the CPU percentage.  None if the process is
     gone.  Returns (stats, sample)."""
     fields = read_proc_stat(pid)
@@ -2170,7 +2170,7 @@ def process_stats(pid: int, previous, now: float, kids=None, depth=0):
 
 
 def summarize_stats(name: str, stats: list) -> dict:
-    """SPEC 9.2 template-stats object (``"N/A"`` when nothing is live)."""
+    """GET /stats/NAME's object: sums, max and min (``"N/A"`` when nothing is live)."""
     out = {"name": name, "stats": stats}
     for key in ("mem", "cpu"):
         values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]
@@ -2183,7 +2183,7 @@ def summarize_stats(name: str, stats: list) -> dict:
 
 
 # § 5 events (pure) --------------------------------------------------------
-# Owns: event names and patterns (SPEC 4.1) and the queued bus that
+# Owns: event names and dotted-prefix patterns and the queued bus that
 # delivers them.  The bus is given a ``call_soon`` so it never calls a
 # listener from inside ``publish``.  Used by the manager (§8), webhooks
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
@@ -2213,7 +2213,7 @@ class EventBus:
     """Publish/subscribe with asynchronous, ordered, at-most-once delivery.
 
     ``subscribe(pattern, listener)``: ``listener(event_name, payload)`` is
-    called for every later event matching ``pattern`` (SPEC 4.1).  The
+    called for every later event matching ``pattern`` (``.`` or a dotted prefix).  The
     same listener under the same pattern is kept once.  ``publish`` only
     queues; delivery runs from ``call_soon``.  A listener that raises is
     logged and the others still run.
@@ -2999,7 +2999,7 @@ class MemoryTrimmer:
 
 
 # § 8 processes (I/O) ------------------------------------------------------
-# Owns: spawning children (SPEC 3.3-3.6), their pipes, ring buffers and
+# Owns: spawning children (argv, environment, fds, user), their pipes, ring buffers and
 # log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
 # graceful_timeout), reacting to exits (respawn, flapping), the readiness
 # checks that need no network client (log:, cmd:, the sd_notify socket and
@@ -3822,7 +3822,7 @@ class Template:
 
 # -- readiness checks ---------------------------------------------------------------
 # What ``Manager.READY_PROBES`` starts for a new process (the ``ready``
-# key, README "Readiness").  Each is an object with ``cancel()`` kept in
+# key, docs/lifecycle.md "Readiness").  Each is an object with ``cancel()`` kept in
 # ``Process.watch`` and cancelled when the process stops or exits; none
 # ever blocks the loop: output is looked at as it is read, sockets are
 # non-blocking, a ``cmd:`` check is a child reaped like any other.
@@ -3837,7 +3837,7 @@ class LineWatch:
     child printing 100 MB without a newline costs one newline search per
     read and one regex run.  The regex itself comes from the config: one
     with catastrophic backtracking still runs on the loop, on lines of at
-    most READY_LINE_MAX bytes (the config's problem, as the README says).
+    most READY_LINE_MAX bytes (the config's problem, as docs/lifecycle.md says).
     """
 
     def __init__(self, regex, on_match):
@@ -4123,7 +4123,7 @@ def _parse_target(name_or_id):
 class Manager:
     """Owns templates, processes, groups and the event bus.
 
-    The API applications and plugins use (SPEC 10.4):
+    The API applications and plugins use (gaffer 0.4.4's names):
         subscribe(pattern, cb) / unsubscribe / subscribe_once / publish
         add_process(name, cmd, **settings) (KeyError on conflict, ValueError
             when invalid), update_process(name, cmd, **settings),
@@ -4269,7 +4269,7 @@ class Manager:
         self.update_template(t, spec, start)
 
     def update_template(self, t: Template, spec: TemplateSpec, start=None):
-        """SPEC 3.2 update: stop the old processes, take the new definition
+        """Update: stop the old processes, take the new definition
         in place (group kept), start again unless ``start`` is false."""
         self._stop(t)
         t.take_spec(spec)
@@ -4368,7 +4368,7 @@ class Manager:
         self._replace(t, [], old)
 
     def _replace(self, t, pairs, rest):
-        """Restart step (SPEC 3.2, 4.2): a replacement slot (same slot
+        """Restart step, new before old as in gaffer 0.4.4: a replacement slot (same slot
         number) for each of up to SPAWN_BATCH old slots, then, once every
         replacement has had its exec (over as many iterations as the spawn
         budget needs), the old slots are reaped: n spawns, then n reaps.
@@ -4462,7 +4462,7 @@ class Manager:
         return self.get_template(name).status(self.loop)
 
     def process_stats(self, proc, kids=None):
-        """SPEC 9.1 stats of one process, plus ``id`` and ``name``; None if
+        """The stats dict of one process, plus ``id`` and ``name``; None if
         it vanished."""
         now = self.loop.time()
         stats, sample = process_stats(proc.pid, proc.sample, now,
@@ -4492,7 +4492,7 @@ class Manager:
 
     def monitor(self, name_or_id, listener):
         """``listener("stat", stats)`` every SAMPLE_INTERVAL for a process,
-        or for each process live now of a template (SPEC 9.3)."""
+        or for each process live now of a template (later ones are not added)."""
         name, pid = _parse_target(name_or_id)
         procs = [self.running[pid]] if pid is not None else list(self.get_template(name).running)
         for proc in procs:
@@ -4804,7 +4804,7 @@ class Manager:
     def _manage(self, t):
         """Bring ``t`` to ``numprocesses`` slots: add the missing ones
         (lowest free slot numbers), reap the surplus: slots without a
-        process first, then the oldest processes (SPEC 3.2)."""
+        process first, then the oldest processes, as gaffer 0.4.4 did."""
         if not self._eligible(t):
             self._update_state(t)
             return
@@ -4880,7 +4880,7 @@ class Manager:
             self.spawn_failures += 1
             t.last_error = str(exc)
             log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
-            # like an exit with status 127 (SPEC 3.11) after no time up
+            # counts as an exit with status 127 after no time up: respawn and backoff apply
             self._after_exit(t, slot, proc, 127, 0, 0.0, False)
             return False
         self.spawned_total += 1
@@ -5000,7 +5000,7 @@ class Manager:
         proc.sample = (self.loop.time(), 0.0)
 
     def _identity(self, spec):
-        """Popen arguments that switch user and group (SPEC 3.6)."""
+        """Popen arguments that switch group, groups and user in the child."""
         if spec.uid is None and spec.gid is None:
             return {}
         uid, gid = spec.uid, spec.gid
@@ -5306,7 +5306,7 @@ class Manager:
     # once no child of ours is left the applications stop and the
     # callbacks run, exactly once.  A second ``stop`` hurries (SIGKILL).
     def start(self):
-        """Start the applications (SPEC 8.1 step 9)."""
+        """Start the applications in list order; one that raises is disabled."""
         for app in list(self.apps):
             try:
                 app.start(self.loop, self)
@@ -5329,7 +5329,7 @@ class Manager:
             self.loop.call_soon(callback)
 
     def stop(self, callback=None):
-        """Graceful shutdown (SPEC 8.2).  A second call skips the rest of
+        """Graceful shutdown: templates, then applications.  A second call skips the rest of
         every grace period."""
         if callback:
             self._stop_callbacks.append(callback)
@@ -5568,7 +5568,7 @@ class Orphans:
 
 
 def _chain_preexec(first, custom_fds):
-    """preexec_fn that puts custom stream fds on 3, 4, ... (SPEC 3.5).
+    """preexec_fn that puts custom stream fds on 3, 4, ... in label order.
 
     It runs in the child after the fork and before subprocess closes the
     fds not in ``pass_fds``; ``pass_fds`` must be exactly 3, 4, ... so
@@ -5612,7 +5612,7 @@ def _hold_fd_numbers(below: int) -> list:
 # /etc/resolv.conf), so that no getaddrinfo() ever blocks the loop; the
 # ``tcp:`` and ``http:`` readiness checks, which it adds to
 # ``Manager.READY_PROBES``; and
-# the webhooks application (SPEC section 5, issue 4): exact event names
+# the webhooks application: exact event names
 # and ".", in-order delivery per URL, 3 attempts with back-off, a bounded
 # queue.  Uses §1, §5, §7, §8 (ReadyPoller).  Plugins use ``http_request``.
 
@@ -5997,7 +5997,7 @@ Manager.READY_PROBES.update(tcp=_ready_on_tcp, http=_ready_on_http)
 
 
 class Webhooks:
-    """POST each matching manager event, as JSON, to its URLs (SPEC 5).
+    """POST each matching manager event, as JSON, to its URLs.
 
     A hook fires on an exact event name or on ".".  Each URL has its own
     FIFO queue and at most one request in flight, so deliveries to one
@@ -6098,8 +6098,8 @@ class Webhooks:
 
 
 # § 10 plugins ---------------------------------------------------------------
-# Owns: the ``Plugin`` base class, discovery of plugin directories (SPEC
-# 7.2 with its fixes), mandatory dependencies, the wrapper that keeps a
+# Owns: the ``Plugin`` base class, discovery of plugin directories (see
+# docs/plugins.md), mandatory dependencies, the wrapper that keeps a
 # failing plugin from hurting the daemon, and finding a plugin's static
 # site.  Uses §1-§8.  Used by the HTTP API (§11) and main() (§14).
 #
@@ -6133,7 +6133,7 @@ class Plugin:
 def install_import_aliases():
     """Make ``from gafferd import Plugin`` and ``from gaffer import Plugin``
     give this very module's class, also when it runs as a script or under
-    a wrapper such as ``python -m cProfile`` (SPEC 7.4)."""
+    a wrapper such as ``python -m cProfile`` (else a plugin's subclass check fails)."""
     module = sys.modules.get(__name__)
     if getattr(module, "Plugin", None) is not Plugin:
         module = types.ModuleType("gafferd", __doc__)
@@ -6157,7 +6157,7 @@ class PluginDir:
 
     def site_root(self):
         """``_site/``, or the directory itself when it has an index.html
-        and no plugin class (SPEC 7.2 step 3); looked up on every request,
+        and no plugin class, as gaffer 0.4.4 chose; looked up on every request,
         so sites added while the daemon runs are served."""
         site = os.path.join(self.path, "_site")
         if os.path.isdir(site):
@@ -6345,7 +6345,7 @@ class Plugins:
 
 
 # § 11 HTTP API -----------------------------------------------------------------
-# Owns: the route table (SPEC 6.2 plus /status, /metrics, /reload and
+# Owns: the route table (gaffer 0.4.4's routes plus /status, /metrics, /reload and
 # _log) and one handler per route.  A handler gets the Request and the
 # percent-decoded path parameters and returns a ``Reply`` (status, body),
 # a ``Feed`` (a streaming reply the server opens with a sink), or an
@@ -6365,7 +6365,7 @@ class Reply:
 
 
 def json_reply(status, obj, headers=None) -> Reply:
-    """SPEC 6.1: dict replies say charset=UTF-8, list replies do not."""
+    """Dict replies say charset=UTF-8, list replies do not, as in gaffer 0.4.4."""
     ctype = "application/json" if isinstance(obj, list) else "application/json; charset=UTF-8"
     return Reply(status, json_dumps(obj), ctype, headers)
 
@@ -6396,7 +6396,7 @@ class Upgrade:
 
 _FEED_TYPES = {"eventsource": "text/event-stream"}
 
-# (path regex, {method: handler name}); first match wins (SPEC 6.2).
+# (path regex, {method: handler name}); first match wins: digits-only ids before names.
 ROUTES = [
     (r"/", {"GET": "welcome"}),
     (r"/ping", {"GET": "ping"}),
@@ -6444,7 +6444,7 @@ def _asked_by(req) -> str:
 
 
 def parse_signal(text) -> int:
-    """A signal number, or a name such as HUP or SIGHUP (SPEC 6.4.9)."""
+    """A signal number, or a name such as HUP or SIGHUP."""
     if text is None or not str(text).strip():
         raise ApiError(400, "no_signal_number", "give a signal: _signal/15 or _signal/TERM")
     text = str(text)
@@ -6476,7 +6476,7 @@ def parse_number(name, text, parse=parse_int, range_name=None):
 
 
 def parse_heartbeat(value):
-    """``true`` = 60 s; ``false``/``0``/empty = none (SPEC 6.5 fixes);
+    """``true`` = 60 s; ``false``/``0``/empty = none (gaffer 0.4.4 gave 500 on empty);
     otherwise seconds within RANGES["heartbeat"] (at least 0.05)."""
     if value is None:
         return HEARTBEAT_DEFAULT
@@ -8314,7 +8314,7 @@ class Connection:
 
 # § 13 console output ---------------------------------------------------------
 # Owns: ``-v`` (one line per lifecycle event) and ``-vv`` (also every line
-# the children print), SPEC 10.1 with its re-implementation note.  Lines
+# the children print), each event once, unlike gaffer 0.4.4.  Lines
 # are ``HH:MM:SS name | text``, coloured per template on a terminal.
 # Uses §5, §8.
 
@@ -8400,10 +8400,10 @@ class Console:
 
 
 # § 14 daemon and command line ---------------------------------------------------
-# Owns: the command line (SPEC 1), start-up order (SPEC 8.1), signals
-# (SPEC 8.2: TERM/INT/QUIT stop, a second one hurries; HUP reloads the
-# config; USR1 reopens log files), reload, --daemon and --pidfile (SPEC
-# 8.3, 8.4), and main(), the last error boundary.  Uses everything above.
+# Owns: the command line, start-up order, signals
+# (TERM/INT/QUIT stop, a second one hurries; HUP reloads the
+# config; USR1 reopens log files), reload, --daemon and --pidfile,
+# and main(), the last error boundary.  Uses everything above.
 
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
@@ -8452,7 +8452,7 @@ def _read_pidfile(path):
 
 
 def check_pidfile(path):
-    """Refuse when a live process other than us holds ``path`` (SPEC 8.4)."""
+    """Refuse when a live process other than us holds ``path`` (garbage is stale)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise PidfileError("%s doesn't exist. Can't create pidfile." % directory)
@@ -8511,7 +8511,7 @@ def remove_pidfile(path):
 
 
 def daemonize():
-    """Double fork into the background (SPEC 8.3; umask 022, cwd kept)."""
+    """Double fork into the background (umask 022, not gaffer 0.4.4's 0; cwd kept)."""
     if os.fork():
         os._exit(0)
     os.setsid()
@@ -8878,7 +8878,7 @@ class Daemon:
         return result
 
     def reload(self, dry_run=False) -> dict:
-        """Re-read the config and apply the difference (issue 2)."""
+        """Re-read the config and apply the difference (SIGHUP, POST /reload)."""
         try:
             new = read_config(self.config_path, self.args.plugins_dir, resolve=False)
         except ConfigErrors as exc:
