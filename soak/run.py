@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Soak and fault-injection suite for gafferd (issue 7).
+"""Soak and fault-injection suite for gafferd.
 
 Every scenario starts a fresh ``python3 gafferd.py CONFIG`` in a temporary
 directory (``bind = 127.0.0.1:0``, port read from the ``listening on``
-log line), attacks it, checks the invariants of issue 7 and prints its
+log line), attacks it, checks the invariants of soak/README.md and prints its
 figures::
 
     python3 soak/run.py              # full version of every scenario
@@ -1379,7 +1379,7 @@ class Scenario:
 
     def check_invariants(self, d, base, states=None, fd_allow=0, fd_why="", rss_allow=0,
                          converge=15.0):
-        """The invariants of issue 7 (shutdown is checked separately).
+        """The invariants of soak/README.md (shutdown is checked separately).
         ``states``: {template: set of acceptable states} (default running at
         target); ``fd_allow``: fds the scenario legitimately keeps."""
         log("  checking invariants")

@@ -1,4 +1,4 @@
-"""Black-box tests of the REST API (SPEC 6.3, 6.4, 6.6, 6.10 and issue 3).
+"""Black-box tests of the REST API: /, /ping, /status, templates, actions, stats, groups.
 
 One daemon per module serves the read-mostly tests; every test that changes
 state works on templates it creates itself under a unique name, so tests

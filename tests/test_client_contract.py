@@ -1,4 +1,4 @@
-"""The gaffer 0.4.4 client contract (SPEC 6.11), row by row.
+"""The gaffer 0.4.4 client contract (what its client sends and reads), row by row.
 
 ``TestWireContract`` sends exactly the bytes the 0.4.4 client library sends
 (tornado 2.4's simple HTTP client: ``Accept: application/json``,

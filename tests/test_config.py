@@ -1,7 +1,7 @@
-"""Configuration file parsing (SPEC section 2 with the re-implementation
-fixes, issue 2), checked from the outside: through ``--check`` and through
+"""Configuration file parsing (INI files, includes, endpoints, templates and
+their errors), checked from the outside: through ``--check`` and through
 a running daemon's HTTP API (``GET /processes/NAME`` shows the stored
-settings, SPEC 6.4.4 and 2.7).
+settings).
 """
 import http.server
 import os
@@ -248,7 +248,7 @@ def test_http_endpoints_are_stripped_and_unlisted_endpoints_unused(tmp_path, gaf
         assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n")[0], data
     assert not unlisted.exists()
     assert not any(u.startswith("unix:") for u in d.urls), d.urls
-    # backlog in an endpoint section is honoured (SPEC 11.1 #1).
+    # backlog in an endpoint section is honoured (gaffer 0.4.4 crashed on it).
     ss = shutil.which("ss")
     if ss:  # iproute2 present
         backlogs = []
@@ -663,7 +663,7 @@ def test_group_from_name_prefix(tmp_path, gafferd):
 
 
 def test_section_without_cmd_is_an_error(tmp_path):
-    # SPEC 2.5 says 0.4.4 ignored such a section silently; issue 2 makes
+    # gaffer 0.4.4 ignored such a section silently; gafferd makes
     # every mistake an error, and a [process:*] without cmd is one.
     path = write(tmp_path / "gaffer.ini", sub("""
         [process:empty]

@@ -1,6 +1,6 @@
 """The daemon as a program: command line, start-up and shutdown, signals,
 ``--pidfile``, ``--daemon``, SIGHUP reload, ``-v``/``-vv`` console output
-and the shipped example (SPEC sections 1, 8, 10.1, 11.1; issue 2).
+and the shipped example.
 """
 import os
 import re
@@ -480,7 +480,7 @@ cmd = @SLEEP@ 65
 
 
 def test_sighup_reloads_config(tmp_path, gafferd):
-    # With -v: the console application must not break the reload (SPEC 11.5 #56).
+    # With -v: the console application must not break the reload (in gaffer 0.4.4 it did).
     d = gafferd(sub(RELOAD_V1), args=["-v"])
     before = {name: wait_os_pids(d, name, 1) for name in ("keep", "gone", "change", "scale")}
     write(d.config_path, sub(RELOAD_V2))

@@ -1,4 +1,4 @@
-"""Manager events (SPEC section 4) seen through ``GET /watch``.
+"""Manager events seen through ``GET /watch``.
 
 Each test starts an empty daemon, opens ``/watch?feed=continuous`` (one JSON
 event per line) before acting, and checks names, order and payload keys.

@@ -1,4 +1,4 @@
-"""The shipped health-check plugin (gafferd_plugins/healthcheck, issue 5).
+"""The shipped health-check plugin (gafferd_plugins/healthcheck).
 
 The daemon runs with a copy of the plugin directory. The checked programs
 are small scripts written into ``tmp_path``: an HTTP server that answers 200

@@ -1,7 +1,7 @@
-"""Black-box tests of gafferd's hand-written HTTP/1.1 server (issue 3).
+"""Black-box tests of gafferd's hand-written HTTP/1.1 server.
 
 Raw sockets throughout: keep-alive, pipelining, HTTP/1.0, HEAD,
-``Expect: 100-continue``, chunked request bodies, every limit of the issue,
+``Expect: 100-continue``, chunked request bodies, every request limit,
 IPv6 / unix socket / TLS endpoints, many slow clients and a fuzz run.
 Responses are parsed by the strict ``parse_http_response`` of conftest.
 """

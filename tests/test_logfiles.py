@@ -1,4 +1,4 @@
-"""Child output log files and console copies (issue 4; SPEC 10.1).
+"""Child output log files and console copies (``-vv``).
 
 Keys of ``[process:NAME]``: stdout_logfile, stderr_logfile, logfile,
 logfile_maxbytes (bytes or KB/MB/GB), logfile_backups, log_timestamps;
@@ -199,7 +199,7 @@ time.sleep(3600)
 
 
 def test_dash_never_blocks_the_loop_when_stdout_is_not_read(daemon_factory, tmp_path):
-    # issue 4: "Writing never blocks the loop for long". Here nobody reads
+    # Writing child output never blocks the loop for long. Here nobody reads
     # the daemon's stdout pipe, which fills up after 64 KB.
     marker = tmp_path / "written"
     d = daemon_factory(section("big", PY, "-u %s %s" % (script(tmp_path, "big.py", BIG), marker),

@@ -1,4 +1,4 @@
-"""Plugins (SPEC section 7 with the re-implementation fixes, issue 5).
+"""Plugins: discovery, the Plugin class, applications, sites and the shipped examples.
 
 Every test runs the real ``gafferd.py`` with plugin directories written into
 ``tmp_path``. The test plugins append lines to a marker file, so that what the
@@ -176,7 +176,7 @@ IDLE = "import time\nwhile True:\n    time.sleep(1000)\n"
 
 
 # ---------------------------------------------------------------------------
-# discovery (SPEC 7.2 with the fixes)
+# discovery
 # ---------------------------------------------------------------------------
 
 def test_package_of_any_name_is_imported(tmp_path, root, marker):
@@ -347,7 +347,7 @@ def test_relative_plugins_dir_is_relative_to_the_config_file(tmp_path, marker):
 
 
 # ---------------------------------------------------------------------------
-# import compatibility (SPEC 7.4)
+# import compatibility: one Plugin class for gafferd, gaffer and __main__
 # ---------------------------------------------------------------------------
 
 def test_gafferd_and_gaffer_imports_give_the_daemon_class(tmp_path, root, marker):
@@ -570,7 +570,7 @@ def test_plugin_routes(tmp_path, root):
 
 
 # ---------------------------------------------------------------------------
-# site plugins (SPEC 7.3)
+# site plugins (static files under /_plugin/DIR/)
 # ---------------------------------------------------------------------------
 
 SECRET = "TOPSECRET-4f1c9"
@@ -812,7 +812,7 @@ def test_sites_and_plugin_routes_obey_token_auth(tmp_path, root):
 
 
 # ---------------------------------------------------------------------------
-# the shipped examples (SPEC 12.4): cd examples && gafferd.py -c gaffer.ini -p plugins/
+# the shipped examples: cd examples && gafferd.py -c gaffer.ini -p plugins/
 # ---------------------------------------------------------------------------
 
 def test_example_plugins(tmp_path):

@@ -890,7 +890,7 @@ def test_exec_failure_at_run_time_does_not_hurt_the_daemon(daemon_factory, tmp_p
 
 
 def test_exec_failure_goes_through_flapping_and_gives_up(daemon_factory, tmp_path, child):
-    # SPEC 3.11: a failed exec is an ordinary exit, respawn and flapping apply
+    # A failed exec is an exit with status 127: respawn and flapping apply
     # as usual, so with max_retry = 1 the template ends up "failed".
     d, prog = _fragile_daemon(daemon_factory, tmp_path, child)
     wait_for(lambda: d.status("fragile")["state"] == "failed", 8,

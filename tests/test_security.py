@@ -1,4 +1,4 @@
-"""Black-box tests of the security rules of issue 3.
+"""Black-box tests of the API's defences (docs/security.md).
 
 Cross-site request forgery (Origin), DNS rebinding (Host), token
 authentication, per-endpoint settings over ``[gaffer]`` defaults, the

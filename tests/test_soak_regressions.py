@@ -231,7 +231,7 @@ def test_a_restart_keeps_to_the_spawn_budget(monkeypatch):
                         30, "every process replaced")
         assert sum(per_iteration.values()) == 30
         assert max(per_iteration.values()) == 1, per_iteration
-        # each template still sees its 3 spawns before its 3 reaps (SPEC 4.2)
+        # each template still sees its 3 spawns before its 3 reaps (new before old)
         run_loop_until(loop, lambda: len([e for e in events if e["event"] == "reap"]) == 30,
                         10, "30 reap events")
         for i in range(10):

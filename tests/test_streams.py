@@ -1,4 +1,4 @@
-"""Output streams and stdin (issue 4; SPEC 6.7, 6.8).
+"""Output streams and stdin: GET /streams/ID/LABEL with each feed, and POST to stdin.
 
 Every test starts a real ``gafferd.py`` with real children and reads the
 streaming replies on raw sockets as they arrive (``curl -N``): chunked
@@ -365,8 +365,8 @@ def test_stream_and_stdin_errors(gafferd, tmp_path):
         assert r.json()["error"] == code, (method, path, r)
 
     def not_an_id(method, path):
-        # SPEC 6.7/6.8 give 400 bad_value for an id that is not an integer;
-        # with the re-implementation's digits-only id routes (SPEC 6.1) such
+        # gaffer 0.4.4 gave 400 bad_value for an id that is not an integer;
+        # since id routes match digits only, such
         # a path matches no route at all, which is a 404 not_found.
         r = d.request(method, path, body=b"x\n" if method == "POST" else None)
         assert (r.status, r.json()["error"]) in ((400, "bad_value"), (404, "not_found")), r

@@ -1,5 +1,5 @@
-"""Event feeds: GET /watch[/p1[/p2[/p3]]] and the stats feeds (issue 4;
-SPEC 4, 6.5, 6.6, 9.3).
+"""Event feeds: GET /watch[/p1[/p2[/p3]]] and the stats feeds
+(GET /stats/NAME and /stats/NAME/ID).
 
 Replies are read on raw sockets as they arrive (``conftest.StreamReply``);
 event-stream replies go through the strict ``conftest.SSEParser``.
@@ -30,7 +30,7 @@ def open_stream(d, path):
 
 def json_lines(body):
     """The JSON objects of a continuous reply; blank lines are heartbeats.
-    Every object must be on one line ending with CRLF (SPEC 6.5)."""
+    Every object must be on one line ending with CRLF, as gaffer 0.4.4 wrote them."""
     assert re.fullmatch(rb"(\{[^\r\n]*\}\r\n|\r?\n)*(\{[^\r\n]*)?", body), body[-300:]
     return [json.loads(line) for line in body.split(b"\r\n")[:-1] if line.strip()]
 
@@ -401,7 +401,7 @@ def test_stats_feed_of_one_process_ends_when_it_exits(gafferd, feed):
     d = gafferd(section("s", "sleep", "600", numprocesses="2"))
     ids = wait_for(lambda: len(d.pids("s")) == 2 and d.pids("s"))
     target = ids[1]
-    # the name part is ignored for /stats/NAME/ID (SPEC 6.6)
+    # the name part is ignored for /stats/NAME/ID, as in gaffer 0.4.4
     samples = Samples(d, "/stats/whatever/%d" % target, feed)
     try:
         for sample in samples.until(lambda all_: len(all_) >= 3, 5.0, "3 samples"):
@@ -428,6 +428,6 @@ def test_stats_longpoll_feeds_and_errors(gafferd):
     r = d.get("/stats/s/999?feed=continuous")
     assert (r.status, r.json()["error"]) == (404, "not_found"), r
     r = d.get("/stats/s/abc?feed=continuous")
-    # SPEC 6.6 says 400 bad_value; with digits-only id routes (SPEC 6.1)
+    # gaffer 0.4.4 said 400 bad_value; since id routes match digits only
     # the path matches no route: 404 not_found. Anything else is wrong.
     assert (r.status, r.json()["error"]) in ((400, "bad_value"), (404, "not_found")), r

@@ -1,4 +1,4 @@
-"""Webhooks (issue 4; SPEC 2.4, 5): the daemon POSTs event payloads to the
+"""Webhooks: the daemon POSTs event payloads to the
 URLs of ``[webhooks]``.
 
 Receivers are stdlib HTTP servers running in threads of the test; a

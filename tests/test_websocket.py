@@ -1,4 +1,4 @@
-"""The /wstreams/ID websocket (issue 4; SPEC 6.9; RFC 6455).
+"""The /wstreams/ID websocket (RFC 6455).
 
 The client below is written with the stdlib only: the opening handshake
 with ``Sec-WebSocket-Key``, masked client frames, fragmentation, control

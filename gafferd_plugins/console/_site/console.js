@@ -327,7 +327,7 @@
   const UNITS = {B: 1, K: 1024, M: Math.pow(1024, 2), G: Math.pow(1024, 3),
                  T: Math.pow(1024, 4), P: Math.pow(1024, 5)};
 
-  function parseSize(s) {           // "7M" -> bytes (SPEC 9.1 format)
+  function parseSize(s) {           // "7M" -> bytes (the stats' power-of-1024 sizes)
     const m = /^(\d+(?:\.\d+)?)([BKMGTP])$/.exec(String(s || ""));
     return m ? parseFloat(m[1]) * UNITS[m[2]] : NaN;
   }
