@@ -246,3 +246,26 @@ def test_every_event_is_documented():
     assert names - set(gafferd.MANAGER_EVENTS) == set()
     assert {"proc.NAME." + e for e in gafferd.PROCESS_EVENTS} - also == set()
     assert also - {"proc.NAME." + e for e in gafferd.PROCESS_EVENTS} == set()
+
+
+# -- comments state rules, not references ---------------------------------------------------------
+
+def test_no_file_cites_documents_outside_the_repository():
+    """Comments and docstrings say the rule itself, not a section number of a
+    behaviour document or a tracker number that a reader cannot open."""
+    # Built from pieces so that this file does not match itself.
+    cite = re.compile(r"\b" + "SP" + r"EC\b|\b[Ii]ss" + r"ues? #?[0-9]")
+    paths = [ROOT / "gafferd.py"]
+    for top in ("gafferd_plugins", "tests", "soak", "bench", "examples"):
+        paths += sorted(p for p in (ROOT / top).rglob("*")
+                        if p.is_file() and "__pycache__" not in p.parts)
+    found = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue                                    # not text
+        for number, line in enumerate(text.split("\n"), 1):
+            if cite.search(line):
+                found.append("%s:%d: %s" % (path.relative_to(ROOT), number, line.strip()))
+    assert not found, "state the rule instead:\n" + "\n".join(found)
