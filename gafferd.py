@@ -8213,13 +8213,15 @@ class CtlFeed:
     early, it connects again, sending the last id seen as
     ``Last-Event-ID`` so the daemon replays what was missed.  ``on_connect``
     runs after each (re)connection, once the daemon has the feed (and so
-    will report everything that happens from then on).  ``close()`` from
-    another thread ends ``events()``."""
+    will report everything that happens from then on).  ``still_wanted``,
+    if given, is asked before each reconnection: True goes on, False ends
+    ``events()``, None (the daemon is away) asks again a little later.
+    ``close()`` from another thread ends ``events()``."""
 
-    def __init__(self, target, path, last_id=None, on_connect=None, ended=None):
+    def __init__(self, target, path, last_id=None, on_connect=None, still_wanted=None):
         self.target, self.path, self.last_id = target, path, last_id
         self.on_connect = on_connect
-        self.ended = ended or (lambda: False)    # True: an end of stream is final
+        self.still_wanted = still_wanted
         self.closed = False
         self._conn = None
 
@@ -8259,17 +8261,23 @@ class CtlFeed:
         self._conn, self._resp = conn, resp
 
     def events(self):
-        delay = 0.05
+        delay, again = 0.05, False
         client = lazy_import("http.client")
+        pause = threading.Event()
         while not self.closed:
             if self._conn is None:
+                verdict = self.still_wanted() if again and self.still_wanted else True
+                if verdict is False:
+                    return
                 try:
+                    if verdict is None:
+                        raise CtlExit(CTL_UNREACHABLE)
                     self._open()
                     delay = 0.05
                 except CtlExit as exc:
                     if exc.status != CTL_UNREACHABLE or self.closed:
                         raise
-                    threading.Event().wait(delay)      # the daemon restarting: try again
+                    pause.wait(delay)              # the daemon restarting: try again
                     delay = min(delay * 2, CTL_RETRY_MAX)
                     continue
             try:
@@ -8277,13 +8285,10 @@ class CtlFeed:
                     if event_id is not None:
                         self.last_id = event_id
                     yield event_id, event, data
-                complete = True
             except (OSError, client.HTTPException, ValueError):
-                complete = False
+                pass                               # dropped: resumed below
             self._conn.close()
-            self._conn = None
-            if self.closed or (complete and self.ended()):
-                return
+            self._conn, again = None, True
 
 
 # -- names -------------------------------------------------------------------
@@ -8518,13 +8523,15 @@ class CtlLogs:
                                   daemon=True)
         thread.start()
 
-    def _still_there(self, pid, os_pid) -> bool:
-        """After a feed ended: is it the same process, still alive (the
-        connection dropped) or gone (the feed ended with it)?"""
+    def _still_there(self, pid, os_pid):
+        """Before a stream reconnects: is its process still alive (True:
+        the connection dropped), gone, or replaced by another with the
+        same id after a daemon restart (False: its feed is over)?  None
+        while the daemon cannot be asked."""
         try:
             reply = ctl_call(self.target, "GET", "/processes/%d" % pid, ok=(200, 404))
         except CtlExit as exc:
-            return exc.status == CTL_UNREACHABLE       # retried by the feed
+            return None if exc.status == CTL_UNREACHABLE else False
         return reply.status == 200 and reply.json().get("os_pid") == os_pid
 
     def _run_stream(self, name, pid, os_pid, tail):
@@ -8534,7 +8541,7 @@ class CtlLogs:
             path += "?tail=%d" % tail
         # A process started after we began is read from its first byte.
         feed = CtlFeed(self.target, path, last_id=0 if tail is None else None,
-                       ended=lambda: not self._still_there(pid, os_pid))
+                       still_wanted=lambda: self._still_there(pid, os_pid))
         with self.lock:
             self.feeds.append(feed)
         offset = feed.last_id
@@ -8688,7 +8695,7 @@ def ctl_templates_from_file(path) -> list:
             continue
         definition = {"name": name}
         definition.update(parser.items(section))
-        definition["cwd"] = os.path.join(base, definition.get("cwd", "."))
+        definition["cwd"] = os.path.normpath(os.path.join(base, definition.get("cwd", ".")))
         if parser.has_section("env:" + name):
             definition["env"] = {k.upper(): v for k, v in parser.items("env:" + name)}
         out.append(definition)
