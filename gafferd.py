@@ -8759,7 +8759,7 @@ def ctl_cmd_logs(target, args):
         _recent_output(target, args.names, args.lines, label_index, colour)
         return CTL_OK
     ctl_templates(target, args.names)                      # unknown names: exit 1
-    lines = queue_module().Queue()
+    lines = lazy_import("queue").Queue()
     logs = CtlLogs(target, ctl_matcher(args.names), label_index, lines.put, tail=args.lines)
     logs.start()
     try:
@@ -8771,10 +8771,6 @@ def ctl_cmd_logs(target, args):
             sys.stdout.flush()
     finally:
         logs.close()
-
-
-def queue_module():
-    return lazy_import("queue")
 
 
 def ctl_event_line(payload) -> str:
@@ -8896,7 +8892,7 @@ class CtlTop:
 
     def __init__(self, target):
         self.target = target
-        self.queue = queue_module().Queue()
+        self.queue = lazy_import("queue").Queue()
         self.wake_r, self.wake_w = os.pipe()
         self.statuses, self.stats, self.now = collections.OrderedDict(), {}, None
         self.logs = collections.defaultdict(lambda: collections.deque(maxlen=self.LOG_LINES))
@@ -8956,7 +8952,7 @@ class CtlTop:
                     return CTL_OK
 
     def _drain(self):
-        queue = queue_module()
+        queue = lazy_import("queue")
         while True:
             try:
                 kind, item = self.queue.get_nowait()

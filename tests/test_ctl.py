@@ -657,3 +657,13 @@ def test_help_for_ctl_and_every_command():
     r = ctl(["logs", "--help"])
     for option in ("-f", "-n N", "--stderr"):
         assert option in r.stdout
+
+
+def test_the_installed_entry_point_dispatches_ctl(gafferd, tmp_path):
+    """``gafferd ctl`` is gafferd:main() with sys.argv[1] == "ctl"."""
+    d = gafferd()
+    code = ("import sys, gafferd; sys.argv = ['gafferd', 'ctl', '--url', %r, 'ping']; "
+            "sys.exit(gafferd.main())" % url_of(d))
+    r = subprocess.run([PY, "-c", code], cwd=os.path.dirname(GAFFERD), timeout=30,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    assert (r.returncode, r.stdout) == (0, "OK\n"), r
