@@ -7932,11 +7932,11 @@ class Console:
 # Owns: ``gafferd.py ctl``, a client of the HTTP API above: where it
 # connects (-c FILE, --url, the environment), one request at a time with
 # http.client, the server-sent-event feeds it follows and resumes, its
-# commands and their exit statuses, and the ``top`` view (curses).  Uses
-# §1-§3 (JSON, read_config, build_endpoint, Address, parse_size) and
-# parse_signal (§11).  Used by main() (§15).  This is blocking code that
-# runs in a process of its own, never inside the daemon's loop: it may
-# wait on sockets and run a thread per followed feed.
+# commands and their exit statuses, and the ``top`` view (curses).
+# Uses §1-§3 (JSON, read_config, build_endpoint, Address, parse_size)
+# and parse_signal (§11).  Used by main() (§15).  This is blocking code
+# that runs in a process of its own, never inside the daemon's loop: it
+# may wait on sockets and run a thread per followed feed.
 
 CTL_OK, CTL_REFUSED, CTL_USAGE, CTL_TIMEOUT, CTL_UNREACHABLE = 0, 1, 2, 3, 4
 CTL_FEED_HEARTBEAT = 10          # seconds between keep-alives asked of a feed
