@@ -3,6 +3,7 @@
 
 Usage::
 
+    python3 gafferd.py ctl [-c CONFIG | --url URL] COMMAND [ARGS]   (the client, §14)
     python3 gafferd.py [-c CONFIG] [-p PLUGINS_DIR] [-v | -vv] [--daemon]
                        [--pidfile FILE] [--log-file FILE] [--bind ADDR] [--certfile F]
                        [--keyfile F] [--backlog N] [--check] [--version]
@@ -28,7 +29,8 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 11 HTTP API                       the route table and its handlers
     § 12 HTTP server (I/O)              listeners, connections, streaming
     § 13 console output                 -v and -vv
-    § 14 daemon and command line        signals, reload, pidfile, main()
+    § 14 command-line client (ctl)      gafferd.py ctl: commands, feeds, top
+    § 15 daemon and command line        signals, reload, pidfile, main()
 
 Architecture
     One thread runs one ``Loop`` (§7): a ``selectors`` selector over child
@@ -36,7 +38,7 @@ Architecture
     writes signal numbers to.  The loop sleeps until the next timer or
     I/O event; it never polls on a tick.  Signal handlers do nothing but
     wake the loop; the signal number read from the socketpair is looked
-    up in a table (§14).  SIGCHLD reaps every child with
+    up in a table (§15).  SIGCHLD reaps every child with
     ``waitpid(-1, WNOHANG)``.  The ``Manager`` (§8) owns templates and
     processes; each process fills a slot whose lifecycle is the pure
     table of §4 (the manager feeds it events and performs its actions).
@@ -55,7 +57,7 @@ Error boundaries (everywhere else exceptions travel)
     * an HTTP dispatch (§12): a client mistake is an ``ApiError`` and a
       JSON reply, a bug is a logged traceback and a 500;
     * a plugin call (§10): logged with the plugin's name, plugin skipped;
-    * ``main()`` (§14): a ``ConfigError`` is one line on stderr, exit 2;
+    * ``main()`` (§15): a ``ConfigError`` is one line on stderr, exit 2;
       an internal error that ends the loop stops every child, then exit 1.
 
 Loop API offered to plugins (``start(loop, manager)``)
@@ -471,7 +473,7 @@ class SpawnError(Exception):
 # ``EndpointSpec`` objects inside a ``Config``.  Every key of every section
 # is in a table below with its type, default and help text.  Uses §1-§2;
 # reads files and the user database but starts nothing.  Used by the
-# manager (§8), the HTTP API (§11) and main() (§14).
+# manager (§8), the HTTP API (§11) and main() (§15).
 
 
 class Flapping:
@@ -3005,7 +3007,7 @@ class MemoryTrimmer:
 # checks that need no network client (log:, cmd:, the sd_notify socket and
 # its watchdog), and the ``Manager`` that holds templates, processes and
 # groups.  Uses §1-§7.
-# The HTTP API (§11), plugins (§10) and main() (§14) drive it through the
+# The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
 # Manager methods listed in its docstring.
 
 
@@ -6101,7 +6103,7 @@ class Webhooks:
 # Owns: the ``Plugin`` base class, discovery of plugin directories (see
 # docs/plugins.md), mandatory dependencies, the wrapper that keeps a
 # failing plugin from hurting the daemon, and finding a plugin's static
-# site.  Uses §1-§8.  Used by the HTTP API (§11) and main() (§14).
+# site.  Uses §1-§8.  Used by the HTTP API (§11) and main() (§15).
 #
 # The plugin API, all in one place:
 #   class Plugin: name, version, description, mandatory, app(cfg)
@@ -6560,7 +6562,7 @@ class _Heartbeat:
 
 class Api:
     """The route handlers.  ``reload(dry_run, who)`` and ``server`` are
-    set by the daemon (§14) and the server (§12)."""
+    set by the daemon (§15) and the server (§12)."""
 
     def __init__(self, manager, plugins=None, reload=None):
         self.manager, self.plugins, self.reload_config = manager, plugins, reload
@@ -8399,7 +8401,1258 @@ class Console:
             pass
 
 
-# § 14 daemon and command line ---------------------------------------------------
+# § 14 command-line client (ctl) -----------------------------------------------
+# Owns: ``gafferd.py ctl``, a client of the HTTP API above: where it
+# connects (-c FILE, --url, the environment), one request at a time with
+# http.client, the server-sent-event feeds it follows and resumes, its
+# commands and their exit statuses, and the ``top`` view (curses).
+# Uses §1-§3 (JSON, read_config, build_endpoint, Address, parse_size)
+# and parse_signal (§11).  Used by main() (§15).  This is blocking code
+# that runs in a process of its own, never inside the daemon's loop: it
+# may wait on sockets and run a thread per followed feed.
+
+CTL_OK, CTL_REFUSED, CTL_USAGE, CTL_TIMEOUT, CTL_UNREACHABLE = 0, 1, 2, 3, 4
+CTL_FEED_HEARTBEAT = 10          # seconds between keep-alives asked of a feed
+CTL_FEED_TIMEOUT = 45.0          # a feed silent this long is a dropped connection
+CTL_RETRY_MAX = 2.0              # longest pause between two reconnections
+
+
+class CtlExit(Exception):
+    """Ends a ctl command: ``status`` is the exit status, ``message`` (one
+    line, or None) goes to stderr."""
+
+    def __init__(self, status, message=None):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _UnixHTTPConnection:
+    """Made on first use: an ``http.client.HTTPConnection`` over a unix socket."""
+    cls = None
+
+    @classmethod
+    def make(cls, path, timeout):
+        if cls.cls is None:
+            client = lazy_import("http.client")
+
+            class UnixHTTPConnection(client.HTTPConnection):
+                def __init__(self, path, timeout):
+                    super().__init__("localhost", timeout=timeout)
+                    self.unix_path = path
+
+                def connect(self):
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(self.timeout)
+                    try:
+                        sock.connect(self.unix_path)
+                    except OSError:
+                        sock.close()
+                        raise
+                    self.sock = sock
+            cls.cls = UnixHTTPConnection
+        return cls.cls(path, timeout)
+
+
+class CtlTarget:
+    """Where the client talks to the daemon, and how.
+
+    ``url`` is ``http://HOST:PORT``, ``https://HOST:PORT`` or
+    ``unix:/path``; ``origin`` says where it came from (``--url``,
+    ``GAFFERD_URL``, a config file's endpoint, the default), for the
+    message when nothing answers there.  ``token`` is sent as a Bearer
+    token.  TLS: ``cafile`` (else the system's CAs, plus ``extra_ca``,
+    the daemon's own certificate when it came from its config) or
+    ``insecure`` (no verification at all)."""
+
+    def __init__(self, url, origin, token=None, cafile=None, insecure=False, extra_ca=None):
+        self.url, self.origin, self.token = url, origin, token
+        self.cafile, self.insecure, self.extra_ca = cafile, insecure, extra_ca
+        if url.startswith("unix:"):
+            self.kind, self.path = "unix", os.path.abspath(url[5:])
+            if not url[5:]:
+                raise CtlExit(CTL_USAGE, "gafferd ctl: unix: needs a path (unix:/run/gafferd.sock)")
+            return
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CtlExit(CTL_USAGE, "gafferd ctl: %r is not a URL like http://127.0.0.1:5000, "
+                          "https://HOST:PORT or unix:/path" % url)
+        try:
+            self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise CtlExit(CTL_USAGE, "gafferd ctl: %r has a bad port" % url) from None
+        self.kind, self.host = ("tls" if parts.scheme == "https" else "tcp"), parts.hostname
+        self.prefix = parts.path.rstrip("/")
+
+    def connection(self, timeout):
+        """A new, not yet connected, ``http.client`` connection."""
+        if self.kind == "unix":
+            return _UnixHTTPConnection.make(self.path, timeout)
+        client = lazy_import("http.client")
+        if self.kind == "tcp":
+            return client.HTTPConnection(self.host, self.port, timeout=timeout)
+        ssl_module = load_ssl()
+        if self.insecure:
+            context = ssl_module._create_unverified_context()
+        else:
+            context = ssl_module.create_default_context(cafile=self.cafile)
+            if self.extra_ca and not self.cafile:
+                try:
+                    context.load_verify_locations(self.extra_ca)
+                except (OSError, ssl_module.SSLError):
+                    pass                        # unreadable here: the system's CAs only
+        return client.HTTPSConnection(self.host, self.port, timeout=timeout, context=context)
+
+    def headers(self, extra=None) -> dict:
+        out = {"Accept": "application/json"}
+        if self.token:
+            out["Authorization"] = "Bearer " + self.token
+        out.update(extra or {})
+        return out
+
+    def unreachable(self, exc) -> CtlExit:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) \
+            or type(exc).__name__
+        hint = "point the client elsewhere with --url URL (http://, https://, unix:/path), " \
+               "-c CONFIG (the daemon's INI file) or GAFFERD_URL"
+        if "CERTIFICATE" in str(exc).upper():
+            hint = "trust its certificate with --cafile FILE, or skip the check with --insecure"
+        return CtlExit(CTL_UNREACHABLE, "gafferd ctl: cannot reach gafferd at %s (%s): %s; %s"
+                       % (self.url, self.origin, reason, hint))
+
+
+def _token_from_file(path, what) -> str:
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise CtlExit(CTL_USAGE, "gafferd ctl: %s: cannot read %r: %s"
+                      % (what, path, exc.strerror or exc)) from None
+    if not token:
+        raise CtlExit(CTL_USAGE, "gafferd ctl: %s: %r is empty" % (what, path))
+    return token
+
+
+def _endpoint_url(address, tls):
+    """The URL a client uses for a listening Address (None: port 0, unknowable)."""
+    if address.kind == "unix":
+        return "unix:" + address.path
+    if not address.port:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s://%s:%d" % ("https" if tls else "http", host, address.port)
+
+
+def ctl_target_from_config(path):
+    """(url, origin, token, certfile) of the first usable endpoint of the
+    daemon's config ``path`` (the default endpoint, with the [gaffer]
+    endpoint keys, when it opens none); CtlExit(2) for a bad file."""
+    try:
+        config = read_config(path, resolve=False)
+        endpoints = config.endpoints or [build_endpoint(
+            "default", {"bind": DEFAULT_BIND}, config.defaults, path, None, config.base_dir,
+            resolve=False)]
+    except ConfigErrors as exc:
+        raise CtlExit(CTL_USAGE, "\n".join(str(e) for e in exc.errors)) from None
+    except ConfigError as exc:
+        raise CtlExit(CTL_USAGE, str(exc)) from None
+    for endpoint in endpoints:
+        for address in endpoint.addresses:
+            url = _endpoint_url(address, endpoint.tls)
+            if url:
+                return (url, "[endpoint:%s] of %s" % (endpoint.name, path), endpoint.auth_token,
+                        endpoint.certfile)
+    raise CtlExit(CTL_USAGE, "gafferd ctl: %s: no endpoint with a fixed address (port 0 "
+                  "cannot be found from the file); use --url" % path)
+
+
+def ctl_target(args, environ) -> CtlTarget:
+    """--url / GAFFERD_URL, else -c FILE, else the default endpoint; the
+    token from --token / --token-file / GAFFERD_TOKEN, else the file's."""
+    url, origin, token, certfile = None, None, None, None
+    if args.config:
+        url, origin, token, certfile = ctl_target_from_config(args.config)
+    if environ.get("GAFFERD_URL"):
+        url, origin = environ["GAFFERD_URL"], "from GAFFERD_URL"
+    if args.url:
+        url, origin = args.url, "from --url"
+    if url is None:
+        url, origin = "http://" + DEFAULT_BIND, "the default; the daemon was not named"
+    if environ.get("GAFFERD_TOKEN"):
+        token = environ["GAFFERD_TOKEN"]
+    if args.token_file:
+        token = _token_from_file(args.token_file, "--token-file")
+    if args.token:
+        token = args.token
+    return CtlTarget(url, origin, token, args.cafile, args.insecure, certfile)
+
+
+class CtlReply:
+    """A whole reply: ``status``, ``headers`` (lower-case names), ``body``."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except ValueError:
+            raise CtlExit(CTL_REFUSED, "gafferd ctl: the daemon's reply is not JSON: %r"
+                          % self.body[:200]) from None
+
+    def server_time(self):
+        """Unix time from the reply's Date header (the daemon's clock),
+        or None; the client reads no clock of its own for ages."""
+        email_utils = lazy_import("email.utils")
+        try:
+            return float(email_utils.mktime_tz(email_utils.parsedate_tz(self.headers["date"])))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _refusal(status, body) -> CtlExit:
+    """The API's JSON error as one line (exit status 1)."""
+    try:
+        error = json.loads(body.decode("utf-8"))
+        message = str(error.get("message") or error.get("error"))
+    except (ValueError, AttributeError):
+        message = "HTTP %d: %s" % (status, body[:200].decode("utf-8", "replace").strip())
+    return CtlExit(CTL_REFUSED, "gafferd ctl: " + " ".join(message.split()))
+
+
+def ctl_open(target, method, path, body=None, headers=None, timeout=30.0):
+    """Send a request; (connection, response) with the headers read.
+
+    CtlExit(4) when nothing answers; the caller reads and closes."""
+    conn = target.connection(timeout)
+    try:
+        conn.request(method, getattr(target, "prefix", "") + path, body=body,
+                     headers=target.headers(headers))
+        return conn, conn.getresponse()
+    except (OSError, lazy_import("http.client").HTTPException) as exc:
+        conn.close()
+        raise target.unreachable(exc) from None
+
+
+def ctl_call(target, method, path, body=None, ok=(200,), timeout=30.0) -> CtlReply:
+    """One request, its whole reply; a status not in ``ok`` is the API
+    refusing: CtlExit(1) with its message."""
+    if isinstance(body, (dict, list)):
+        body = json_dumps(body)
+    conn, resp = ctl_open(target, method, path, body, timeout=timeout)
+    try:
+        data = resp.read()
+    except (OSError, lazy_import("http.client").HTTPException) as exc:
+        raise target.unreachable(exc) from None
+    finally:
+        conn.close()
+    if resp.status not in ok:
+        raise _refusal(resp.status, data)
+    return CtlReply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+
+
+def sse_read(resp):
+    """Yield (id, event, data lines) for each server-sent event of ``resp``
+    (WHATWG HTML 9.2: ``:`` comments skipped, a blank line dispatches);
+    returns at the end of the stream.  ``id`` is None when not sent."""
+    event_id, event, data = None, None, []
+    while True:
+        line = resp.readline()
+        if not line:
+            return
+        line = line.decode("utf-8", "replace").rstrip("\r\n")
+        if not line:
+            if event is not None or data:
+                yield event_id, event or "message", data
+            event_id, event, data = None, None, []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "id":
+            event_id = value
+        elif field == "event":
+            event = value
+        elif field == "data":
+            data.append(value)
+
+
+class CtlFeed:
+    """A server-sent-event feed that survives dropped connections.
+
+    ``events()`` yields (id, event, data lines); when the connection ends
+    early, it connects again, sending the last id seen as
+    ``Last-Event-ID`` so the daemon replays what was missed.  ``on_connect``
+    runs after each (re)connection, once the daemon has the feed (and so
+    will report everything that happens from then on).  ``still_wanted``,
+    if given, is asked before each reconnection: True goes on, False ends
+    ``events()``, None (the daemon is away) asks again a little later.
+    ``close()`` from another thread ends ``events()``."""
+
+    def __init__(self, target, path, last_id=None, on_connect=None, still_wanted=None):
+        self.target, self.path, self.last_id = target, path, last_id
+        self.on_connect = on_connect
+        self.still_wanted = still_wanted
+        self.closed = False
+        self._conn = None
+
+    def close(self):
+        self.closed = True
+        conn = self._conn
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def connect(self):
+        """The first connection (CtlExit 4 / 1 when it fails)."""
+        self._open()
+
+    def _open(self):
+        headers = {"Accept": "text/event-stream"}
+        if self.last_id is not None:
+            headers["Last-Event-ID"] = str(self.last_id)
+        sep = "&" if "?" in self.path else "?"
+        conn, resp = ctl_open(self.target, "GET", "%s%sfeed=eventsource&heartbeat=%d" % (
+            self.path, sep, CTL_FEED_HEARTBEAT), headers=headers, timeout=CTL_FEED_TIMEOUT)
+        if resp.status != 200:
+            try:
+                data = resp.read()
+            except (OSError, lazy_import("http.client").HTTPException):
+                data = b""
+            conn.close()
+            raise _refusal(resp.status, data)
+        if self.on_connect is not None:
+            try:
+                self.on_connect()
+            except BaseException:
+                conn.close()
+                raise
+        self._conn, self._resp = conn, resp
+
+    def events(self):
+        delay, again = 0.05, False
+        client = lazy_import("http.client")
+        pause = threading.Event()
+        while not self.closed:
+            if self._conn is None:
+                verdict = self.still_wanted() if again and self.still_wanted else True
+                if verdict is False:
+                    return
+                try:
+                    if verdict is None:
+                        raise CtlExit(CTL_UNREACHABLE)
+                    self._open()
+                    delay = 0.05
+                except CtlExit as exc:
+                    if exc.status != CTL_UNREACHABLE or self.closed:
+                        raise
+                    pause.wait(delay)              # the daemon restarting: try again
+                    delay = min(delay * 2, CTL_RETRY_MAX)
+                    continue
+            try:
+                for event_id, event, data in sse_read(self._resp):
+                    if event_id is not None:
+                        self.last_id = event_id
+                    yield event_id, event, data
+            except (OSError, client.HTTPException, ValueError):
+                pass                               # dropped: resumed below
+            self._conn.close()
+            self._conn, again = None, True
+
+
+# -- names -------------------------------------------------------------------
+
+def ctl_matcher(names):
+    """A predicate on template names: ``all`` (every template), ``web:``
+    (the group web), or exact names."""
+    names = list(names)
+    if "all" in names:
+        return lambda name: True
+    groups = tuple(n for n in names if n.endswith(":"))
+    exact = set(n for n in names if not n.endswith(":"))
+    return lambda name: name in exact or name.startswith(groups)
+
+
+def ctl_templates(target, names, refuse_unknown=True) -> list:
+    """Template names that ``names`` (``all``, ``web:``, names) stand for,
+    in the daemon's order; an unknown exact name or empty group is
+    CtlExit(1)."""
+    known = ctl_call(target, "GET", "/processes").json()
+    matches = ctl_matcher(names)
+    found = [n for n in known if matches(n)]
+    if refuse_unknown:
+        for name in names:
+            if name == "all":
+                continue
+            if name.endswith(":") and not any(n.startswith(name) for n in known):
+                raise CtlExit(CTL_REFUSED, "gafferd ctl: no template in group %r" % name[:-1])
+            if not name.endswith(":") and name not in known:
+                raise CtlExit(CTL_REFUSED, "gafferd ctl: no template named %r" % name)
+    return found
+
+
+def _quote(name) -> str:
+    return urllib.parse.quote(name, safe=":")
+
+
+# -- formatting --------------------------------------------------------------
+
+_CTL_COLOURS = ("36", "33", "32", "35", "34", "91", "92", "93", "94", "95", "96")
+
+
+def ctl_use_colour(stream, environ) -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (no-color.org)."""
+    return "NO_COLOR" not in environ and hasattr(stream, "isatty") and stream.isatty()
+
+
+def ctl_duration(seconds) -> str:
+    """``42s``, ``5m07s``, ``3h02m``, ``2d04h``."""
+    if seconds is None:
+        return "-"
+    s = int(max(0, seconds))
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s // 60 % 60)
+    return "%dd%02dh" % (s // 86400, s // 3600 % 24)
+
+
+def ctl_exit_text(last_exit) -> str:
+    """A last exit as ``0``, ``1`` or ``SIGKILL``; ``-`` before the first."""
+    if not last_exit:
+        return "-"
+    if last_exit.get("term_signal"):
+        try:
+            return signal.Signals(last_exit["term_signal"]).name
+        except ValueError:
+            return "signal %s" % last_exit["term_signal"]
+    return str(last_exit.get("exit_status"))
+
+
+def ctl_table(rows, header) -> list:
+    """Lines of a left-aligned table (the last column is not padded)."""
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+            for r in [header] + rows]
+
+
+def _mem_bytes(stats) -> int:
+    total = 0
+    for stat in stats:
+        try:
+            total += parse_size(str(stat.get("mem_info1") or 0))
+        except ValueError:
+            pass
+    return total
+
+
+STATUS_HEADER = ("NAME", "STATE", "READY/RUN/WANT", "PIDS", "UPTIME", "RESTARTS", "LAST EXIT",
+                 "CPU", "MEM")
+PROCESS_HEADER = ("NAME#ID", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "STATUS")
+
+
+def ctl_status_rows(statuses, stats, now) -> list:
+    """One row per template: ``statuses`` maps names to ``GET
+    /status/NAME`` replies, ``stats`` names to ``GET /stats/NAME``'s."""
+    rows = []
+    for name, st in statuses.items():
+        procs = st.get("processes") or []
+        sinces = [p["since"] for p in procs if p.get("os_pid") and p.get("since")]
+        s = stats.get(name) or {}
+        per = s.get("stats") or []
+        rows.append((name, st.get("state", "?"), "%s/%s/%s" % (
+            st.get("ready", "-"), st.get("running", 0), st.get("max_processes", 0)),
+            ",".join(str(p["os_pid"]) for p in procs if p.get("os_pid")) or "-",
+            ctl_duration(now - min(sinces)) if sinces and now else "-",
+            st.get("restarts", 0), ctl_exit_text(st.get("last_exit")),
+            "%.1f%%" % sum(x.get("cpu") or 0 for x in per) if per else "-",
+            human_size(_mem_bytes(per)) if per else "-"))
+    return rows
+
+
+def ctl_process_rows(statuses, stats, now) -> list:
+    """One row per process slot."""
+    rows = []
+    for name, st in statuses.items():
+        by_id = {x.get("id"): x for x in (stats.get(name) or {}).get("stats") or []}
+        for p in st.get("processes") or []:
+            x = by_id.get(p.get("id"))
+            rows.append(("%s#%s" % (name, p.get("id") or "-"), p.get("state", "?"),
+                         p.get("os_pid") or "-",
+                         ctl_duration(now - p["since"]) if now and p.get("since") else "-",
+                         p.get("restarts", 0), "%.1f%%" % (x.get("cpu") or 0) if x else "-",
+                         human_size(_mem_bytes([x])) if x else "-", p.get("status_text") or ""))
+    return rows
+
+
+def ctl_statuses(target, names):
+    """(statuses, stats, now) of the templates ``names`` stand for."""
+    reply = ctl_call(target, "GET", "/status")
+    every = reply.json()
+    now = reply.server_time()
+    wanted = ctl_templates(target, names) if names else list(every)
+    statuses = collections.OrderedDict()
+    for name in wanted:
+        statuses[name] = ctl_call(target, "GET", "/status/" + _quote(name)).json()
+    stats = {}
+    for item in ctl_call(target, "GET", "/stats").json():
+        if isinstance(item, dict) and item.get("name") in statuses:
+            stats[item["name"]] = item
+    return statuses, stats, now
+
+
+# -- logs --------------------------------------------------------------------
+
+class CtlLogs:
+    """Follow the output of every process of the templates ``matches``
+    accepts, including the ones started later, into ``put((name, id,
+    line))``.
+
+    One feed of ``spawn`` events (resumed by event id) says when a process
+    starts; each (re)connection of it also lists the live processes, so a
+    spawn missed while disconnected is found too.  Each process has a
+    thread that follows ``/streams/ID/LABEL``, resumed by byte offset, so
+    nothing is lost or repeated across dropped connections.  A process is
+    known by (id, os_pid): after a daemon restart, ids start again at 1."""
+
+    def __init__(self, target, matches, label_index, put, tail=10, follow=True):
+        self.target, self.matches, self.label_index = target, matches, label_index
+        self.put, self.tail = put, tail
+        self.known = set()
+        self.lock = threading.Lock()
+        self.feeds = []
+        self.first_scan = True
+        self.labels = {}
+        self.watch = CtlFeed(target, "/watch/spawn", on_connect=self._scan)
+
+    def start(self):
+        """Connect (CtlExit when the daemon refuses or is away), then follow
+        in daemon threads."""
+        self.watch.connect()
+        thread = threading.Thread(target=self._run_watch, daemon=True)
+        thread.start()
+
+    def close(self):
+        self.watch.close()
+        with self.lock:
+            for feed in self.feeds:
+                feed.close()
+
+    def _label(self, name):
+        if name not in self.labels:
+            try:
+                labels = ctl_call(self.target, "GET", "/processes/" + _quote(name)).json().get(
+                    "redirect_output") or []
+            except CtlExit:
+                labels = []
+            if isinstance(labels, str):
+                labels = parse_list(labels)
+            self.labels[name] = labels[self.label_index] if len(labels) > self.label_index \
+                else ("stdout", "stderr")[self.label_index]
+        return self.labels[name]
+
+    def _scan(self):
+        """Every live process of the templates, on each (re)connection."""
+        tail, self.first_scan = (self.tail if self.first_scan else None), False
+        for name in ctl_call(self.target, "GET", "/processes").json():
+            if not self.matches(name):
+                continue
+            try:
+                status = ctl_call(self.target, "GET", "/status/" + _quote(name)).json()
+            except CtlExit as exc:
+                if exc.status == CTL_REFUSED:
+                    continue                        # removed meanwhile
+                raise
+            for proc in status.get("processes") or []:
+                if proc.get("id") and proc.get("os_pid"):
+                    self._follow(name, proc["id"], proc["os_pid"], tail)
+
+    def _run_watch(self):
+        try:
+            for _, event, data in self.watch.events():
+                try:
+                    payload = json.loads("\n".join(data))
+                except ValueError:
+                    continue
+                if event == "missed":
+                    self._scan()
+                elif event == "spawn" and self.matches(payload.get("name", "")):
+                    self._follow(payload["name"], payload["pid"], payload.get("os_pid"), None)
+        except CtlExit as exc:
+            self.put((None, None, exc))
+
+    def _follow(self, name, pid, os_pid, tail):
+        with self.lock:
+            if (pid, os_pid) in self.known:
+                return
+            self.known.add((pid, os_pid))
+        thread = threading.Thread(target=self._run_stream, args=(name, pid, os_pid, tail),
+                                  daemon=True)
+        thread.start()
+
+    def _still_there(self, pid, os_pid):
+        """Before a stream reconnects: is its process still alive (True:
+        the connection dropped), gone, or replaced by another with the
+        same id after a daemon restart (False: its feed is over)?  None
+        while the daemon cannot be asked."""
+        try:
+            reply = ctl_call(self.target, "GET", "/processes/%d" % pid, ok=(200, 404))
+        except CtlExit as exc:
+            return None if exc.status == CTL_UNREACHABLE else False
+        return reply.status == 200 and reply.json().get("os_pid") == os_pid
+
+    def _run_stream(self, name, pid, os_pid, tail):
+        label = self._label(name)
+        path = "/streams/%d/%s" % (pid, _quote(label))
+        if tail is not None:
+            path += "?tail=%d" % tail
+        # A process started after we began is read from its first byte.
+        feed = CtlFeed(self.target, path, last_id=0 if tail is None else None,
+                       still_wanted=lambda: self._still_there(pid, os_pid))
+        with self.lock:
+            self.feeds.append(feed)
+        offset = feed.last_id
+        partial = ""
+        try:
+            for event_id, _, data in feed.events():
+                text = "\n".join(data)
+                new = int(event_id) if event_id and event_id.isdigit() else None
+                # The event id is the byte offset after the chunk: one more
+                # byte than its lines means it ended with a line end.
+                whole = offset is None or new is None or \
+                    new - offset > len(text.encode("utf-8"))
+                offset = new if new is not None else offset
+                lines = (partial + text).split("\n")
+                partial = "" if whole else lines.pop()
+                for line in lines:
+                    self.put((name, pid, line))
+        except CtlExit as exc:
+            if exc.status != CTL_REFUSED:
+                self.put((None, None, exc))
+        if partial:
+            self.put((name, pid, partial))
+        with self.lock:
+            self.feeds.remove(feed)
+
+
+def ctl_log_prefix(name, pid, colour) -> str:
+    text = "%s#%s |" % (name, pid) if pid is not None else "%s |" % name
+    if not colour:
+        return text
+    code = _CTL_COLOURS[sum(name.encode("utf-8")) % len(_CTL_COLOURS)]
+    return "\033[%sm%s\033[0m" % (code, text)
+
+
+# -- commands ----------------------------------------------------------------
+
+def _out(line=""):
+    sys.stdout.write(line + "\n")
+
+
+def ctl_cmd_status(target, args):
+    statuses, stats, now = ctl_statuses(target, args.names)
+    if args.json:
+        for name, st in statuses.items():
+            st["stats"] = (stats.get(name) or {}).get("stats", [])
+        _out(json.dumps(statuses, indent=2))
+        return CTL_OK
+    if args.processes:
+        lines = ctl_table(ctl_process_rows(statuses, stats, now), PROCESS_HEADER)
+    else:
+        lines = ctl_table(ctl_status_rows(statuses, stats, now), STATUS_HEADER)
+    for line in lines:
+        _out(line)
+    return CTL_OK
+
+
+def _act(target, names, action, done):
+    """POST an action to each template; a refusal is reported and the
+    others still get theirs; exit 1 if any was refused."""
+    status = CTL_OK
+    try:
+        templates = ctl_templates(target, names)
+    except CtlExit as exc:
+        if exc.status != CTL_REFUSED:
+            raise
+        print(exc.message, file=sys.stderr)
+        return CTL_REFUSED
+    for name in templates:
+        try:
+            ctl_call(target, "POST", "/processes/%s/%s" % (_quote(name), action))
+            _out("%s: %s" % (name, done))
+        except CtlExit as exc:
+            if exc.status != CTL_REFUSED:
+                raise
+            print("%s: %s" % (name, exc.message.split(": ", 1)[-1]), file=sys.stderr)
+            status = CTL_REFUSED
+    return status
+
+
+def ctl_cmd_start(target, args):
+    return _act(target, args.names, "_start", "started")
+
+
+def ctl_cmd_stop(target, args):
+    return _act(target, args.names, "_stop", "stopped")
+
+
+def ctl_cmd_restart(target, args):
+    return _act(target, args.names, "_restart", "restarted")
+
+
+def ctl_cmd_scale(target, args):
+    text = args.count
+    if not re.fullmatch(r"[+-]?[0-9]{1,9}", text, re.ASCII):
+        raise CtlExit(CTL_USAGE, "gafferd ctl scale: %r is not N, +N or -N" % text)
+    path = "/processes/" + _quote(args.name)
+    if text[0] in "+-":
+        action = "_add" if text[0] == "+" else "_sub"
+        reply = ctl_call(target, "POST", "%s/%s/%d" % (path, action, int(text[1:]))).json()
+    else:
+        wanted = ctl_call(target, "GET", "/status/" + _quote(args.name)).json()["max_processes"]
+        diff = int(text) - wanted
+        reply = ctl_call(target, "POST", "%s/%s/%d" % (path, "_add" if diff >= 0 else "_sub",
+                                                       abs(diff))).json()
+    _out("%s: %s process(es)" % (args.name, reply.get("numprocesses")))
+    return CTL_OK
+
+
+def ctl_cmd_signal(target, args):
+    try:
+        number = parse_signal(args.signal)
+    except ApiError as exc:
+        raise CtlExit(CTL_USAGE, "gafferd ctl signal: " + exc.message) from None
+    return _act(target, args.names, "_signal/%d" % number,
+                "sent %s" % signal.Signals(number).name if number in set(
+                    s.value for s in signal.Signals) else "sent signal %d" % number)
+
+
+def ctl_templates_from_file(path) -> list:
+    """Template definitions (dicts for ``POST /processes``) from a JSON
+    file (one object or a list) or an INI file's ``[process:NAME]``
+    sections (with their ``[env:NAME]``; values as written, relative paths
+    from the file's directory as in the daemon's own config)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise CtlExit(CTL_USAGE, "gafferd ctl add: cannot read %r: %s"
+                      % (path, exc.strerror or exc)) from None
+    text = raw.decode("utf-8", "replace")
+    if text.lstrip().startswith(("{", "[")) and not text.lstrip().startswith("[process:"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise CtlExit(CTL_USAGE, "gafferd ctl add: %s: not JSON: %s" % (path, exc)) from None
+        data = data if isinstance(data, list) else [data]
+        if not all(isinstance(d, dict) for d in data):
+            raise CtlExit(CTL_USAGE, "gafferd ctl add: %s: give an object or a list of objects"
+                          % path)
+        return data
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text, source=path)
+    except configparser.Error as exc:
+        raise CtlExit(CTL_USAGE, "gafferd ctl add: %s: %s" % (path, " ".join(str(exc).split())))
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for section in parser.sections():
+        kind, _, name = section.partition(":")
+        if kind != "process" or not name:
+            continue
+        definition = {"name": name}
+        definition.update(parser.items(section))
+        definition["cwd"] = os.path.normpath(os.path.join(base, definition.get("cwd", ".")))
+        if parser.has_section("env:" + name):
+            definition["env"] = {k.upper(): v for k, v in parser.items("env:" + name)}
+        out.append(definition)
+    if not out:
+        raise CtlExit(CTL_USAGE, "gafferd ctl add: %s has no [process:NAME] section" % path)
+    return out
+
+
+def ctl_cmd_add(target, args):
+    status = CTL_OK
+    for definition in ctl_templates_from_file(args.file):
+        try:
+            ctl_call(target, "POST", "/processes", definition)
+            _out("%s: added" % definition.get("name"))
+        except CtlExit as exc:
+            if exc.status != CTL_REFUSED:
+                raise
+            print("%s: %s" % (definition.get("name"), exc.message.split(": ", 1)[-1]),
+                  file=sys.stderr)
+            status = CTL_REFUSED
+    return status
+
+
+def ctl_cmd_rm(target, args):
+    status = CTL_OK
+    for name in ctl_templates(target, args.names):
+        try:
+            ctl_call(target, "DELETE", "/processes/" + _quote(name))
+            _out("%s: removed" % name)
+        except CtlExit as exc:
+            if exc.status != CTL_REFUSED:
+                raise
+            print("%s: %s" % (name, exc.message.split(": ", 1)[-1]), file=sys.stderr)
+            status = CTL_REFUSED
+    return status
+
+
+def _recent_output(target, names, lines, label_index, colour):
+    for name in ctl_templates(target, names):
+        status = ctl_call(target, "GET", "/status/" + _quote(name)).json()
+        definition = ctl_call(target, "GET", "/processes/" + _quote(name)).json()
+        labels = definition.get("redirect_output") or []
+        labels = parse_list(labels) if isinstance(labels, str) else labels
+        label = labels[label_index] if len(labels) > label_index else \
+            ("stdout", "stderr")[label_index]
+        ids = [p["id"] for p in status.get("processes") or [] if p.get("id")]
+        for pid in ids or [None]:
+            query = "lines=%d&label=%s" % (lines, _quote(label))
+            if pid is not None:
+                query += "&pid=%d" % pid
+            reply = ctl_call(target, "GET", "/processes/%s/_log?%s" % (_quote(name), query))
+            prefix = ctl_log_prefix(name, pid, colour)
+            for line in reply.json().get("lines") or []:
+                _out("%s %s" % (prefix, line))
+
+
+def ctl_cmd_logs(target, args):
+    colour = ctl_use_colour(sys.stdout, os.environ)
+    label_index = 1 if args.stderr else 0
+    if not args.follow:
+        _recent_output(target, args.names, args.lines, label_index, colour)
+        return CTL_OK
+    ctl_templates(target, args.names)                      # unknown names: exit 1
+    lines = lazy_import("queue").Queue()
+    logs = CtlLogs(target, ctl_matcher(args.names), label_index, lines.put, tail=args.lines)
+    logs.start()
+    try:
+        while True:
+            name, pid, line = lines.get()
+            if name is None:
+                raise line
+            _out("%s %s" % (ctl_log_prefix(name, pid, colour), line))
+            sys.stdout.flush()
+    finally:
+        logs.close()
+
+
+def ctl_event_line(payload) -> str:
+    """``spawn web pid=3 os_pid=1234``: an event as one line."""
+    rest = " ".join("%s=%s" % (k, json.dumps(v) if not isinstance(v, str) else v)
+                    for k, v in payload.items() if k not in ("event", "name"))
+    return " ".join(p for p in (time.strftime("%H:%M:%S"), payload.get("event", "?"),
+                                str(payload.get("name", "")), rest) if p)
+
+
+def ctl_cmd_events(target, args):
+    path = "/watch" + "".join("/" + _quote(p) for p in (args.pattern or "").split(".") if p)
+    feed = CtlFeed(target, path)
+    feed.connect()
+    seen = 0
+    for _, event, data in feed.events():
+        try:
+            payload = json.loads("\n".join(data))
+        except ValueError:
+            continue
+        _out(json.dumps(payload) if args.json else ctl_event_line(payload))
+        sys.stdout.flush()
+        seen += 1
+        if args.count and seen >= args.count:
+            return CTL_OK
+    return CTL_OK
+
+
+def ctl_cmd_reload(target, args):
+    reply = ctl_call(target, "POST", "/reload" + ("?dry_run=1" if args.dry_run else ""))
+    result = reply.json()
+    for warning in result.get("warnings") or []:
+        print("warning: %s" % warning, file=sys.stderr)
+    verb = "would be " if args.dry_run else ""
+    for key in ("added", "removed", "changed"):
+        _out("%s%s: %s" % (verb, key, ", ".join(result.get(key) or []) or "-"))
+    return CTL_OK
+
+
+def _waited(status, ready) -> bool:
+    if status.get("state") == "completed":
+        return True
+    wanted = status.get("max_processes", 0)
+    if ready:
+        return status.get("state") == "running" and status.get("ready", 0) >= wanted
+    return status.get("state") == "running" or 0 < wanted <= status.get("running", 0)
+
+
+def ctl_cmd_wait(target, args):
+    """Event-driven: the feed is opened first, then every template is
+    checked, and checked again on each of its events."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    names = ctl_templates(target, args.names)
+    pending = set(names)
+    feed = CtlFeed(target, "/watch")
+
+    def check(name):
+        status = ctl_call(target, "GET", "/status/" + _quote(name)).json()
+        if status.get("state") == "failed":
+            raise CtlExit(CTL_REFUSED, "gafferd ctl wait: %s failed" % name)
+        if _waited(status, args.ready):
+            pending.discard(name)
+
+    def on_connect():
+        for name in sorted(pending):
+            check(name)
+    feed.on_connect = on_connect
+    feed.connect()
+    if not pending:
+        return CTL_OK
+    timer = None
+    if deadline is not None:
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), feed.close)
+        timer.daemon = True
+        timer.start()
+    try:
+        for _, _, data in feed.events():
+            try:
+                name = json.loads("\n".join(data)).get("name")
+            except (ValueError, AttributeError):
+                continue
+            if name in pending:
+                check(name)
+            if not pending:
+                return CTL_OK
+    finally:
+        if timer is not None:
+            timer.cancel()
+    raise CtlExit(CTL_TIMEOUT, "gafferd ctl wait: timed out after %gs; still waiting for %s"
+                  % (args.timeout, ", ".join(sorted(pending))))
+
+
+def ctl_cmd_ping(target, args):
+    _out(ctl_call(target, "GET", "/ping").body.decode("utf-8", "replace").strip())
+    return CTL_OK
+
+
+def ctl_cmd_version(target, args):
+    _out("gafferd ctl %s (gaffer API %s)" % (GAFFERD_VERSION, __version__))
+    info = ctl_call(target, "GET", "/").json()
+    _out("daemon at %s: gafferd %s (gaffer API %s)" % (target.url, info.get("gafferd", "?"),
+                                                       info.get("version", "?")))
+    return CTL_OK
+
+
+# -- top ---------------------------------------------------------------------
+
+class CtlTop:
+    """``ctl top``: the status table, a log pane for the selected template,
+    and keys that act on it, redrawn when an event arrives.
+
+    Threads only read feeds: the event feed (every event) and the output
+    of every template (CtlLogs); they put what they read on a queue and
+    write a byte to a pipe, and the curses loop, which alone draws and
+    sends requests, sleeps in select() on the terminal and that pipe."""
+
+    KEYS = "j/k select  s start  x stop  r restart  +/- scale  q quit"
+    LOG_LINES = 200
+
+    def __init__(self, target):
+        self.target = target
+        self.queue = lazy_import("queue").Queue()
+        self.wake_r, self.wake_w = os.pipe()
+        self.statuses, self.stats, self.now = collections.OrderedDict(), {}, None
+        self.logs = collections.defaultdict(lambda: collections.deque(maxlen=self.LOG_LINES))
+        self.selected = 0
+        self.message = ""
+        self.stale = True
+
+    def _put(self, item):
+        self.queue.put(item)
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def _run_events(self, feed):
+        try:
+            for _ in feed.events():
+                self._put(("event", None))
+        except CtlExit as exc:
+            self._put(("error", exc))
+
+    def run(self) -> int:
+        feed = CtlFeed(self.target, "/watch", on_connect=lambda: self._put(("event", None)))
+        feed.connect()
+        logs = CtlLogs(self.target, lambda name: True, 0,
+                       lambda item: self._put(("log", item)), tail=self.LOG_LINES)
+        logs.start()
+        threading.Thread(target=self._run_events, args=(feed,), daemon=True).start()
+        curses = lazy_import("curses")
+        try:
+            return curses.wrapper(self._main)
+        finally:
+            feed.close()
+            logs.close()
+
+    def _main(self, screen) -> int:
+        curses = lazy_import("curses")
+        select = lazy_import("select")
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass
+        screen.nodelay(True)
+        while True:
+            self._drain()
+            if self.stale:
+                self._refresh()
+            self._draw(screen, curses)
+            ready = select.select([sys.stdin.fileno(), self.wake_r], [], [], 1.0)[0]
+            if self.wake_r in ready:
+                os.read(self.wake_r, 4096)
+            while True:
+                key = screen.getch()
+                if key == -1:
+                    break
+                if self._on_key(key, curses) is False:
+                    return CTL_OK
+
+    def _drain(self):
+        queue = lazy_import("queue")
+        while True:
+            try:
+                kind, item = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "event":
+                self.stale = True
+            elif kind == "log":
+                name, pid, line = item
+                if name is None:
+                    self.message = str(line.message)
+                else:
+                    self.logs[name].append("#%s | %s" % (pid, line))
+            elif kind == "error":
+                raise item
+
+    def _refresh(self):
+        self.stale = False
+        try:
+            self.statuses, self.stats, self.now = ctl_statuses(self.target, [])
+            self._fetched = time.monotonic()
+        except CtlExit as exc:
+            self.message = exc.message or ""
+
+    def _selected_name(self):
+        names = list(self.statuses)
+        if not names:
+            return None
+        self.selected = max(0, min(self.selected, len(names) - 1))
+        return names[self.selected]
+
+    def _on_key(self, key, curses):
+        name = self._selected_name()
+        if key in (ord("q"), ord("Q"), 27):
+            return False
+        if key in (ord("j"), curses.KEY_DOWN):
+            self.selected += 1
+        elif key in (ord("k"), curses.KEY_UP):
+            self.selected -= 1
+        elif name is not None and 0 <= key < 256 and chr(key) in "sxr+-":
+            action = {"s": "_start", "x": "_stop", "r": "_restart", "+": "_add/1",
+                      "-": "_sub/1"}[chr(key)]
+            try:
+                ctl_call(self.target, "POST", "/processes/%s/%s" % (_quote(name), action))
+                self.message = "%s: %s" % (name, action.lstrip("_"))
+            except CtlExit as exc:
+                self.message = exc.message or ""
+            self.stale = True
+        return True
+
+    def _draw(self, screen, curses):
+        height, width = screen.getmaxyx()
+        screen.erase()
+        now = None
+        if self.now is not None:
+            now = self.now + (time.monotonic() - self._fetched)
+
+        def put(y, text, attr=0):
+            if 0 <= y < height:
+                try:
+                    screen.addnstr(y, 0, text, max(0, width - 1), attr)
+                except curses.error:
+                    pass
+        put(0, "gafferd top  %s  %d template(s)  %s" % (
+            self.target.url, len(self.statuses), time.strftime("%H:%M:%S")), curses.A_BOLD)
+        lines = ctl_table(ctl_status_rows(self.statuses, self.stats, now), STATUS_HEADER)
+        put(1, lines[0], curses.A_REVERSE)
+        name = self._selected_name()
+        for index, line in enumerate(lines[1:]):
+            put(2 + index, line, curses.A_BOLD if index == self.selected else 0)
+        y = 3 + len(lines) - 1
+        put(y, "-- output of %s " % (name or "-") + "-" * max(0, width - 20))
+        room = height - y - 3
+        if name is not None and room > 0:
+            for index, line in enumerate(list(self.logs[name])[-room:]):
+                put(y + 1 + index, line)
+        put(height - 2, self.message)
+        put(height - 1, self.KEYS, curses.A_REVERSE)
+        screen.refresh()
+
+
+def ctl_cmd_top(target, args):
+    if not sys.stdout.isatty() or not sys.stdin.isatty():
+        raise CtlExit(CTL_USAGE, "gafferd ctl top: needs a terminal (use status for a "
+                      "one-shot table)")
+    return CtlTop(target).run()
+
+
+# -- command line ------------------------------------------------------------
+
+def _seconds(text):
+    try:
+        return parse_float(text, 0, MAX_DURATION)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+def _count(text):
+    try:
+        return parse_int(text, 0, 1000000)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+
+
+# (name, function, help, arguments: (flags, keywords) pairs)
+CTL_COMMANDS = [
+    ("status", ctl_cmd_status, "a table of the templates (or of their processes with -p)", [
+        (("names",), dict(nargs="*", metavar="NAME", help="templates (web, the group web:, all); "
+                                                         "default: every one")),
+        (("-p", "--processes"), dict(action="store_true", help="one row per process")),
+        (("--json",), dict(action="store_true", help="the daemon's status and stats as JSON"))]),
+    ("start", ctl_cmd_start, "start templates", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all"))]),
+    ("stop", ctl_cmd_stop, "stop templates", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all"))]),
+    ("restart", ctl_cmd_restart, "restart templates (new processes first, then the old stop)", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all"))]),
+    ("scale", ctl_cmd_scale, "set how many processes a template runs", [
+        (("name",), dict(metavar="NAME")),
+        (("count",), dict(metavar="N|+N|-N", help="that many, N more, or N fewer"))]),
+    ("signal", ctl_cmd_signal, "send a signal to every process of templates", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all")),
+        (("signal",), dict(metavar="SIGNAL", help="HUP, SIGHUP or 1"))]),
+    ("add", ctl_cmd_add, "create templates from a file", [
+        (("file",), dict(metavar="FILE", help="an INI file with [process:NAME] (and [env:NAME]) "
+                                              "sections, or JSON: a template or a list"))]),
+    ("rm", ctl_cmd_rm, "stop and remove templates", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all"))]),
+    ("logs", ctl_cmd_logs, "recent output, and with -f live output, as NAME#ID | LINE", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all")),
+        (("-f", "--follow"), dict(action="store_true",
+                                  help="then follow every process, new ones too, until ^C; "
+                                       "survives dropped connections and daemon restarts")),
+        (("-n", "--lines"), dict(type=_count, default=10, metavar="N",
+                                 help="recent lines per process (default 10)")),
+        (("--stderr",), dict(action="store_true", help="the second output label (stderr) "
+                                                       "instead of the first"))]),
+    ("events", ctl_cmd_events, "the event feed, one line per event, until ^C", [
+        (("pattern",), dict(nargs="?", metavar="PATTERN",
+                            help="exit, proc.web, proc.web.exit... (default: every event)")),
+        (("--json",), dict(action="store_true", help="each event as its JSON")),
+        (("-n", "--count"), dict(type=_count, metavar="N", help="exit after N events"))]),
+    ("reload", ctl_cmd_reload, "re-read the daemon's config file; print what changed", [
+        (("--dry-run",), dict(action="store_true", help="only say what would change"))]),
+    ("wait", ctl_cmd_wait, "return when templates run (or are ready): for deploy scripts", [
+        (("names",), dict(nargs="+", metavar="NAME", help="templates, web: for a group, all")),
+        (("--ready",), dict(action="store_true", help="wait until every process is ready")),
+        (("--timeout",), dict(type=_seconds, metavar="SECONDS",
+                              help="give up after this long: exit status 3"))]),
+    ("top", ctl_cmd_top, "a full-screen live view; keys: j/k select, s start, x stop, "
+                         "r restart, +/- scale, q quit", []),
+    ("ping", ctl_cmd_ping, "check that the daemon answers", []),
+    ("version", ctl_cmd_version, "this client's and the daemon's versions", []),
+]
+
+CTL_EPILOG = """\
+Exit status: 0 success; 1 the daemon refused (its message is printed);
+2 a usage mistake; 3 wait timed out; 4 the daemon could not be reached.
+
+Where the daemon is: --url, else GAFFERD_URL, else the first endpoint of
+-c CONFIG, else http://%s.  The token: --token, --token-file,
+GAFFERD_TOKEN, else auth_token(_file) of -c CONFIG.  Colours only on a
+terminal, never with NO_COLOR set.""" % DEFAULT_BIND
+
+
+class _CtlParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise CtlExit(CTL_USAGE, "%s: error: %s" % (self.prog, message))
+
+
+def build_ctl_parser():
+    parser = _CtlParser(prog="gafferd ctl", description="Control a running gafferd.",
+                        epilog=CTL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="the daemon's INI file: its first endpoint and auth token")
+    parser.add_argument("--url", help="http://HOST:PORT, https://HOST:PORT or unix:/PATH")
+    parser.add_argument("--token", help="the API token (Bearer)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+    parser.add_argument("--cafile", metavar="FILE", help="trust this CA (or self-signed "
+                                                         "certificate) for https://")
+    parser.add_argument("--insecure", action="store_true",
+                        help="https:// without checking the certificate")
+    parser.add_argument("--version", action="version",
+                        version="gafferd ctl %s (gaffer API %s)" % (GAFFERD_VERSION, __version__))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, function, help_text, arguments in CTL_COMMANDS:
+        sub = commands.add_parser(name, help=help_text, description=help_text[:1].upper() +
+                                  help_text[1:] + ".", epilog=CTL_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        for flags, keywords in arguments:
+            sub.add_argument(*flags, **keywords)
+        sub.set_defaults(function=function)
+    return parser
+
+
+def ctl_main(argv, environ=None) -> int:
+    """``gafferd ctl ARGV``: the client's error boundary.  Every failure
+    is one line on stderr and an exit status; never a traceback, not even
+    when stdout is a pipe that closes early (SIGPIPE then ends the client
+    quietly, as it does cat)."""
+    environ = os.environ if environ is None else environ
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        args = build_ctl_parser().parse_args(argv)
+        if not args.command:
+            build_ctl_parser().print_help(sys.stderr)
+            return CTL_USAGE
+        target = ctl_target(args, environ)
+        status = args.function(target, args)
+        sys.stdout.flush()
+        return status
+    except CtlExit as exc:
+        if exc.message:
+            print(exc.message, file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")      # nothing more to flush at exit
+        except OSError:
+            pass
+        return CTL_OK
+
+
+# § 15 daemon and command line ---------------------------------------------------
 # Owns: the command line, start-up order, signals
 # (TERM/INT/QUIT stop, a second one hurries; HUP reloads the
 # config; USR1 reopens log files), reload, --daemon and --pidfile,
@@ -8930,6 +10183,9 @@ def open_daemon_log(args, config):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ctl"]:
+        return ctl_main(argv[1:])
     # Until the daemon starts, gafferd is a command whose output may go to
     # `head`: a closed pipe ends it quietly, as it does cat or grep.  The
     # daemon itself ignores SIGPIPE (Python's default): a client that goes
