@@ -2555,8 +2555,8 @@ class WebSocketParser:
 
     def __init__(self):
         self.buf = bytearray()
-        self._parts = []
-        self._opcode = None
+        self._message = bytearray()   # the fragments so far: one buffer, so that
+        self._opcode = None           # neither its size nor its cost grows per frame
 
     def feed(self, data: bytes) -> list:
         self.buf += data
@@ -2573,21 +2573,21 @@ class WebSocketParser:
             elif opcode == WS_CONT:
                 if self._opcode is None:
                     raise WebSocketError(1002, "continuation without a message")
-                self._parts.append(payload)
+                if len(self._message) + len(payload) > WS_MAX_MESSAGE:
+                    raise WebSocketError(1009, "message too big")
+                self._message += payload
                 if fin:
-                    out.append((self._opcode, b"".join(self._parts)))
-                    self._opcode, self._parts = None, []
+                    out.append((self._opcode, bytes(self._message)))
+                    self._opcode, self._message = None, bytearray()
             elif opcode in (WS_TEXT, WS_BINARY):
                 if self._opcode is not None:
                     raise WebSocketError(1002, "new message inside a fragmented one")
                 if fin:
                     out.append((opcode, payload))
                 else:
-                    self._opcode, self._parts = opcode, [payload]
+                    self._opcode, self._message = opcode, bytearray(payload)
             else:
                 raise WebSocketError(1002, "unknown opcode %d" % opcode)
-            if sum(map(len, self._parts)) > WS_MAX_MESSAGE:
-                raise WebSocketError(1009, "message too big")
 
     def _frame(self):
         buf = self.buf
@@ -6795,7 +6795,7 @@ class Api:
 
     # -- processes by id ----------------------------------------------------------------------
     def head_process(self, req, pid):
-        return Reply(200 if int(pid) in self.manager.running else 404)
+        return Reply(200 if self._id(pid) in self.manager.running else 404)
 
     def get_process(self, req, pid):
         proc = self._live(pid)
