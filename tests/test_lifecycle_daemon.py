@@ -22,7 +22,9 @@ def write(tmp_path, name, text):
 
 
 def os_pids(d, name):
-    return [d.os_pid(i) for i in d.pids(name)]
+    """The OS pids of a template's live processes, read in one request (a
+    process listed by one request may be gone by the next)."""
+    return [p["os_pid"] for p in d.status(name)["processes"] if p["os_pid"]]
 
 
 def test_two_crashes_of_twenty_workers_never_stop_the_other_eighteen(daemon_factory, tmp_path):
