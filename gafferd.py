@@ -4180,6 +4180,7 @@ class Manager:
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
+        self._critical_asked = False                   # on_critical is called once
         self._unprobed = set()                         # templates warned about their ready kind
         self._deps_check_scheduled = False
         self._to_stop = []                             # shutdown: templates not stopped yet
@@ -4643,8 +4644,9 @@ class Manager:
             self._critical(t, "failed")
 
     def _critical(self, t, why):
-        if self.stopping or self.on_critical is None:
+        if self.stopping or self.on_critical is None or self._critical_asked:
             return
+        self._critical_asked = True
         log.error("%s is critical and %s: stopping every process; gafferd exits with "
                   "status 1", t.name, why)
         self.loop.call_soon(self.on_critical, t.name)
@@ -4841,7 +4843,8 @@ class Manager:
 
     def _pump(self):
         """Spawn the slots templates are waiting for, in queue (priority)
-        order, within this iteration's budget; the rest on the next one."""
+        order, within this iteration's budget; the rest on the next one,
+        which begins with the next template in the queue."""
         queue = self._spawn_queue
         while queue and self._budget_left():
             t = queue[0]
@@ -4850,6 +4853,10 @@ class Manager:
                 self._spawn_wanted.discard(t)
                 continue
             self._spawn(t)
+            if not self._budget_left() and len(queue) > 1 and queue[0] is t:
+                # a template that refills its own slots (a respawn storm) would
+                # keep the head for ever: the next iteration starts elsewhere
+                queue.rotate(-1)
         if queue and not self._pump_scheduled:
             self._pump_scheduled = True
             self.loop.call_soon(self._pump_later)
@@ -10089,6 +10096,8 @@ class Daemon:
     def _on_critical_failure(self, name):
         """A ``critical`` template failed: stop everything, exit 1."""
         self.exit_status = 1
+        if self.manager.stopping:
+            return        # one failure can report twice (the exit, the state): one stop
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
