@@ -1085,7 +1085,7 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
-    env = child_environment(spec, environ)
+    env = checked_environment(spec, environ)
     try:
         argv = command_line(spec, env)
     except KeyError as exc:
@@ -1097,6 +1097,15 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
         raise fail("cmd", "executable %r not found%s" % (
             argv[0], "" if "/" in argv[0] else " in PATH"))
     return spec
+
+
+def checked_environment(spec: TemplateSpec, environ) -> dict:
+    """``child_environment`` with the GAFFERD_NAME, GAFFERD_ID and
+    GAFFERD_SLOT every process gets at its start (id and slot 0 here), so
+    a check of ``cmd`` and ``args`` knows the variables will be there."""
+    env = child_environment(spec, environ)
+    env.update(GAFFERD_NAME=spec.name, GAFFERD_ID="0", GAFFERD_SLOT="0")
+    return env
 
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
@@ -9963,7 +9972,7 @@ class Daemon:
         for event, url in self.config.webhooks:
             out.append("[webhooks] %s -> %s" % (event, url))
         for spec in self.config.templates:
-            env = child_environment(spec, os.environ)
+            env = checked_environment(spec, os.environ)
             argv = command_line(spec, env)
             out.append("[process:%s]" % spec.name)
             out.append("  # resolved: executable = %s" % find_executable(argv[0], spec, env))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import PY, section, wait_for
+from conftest import PY, run_gafferd, section, wait_for
 
 
 def test_a_respawn_storm_never_starves_another_templates_restart(daemon_factory):
@@ -50,3 +50,24 @@ def test_a_critical_one_shot_that_fails_stops_everything_gracefully(daemon_facto
     assert log.count("is critical") == 1, log
     assert "second stop request" not in log, log
     assert mark.exists(), log
+
+
+def test_gafferd_variables_can_be_used_in_cmd_and_args(daemon_factory, tmp_path):
+    """``$VAR`` in ``cmd`` and ``args`` comes from the process's
+    environment, which has GAFFERD_NAME, GAFFERD_ID and GAFFERD_SLOT (what
+    supervisord's ``%(process_num)s`` did): the config check knows they
+    will be there instead of refusing them as unknown variables."""
+    prog = tmp_path / "argv.py"
+    prog.write_text("import sys, time\nopen(sys.argv[1], 'w').write(sys.argv[2])\n"
+                    "time.sleep(600)\n")
+    out = str(tmp_path / "out")
+    d = daemon_factory(section("w", PY, "%s %s.$GAFFERD_SLOT $GAFFERD_NAME:${GAFFERD_ID}"
+                               % (prog, out), numprocesses=2))
+    wait_for(lambda: all(os.path.exists("%s.%d" % (out, n)) for n in (0, 1)), 10,
+             message="both slots to write their argv")
+    ids = sorted(d.pids("w"))
+    got = sorted(open("%s.%d" % (out, n)).read() for n in (0, 1))
+    assert got == sorted("w:%d" % i for i in ids)
+    check = run_gafferd(["--check", d.config_path])
+    assert check.returncode == 0, check.stderr
+    assert "out.0 w:0" in check.stdout, check.stdout
