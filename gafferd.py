@@ -4663,7 +4663,13 @@ class Manager:
     # actions of the table (§4 A_*)
     def _queue_spawn(self, t, slot):
         t.unspawned.append(slot)
-        if t not in self._spawn_wanted and self._eligible(t):
+        queue = self._spawn_queue
+        if t in self._spawn_wanted:
+            if len(queue) > 1 and queue[0] is t:
+                # refilled while at the head (a respawn storm), it would keep
+                # the head for ever: the templates queued behind it go first
+                queue.rotate(-1)
+        elif self._eligible(t):
             self._spawn_wanted.add(t)
             self._spawn_queue.append(t)
             self._pump()
@@ -4852,8 +4858,7 @@ class Manager:
 
     def _pump(self):
         """Spawn the slots templates are waiting for, in queue (priority)
-        order, within this iteration's budget; the rest on the next one,
-        which begins with the next template in the queue."""
+        order, within this iteration's budget; the rest on the next one."""
         queue = self._spawn_queue
         while queue and self._budget_left():
             t = queue[0]
@@ -4862,10 +4867,6 @@ class Manager:
                 self._spawn_wanted.discard(t)
                 continue
             self._spawn(t)
-            if not self._budget_left() and len(queue) > 1 and queue[0] is t:
-                # a template that refills its own slots (a respawn storm) would
-                # keep the head for ever: the next iteration starts elsewhere
-                queue.rotate(-1)
         if queue and not self._pump_scheduled:
             self._pump_scheduled = True
             self.loop.call_soon(self._pump_later)
