@@ -1085,7 +1085,7 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
-    env = child_environment(spec, environ)
+    env = checked_environment(spec, environ)
     try:
         argv = command_line(spec, env)
     except KeyError as exc:
@@ -1097,6 +1097,15 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
         raise fail("cmd", "executable %r not found%s" % (
             argv[0], "" if "/" in argv[0] else " in PATH"))
     return spec
+
+
+def checked_environment(spec: TemplateSpec, environ) -> dict:
+    """``child_environment`` with the GAFFERD_NAME, GAFFERD_ID and
+    GAFFERD_SLOT every process gets at its start (id and slot 0 here), so
+    a check of ``cmd`` and ``args`` knows the variables will be there."""
+    env = child_environment(spec, environ)
+    env.update(GAFFERD_NAME=spec.name, GAFFERD_ID="0", GAFFERD_SLOT="0")
+    return env
 
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
@@ -4180,6 +4189,7 @@ class Manager:
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
+        self._critical_asked = False                   # on_critical is called once
         self._unprobed = set()                         # templates warned about their ready kind
         self._deps_check_scheduled = False
         self._to_stop = []                             # shutdown: templates not stopped yet
@@ -4643,8 +4653,9 @@ class Manager:
             self._critical(t, "failed")
 
     def _critical(self, t, why):
-        if self.stopping or self.on_critical is None:
+        if self.stopping or self.on_critical is None or self._critical_asked:
             return
+        self._critical_asked = True
         log.error("%s is critical and %s: stopping every process; gafferd exits with "
                   "status 1", t.name, why)
         self.loop.call_soon(self.on_critical, t.name)
@@ -4652,7 +4663,13 @@ class Manager:
     # actions of the table (§4 A_*)
     def _queue_spawn(self, t, slot):
         t.unspawned.append(slot)
-        if t not in self._spawn_wanted and self._eligible(t):
+        queue = self._spawn_queue
+        if t in self._spawn_wanted:
+            if len(queue) > 1 and queue[0] is t:
+                # refilled while at the head (a respawn storm), it would keep
+                # the head for ever: the templates queued behind it go first
+                queue.rotate(-1)
+        elif self._eligible(t):
             self._spawn_wanted.add(t)
             self._spawn_queue.append(t)
             self._pump()
@@ -9956,7 +9973,7 @@ class Daemon:
         for event, url in self.config.webhooks:
             out.append("[webhooks] %s -> %s" % (event, url))
         for spec in self.config.templates:
-            env = child_environment(spec, os.environ)
+            env = checked_environment(spec, os.environ)
             argv = command_line(spec, env)
             out.append("[process:%s]" % spec.name)
             out.append("  # resolved: executable = %s" % find_executable(argv[0], spec, env))
@@ -10089,6 +10106,8 @@ class Daemon:
     def _on_critical_failure(self, name):
         """A ``critical`` template failed: stop everything, exit 1."""
         self.exit_status = 1
+        if self.manager.stopping:
+            return        # one failure can report twice (the exit, the state): one stop
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
