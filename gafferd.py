@@ -1642,6 +1642,14 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
             continue
         items = dict(combined.items(section))
         flabel, fdir = origin[section]
+        # An endpoint holds the API's defences (auth_token, cors_origins...):
+        # a misspelt key would leave it open without a word, so it is an
+        # error here, where a [process:*] typo is only a warning.
+        for key in combined.options(section):
+            if key not in ENDPOINT_KEYS and key not in combined.defaults():
+                errors.append(ConfigError(flabel, section, key, unknown_key_message(
+                    key, ENDPOINT_KEYS).replace("unknown key, ignored",
+                                                "unknown endpoint key")))
         if not items.get("bind", "").strip() and "bind" not in items:
             cfg.warnings.append("%s: [%s] has no bind, skipped" % (flabel, section))
             continue
@@ -1652,6 +1660,11 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
             errors.append(exc)
         except ConfigErrors as exc:
             errors.extend(exc.errors)
+    for section in combined.sections():
+        kind, _, name = section.partition(":")
+        if kind == "endpoint" and name and name not in names:
+            cfg.warnings.append("%s: [%s] is not in [gaffer] http_endpoints, so it is not "
+                                "opened" % (origin.get(section, (label,))[0], section))
     for event, (value, flabel) in webhooks.items():
         for url in value.split():
             if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
@@ -5137,7 +5150,8 @@ class Manager:
         elif event == EXIT_RETRY:
             next_step = "failed start %d, restarting in %.1fs" % (slot.failed_starts, restart_in)
         elif event == EXIT_GIVE_UP:
-            next_step = "gave up after %d failed starts" % slot.failed_starts
+            next_step = "gave up after %d failed start%s" % (
+                slot.failed_starts, "" if slot.failed_starts == 1 else "s")
         else:
             next_step = "not restarted (restart = %s)" % t.policy.restart
         level = logging.INFO if event == EXIT_DONE and slot.ok else logging.WARNING

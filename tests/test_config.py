@@ -1139,3 +1139,38 @@ def test_bad_template_names_are_refused_over_http(tmp_path, gafferd):
     assert d.json("POST", "/processes", {"name": ok, "cmd": SLEEP, "args": ["60"]}) == \
         {"ok": True}
     assert d.json("GET", "/processes") == [ok]
+
+
+# -- endpoint sections guard the API: a misspelt key is an error -----------------------
+
+def test_a_misspelt_endpoint_key_is_an_error_not_an_open_api(tmp_path):
+    path = write(tmp_path / "gaffer.ini", """
+        [gaffer]
+        http_endpoints = main
+
+        [endpoint:main]
+        bind = 127.0.0.1:0
+        token = s3cret
+        """)
+    r = check(path)
+    assert r.returncode == 2, r.stderr
+    assert ("[endpoint:main] token: unknown endpoint key; did you mean 'auth_token'?"
+            in r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_endpoint_section_that_is_not_listed_is_warned_about(tmp_path):
+    path = write(tmp_path / "gaffer.ini", """
+        [gaffer]
+        http_endpoints = main
+
+        [endpoint:main]
+        bind = 127.0.0.1:0
+
+        [endpoint:admin]
+        bind = 127.0.0.1:0
+        auth_token = s3cret
+        """)
+    r = check(path)
+    assert r.returncode == 0, r.stderr
+    assert "[endpoint:admin] is not in [gaffer] http_endpoints, so it is not opened" in r.stderr
