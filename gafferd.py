@@ -4169,10 +4169,6 @@ class Manager:
         self.log_writer = LogWriter(loop)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
-        self._shutdown_started = None
-        self._hurry = False
-        self._stop_callbacks = []
-        self._orphan_deadline = None
         self.started = loop.time()
         self.spawned_total = 0
         self.spawn_failures = 0
@@ -4182,8 +4178,7 @@ class Manager:
         self.on_critical = None                        # callback(name): a critical template failed
         self._unprobed = set()                         # templates warned about their ready kind
         self._deps_check_scheduled = False
-        self._to_stop = []                             # shutdown: templates not stopped yet
-        self._needed_by = {}                           # shutdown: template -> its dependents
+        self.shutdown = Shutdown(self)
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -4787,7 +4782,7 @@ class Manager:
         graceful_timeout (at once when a second shutdown request hurries)."""
         proc.kill(proc.spec.stop_signal)
         timeout = proc.spec.graceful_timeout
-        if self.stopping and self._hurry:
+        if self.stopping and self.shutdown.hurry:
             timeout = 0
         proc.kill_deadline = self.loop.time() + timeout
         proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
@@ -5072,8 +5067,7 @@ class Manager:
         proc._exit_callbacks = []
         self.orphans.scan_soon()        # what it left running is ours now
         if self.stopping:
-            self._stop_in_order()
-            self._check_stopped()
+            self.shutdown.child_exited()
         elif event == STOPPED_EVENT and self._eligible(t):
             self.loop.call_soon(self._manage, t)    # a process stopped alone is replaced
 
@@ -5158,8 +5152,8 @@ class Manager:
     # graph stays sound: ``check_dependencies`` refuses a template that
     # would name an unknown template, itself, or close a cycle, and
     # ``dependents_of`` tells a removal who still needs what it removes.
-    # At shutdown ``_stop_in_order`` stops a template once every template
-    # that depends on it has exited.
+    # At shutdown ``Shutdown`` stops a template once every template that
+    # depends on it has exited.
 
     def _dependency_report(self, t) -> tuple:
         """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
@@ -5270,43 +5264,8 @@ class Manager:
                 out.append(t.name)
         return out
 
-    def _stop_in_order(self):
-        """Shutdown: stop each template that no template still to stop or
-        with a process left depends on, until every one is stopped.  Each
-        waits for its dependents' exits (each within its own
-        graceful_timeout, then SIGKILL), so the chain ends; if nothing can
-        be stopped and only processes of templates still to stop are
-        left (a cycle, made around the checks), the rest stop together."""
-        while self._to_stop:
-            pending = set(self._to_stop)
-            live = {p.template for p in self._by_pid.values()}
-            ready = [t for t in self._to_stop
-                     if not any(d in pending or d in live for d in self._needed_by.get(t, ()))]
-            if not ready:
-                if live - pending:
-                    return                              # wait for their exits
-                ready = list(self._to_stop)
-            for t in ready:
-                self._to_stop.remove(t)
-                self._stop(t)
-
-    def _dependents_map(self) -> dict:
-        """Template -> the templates that depend on it (directly or by its
-        group)."""
-        out = {t: [] for t in self.processes.values()}
-        for d in self.processes.values():
-            for dep, _ in d.spec.depends_on:
-                for member in dependency_targets(dep, self.processes, self.groups):
-                    t = self.processes[member]
-                    if t is not d and d not in out[t]:
-                        out[t].append(d)
-        return out
-
     # -- whole-manager operations and shutdown ------------------------------------------
-    # Contract: ``stop`` is the only way down: every template is stopped
-    # (its slots fed ``stop``), adopted orphans get the same grace, and
-    # once no child of ours is left the applications stop and the
-    # callbacks run, exactly once.  A second ``stop`` hurries (SIGKILL).
+    # Contract: ``stop`` is the only way down; ``Shutdown`` (below) owns it.
     def start(self):
         """Start the applications in list order; one that raises is disabled."""
         for app in list(self.apps):
@@ -5331,37 +5290,112 @@ class Manager:
             self.loop.call_soon(callback)
 
     def stop(self, callback=None):
-        """Graceful shutdown: templates, then applications.  A second call skips the rest of
-        every grace period."""
+        """Graceful shutdown (``Shutdown.begin``): templates, then
+        applications.  A second call skips the rest of every grace period."""
+        self.shutdown.begin(callback)
+
+
+class Shutdown:
+    """How a Manager goes down: the only way is ``begin``.
+
+    Owns the order of the stop (the templates still to stop, who depends
+    on whom), the hurry flag, the deadline of adopted orphans and the
+    callbacks to run once everything is down.  The manager's
+    ``stopping`` flag is set here and never cleared.
+
+    Callers may rely on: every template is stopped (its slots fed
+    ``stop``), dependents before what they depend on; adopted orphans get
+    the same grace, then SIGKILL; once no child of ours is left the
+    applications stop and the callbacks run, exactly once.  A second
+    ``begin`` hurries: what is left gets SIGKILL now.
+
+    Called by ``Manager.stop`` (``begin``), by ``Manager._on_exit``
+    (``child_exited``), by the spawner (``hurry``) and by the daemon's
+    last-resort exit path (``kill_orphans``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self.hurry = False                  # a second stop request: no grace left
+        self._started = None
+        self._callbacks = []
+        self._orphan_deadline = None
+        self._to_stop = []                  # templates not stopped yet
+        self._needed_by = {}                # template -> its dependents
+
+    def begin(self, callback=None):
+        """Graceful shutdown: templates, then applications.  A second call
+        skips the rest of every grace period."""
+        m = self.manager
         if callback:
-            self._stop_callbacks.append(callback)
-        if self.stopping:
+            self._callbacks.append(callback)
+        if m.stopping:
             log.warning("second stop request: killing what is left now")
-            self._hurry = self.groups_left.hurry = True
+            self.hurry = m.groups_left.hurry = True
             for t in self._to_stop:
-                self._stop(t)
+                m._stop(t)
             self._to_stop = []
-            for proc in list(self._by_pid.values()):
+            for proc in list(m._by_pid.values()):
                 proc.kill(signal.SIGKILL)
-            self._kill_orphans(signal.SIGKILL)
+            self.kill_orphans(signal.SIGKILL)
             return
-        self.stopping = True
-        self._shutdown_started = self.loop.time()
-        self._kill_orphans(signal.SIGTERM)      # adopted orphans: same grace as the rest
-        self._to_stop = list(self.processes.values())
+        m.stopping = True
+        self._started = self.loop.time()
+        self.kill_orphans(signal.SIGTERM)       # adopted orphans: same grace as the rest
+        self._to_stop = list(m.processes.values())
         self._needed_by = self._dependents_map()
         self._stop_in_order()                   # dependents first
         self._check_stopped()
 
+    def child_exited(self):
+        """A child of ours was reaped during the shutdown: stop what no
+        longer waits for a dependent, finish once none is left."""
+        self._stop_in_order()
+        self._check_stopped()
+
+    def _stop_in_order(self):
+        """Stop each template that no template still to stop or with a
+        process left depends on, until every one is stopped.  Each waits
+        for its dependents' exits (each within its own graceful_timeout,
+        then SIGKILL), so the chain ends; if nothing can be stopped and
+        only processes of templates still to stop are left (a cycle, made
+        around the checks), the rest stop together."""
+        m = self.manager
+        while self._to_stop:
+            pending = set(self._to_stop)
+            live = {p.template for p in m._by_pid.values()}
+            ready = [t for t in self._to_stop
+                     if not any(d in pending or d in live for d in self._needed_by.get(t, ()))]
+            if not ready:
+                if live - pending:
+                    return                              # wait for their exits
+                ready = list(self._to_stop)
+            for t in ready:
+                self._to_stop.remove(t)
+                m._stop(t)
+
+    def _dependents_map(self) -> dict:
+        """Template -> the templates that depend on it (directly or by its
+        group)."""
+        m = self.manager
+        out = {t: [] for t in m.processes.values()}
+        for d in m.processes.values():
+            for dep, _ in d.spec.depends_on:
+                for member in dependency_targets(dep, m.processes, m.groups):
+                    t = m.processes[member]
+                    if t is not d and d not in out[t]:
+                        out[t].append(d)
+        return out
+
     def _check_stopped(self):
-        if self._by_pid:
+        if self.manager._by_pid:
             return
         if self._orphan_deadline is None:
             # orphaned descendants adopted by us as subreaper had SIGTERM at
             # the start; they get at least 1 s, then SIGKILL
-            if self._kill_orphans(signal.SIGTERM):
-                when = self.loop.time() if self._hurry else max(
-                    self.loop.time(), self._shutdown_started + 1.0)
+            if self.kill_orphans(signal.SIGTERM):
+                when = self.loop.time() if self.hurry else max(
+                    self.loop.time(), self._started + 1.0)
                 self._orphan_deadline = self.loop.call_at(when, self._finish_orphans)
                 return
         self._orphan_deadline = True
@@ -5371,21 +5405,22 @@ class Manager:
         """SIGKILL what is left below the daemon, and look again until
         nothing is: a process forked between a look and the kill becomes
         ours only once its killed parent is gone."""
-        if self._kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
+        if self.kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
             self._orphan_deadline = self.loop.call_later(
                 ORPHAN_KILL_INTERVAL, self._finish_orphans, rounds + 1)
             return
         self._orphan_deadline = True
         self.loop.call_soon(self._stopped)
 
-    def _kill_orphans(self, signum) -> int:
+    def kill_orphans(self, signum) -> int:
         """Send ``signum`` to every adopted orphan and to everything below
         it (its children are not ours until it dies, and would be left
         running if it died last); returns how many live ones got it."""
         me = os.getpid()
         kids = children_map()
+        ours = self.manager._by_pid
         todo = [pid for pid in kids.get(me, ())
-                if pid not in self._by_pid and pid not in self.loop._child_watchers]
+                if pid not in ours and pid not in self.loop._child_watchers]
         seen, count = set(), 0
         while todo:
             pid = todo.pop()
@@ -5404,17 +5439,18 @@ class Manager:
         return count
 
     def _stopped(self):
+        m = self.manager
         try:
-            for app in self.apps:
+            for app in m.apps:
                 try:
                     app.stop()
                 except Exception:
                     log.exception("application %r failed to stop", app)
-            for logfile in self._logfiles.values():
-                self.log_writer.reopen(logfile)          # i.e. close; nothing follows
-            self.log_writer.stop()
+            for logfile in m._logfiles.values():
+                m.log_writer.reopen(logfile)             # i.e. close; nothing follows
+            m.log_writer.stop()
         finally:                                         # the daemon must exit, whatever failed
-            callbacks, self._stop_callbacks = self._stop_callbacks, []
+            callbacks, self._callbacks = self._callbacks, []
             for callback in callbacks:
                 callback()
 
@@ -10047,7 +10083,7 @@ class Daemon:
                         break
                     except OSError:
                         pass
-            manager._kill_orphans(signum)
+            manager.shutdown.kill_orphans(signum)
             deadline = time.monotonic() + wait
             while True:
                 self._reap_now(pids)
