@@ -4083,7 +4083,7 @@ class _CmdAttempt:
                 argv, executable=executable, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=spec.cwd, env=env,
                 start_new_session=True, restore_signals=True, close_fds=True,
-                **manager._identity(spec))
+                **manager.spawner.identity(spec))
         except (OSError, subprocess.SubprocessError, SpawnError) as exc:
             loop.call_soon(self._finish, False, "cannot run %s: %s" % (argv[0], exc))
             return
@@ -4159,14 +4159,8 @@ class Manager:
         self.apps = []
         self.cfg = None                                # the configparser plugins read
         self._by_pid = {}                              # os pid -> Process (every live one)
-        self._ids = itertools.count(1)
-        self._logfiles = {}                            # path -> LogFile (shared)
-        self._spawn_queue = collections.deque()        # templates waiting for spawns
-        self._spawn_wanted = set()
-        self._pump_scheduled = False
-        self._budget_iteration = -1
-        self._budget_end = 0.0
         self.log_writer = LogWriter(loop)
+        self.spawner = Spawner(self)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
         self.started = loop.time()
@@ -4379,7 +4373,7 @@ class Manager:
         def waiting():
             return any(new.member and new.state == STARTING and new.proc is None
                        for _, new in pairs)
-        while waiting() and self._budget_left() and self._has_unspawned(t):
+        while waiting() and self.spawner.budget_left() and self.spawner.has_unspawned(t):
             self._spawn(t)
         if waiting():
             self.loop.call_soon(self._replace, t, pairs, rest)     # budget spent
@@ -4646,11 +4640,7 @@ class Manager:
 
     # actions of the table (§4 A_*)
     def _queue_spawn(self, t, slot):
-        t.unspawned.append(slot)
-        if t not in self._spawn_wanted and self._eligible(t):
-            self._spawn_wanted.add(t)
-            self._spawn_queue.append(t)
-            self._pump()
+        self.spawner.queue(t, slot)
 
     def _watch_ready(self, t, slot):
         """Arm the readiness check of ``t.spec.ready`` for the new process
@@ -4771,12 +4761,25 @@ class Manager:
             self._feed(t, slot, BACKOFF_ELAPSED)
 
     # -- spawning and stopping processes ----------------------------------------------
-    # Contract: a slot's ``spawn`` action queues it in ``t.unspawned``;
-    # ``_pump`` execs them in template (priority) order within
-    # SPAWN_BUDGET per loop iteration; ``_spawn`` feeds ``spawned`` or, on
-    # a failed exec, an exit with status 127.  ``kill`` sends the
-    # template's stop_signal to the process group, SIGKILL after
-    # graceful_timeout.
+    # Contract: a slot's ``spawn`` action hands it to ``Spawner.queue``
+    # (below), which execs in template (priority) order within
+    # SPAWN_BUDGET per loop iteration; every exec passes ``_spawn``, which
+    # feeds ``spawned`` or, on a failed exec, an exit with status 127.
+    # ``_signal_stop`` sends the template's stop_signal to the process
+    # group, SIGKILL after graceful_timeout.
+    def _spawn(self, t) -> bool:
+        """``Spawner.spawn``: exec the next slot of ``t`` waiting for one."""
+        return self.spawner.spawn(t)
+
+    def process_environment(self, proc) -> dict:
+        """The environment ``proc`` is started with (a new dict), which
+        its ``cmd:`` readiness check gets too."""
+        return self.spawner.process_environment(proc)
+
+    def reopen_logs(self) -> int:
+        """Reopen every program log file (SIGUSR1); returns how many."""
+        return self.spawner.reopen_logs()
+
     def _signal_stop(self, proc):
         """The process's stop signal now (to its group), SIGKILL after its
         graceful_timeout (at once when a second shutdown request hurries)."""
@@ -4823,218 +4826,6 @@ class Manager:
     def _eligible(self, t) -> bool:
         return t.wanted and not t.waiting and not self.stopping and \
             self.processes.get(t.name) is t
-
-    def _budget_left(self) -> bool:
-        """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
-        that a crash storm or a mass start never starves the API.  The
-        first spawn of an iteration is always allowed (progress)."""
-        if self._budget_iteration != self.loop.iteration:
-            self._budget_iteration = self.loop.iteration
-            self._budget_end = self.loop.time() + SPAWN_BUDGET
-            return True
-        return self.loop.time() < self._budget_end
-
-    def _pump(self):
-        """Spawn the slots templates are waiting for, in queue (priority)
-        order, within this iteration's budget; the rest on the next one."""
-        queue = self._spawn_queue
-        while queue and self._budget_left():
-            t = queue[0]
-            if not self._eligible(t) or not self._has_unspawned(t):
-                queue.popleft()
-                self._spawn_wanted.discard(t)
-                continue
-            self._spawn(t)
-        if queue and not self._pump_scheduled:
-            self._pump_scheduled = True
-            self.loop.call_soon(self._pump_later)
-
-    def _pump_later(self):
-        self._pump_scheduled = False
-        self._pump()
-
-    @staticmethod
-    def _has_unspawned(t) -> bool:
-        """Drop the slots that were stopped before their exec; any left?"""
-        queue = t.unspawned
-        while queue and not (queue[0].member and queue[0].state == STARTING
-                             and queue[0].proc is None):
-            queue.popleft()
-        return bool(queue)
-
-    def _spawn(self, t) -> bool:
-        """Exec the process of the next slot of ``t`` waiting for one;
-        False when the exec failed (a failed start for that slot)."""
-        if not self._has_unspawned(t):
-            return False
-        slot = t.unspawned.popleft()
-        spec = t.spec
-        proc = Process(self, t, next(self._ids))
-        proc.slot = slot
-        try:
-            self._exec(proc)
-        except SpawnError as exc:
-            self.spawn_failures += 1
-            t.last_error = str(exc)
-            log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
-            # counts as an exit with status 127 after no time up: respawn and backoff apply
-            self._after_exit(t, slot, proc, 127, 0, 0.0, False)
-            return False
-        self.spawned_total += 1
-        slot.proc = proc
-        t.running.append(proc)
-        self.running[proc.id] = proc
-        self._by_pid[proc.pid] = proc
-        self._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
-        self._feed(t, slot, SPAWNED)
-        return True
-
-    def process_environment(self, proc) -> dict:
-        """The environment ``proc`` is started with (a new dict), which
-        its ``cmd:`` readiness check gets too."""
-        env = child_environment(proc.spec, self.environ)
-        env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
-                   GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
-        return env
-
-    def _exec(self, proc):
-        spec = proc.spec
-        env = self.process_environment(proc)
-        try:
-            argv = command_line(spec, env)
-        except KeyError as exc:
-            raise SpawnError("unknown variable $%s" % exc.args[0]) from None
-        except ValueError as exc:
-            raise SpawnError(str(exc)) from None
-        if not os.path.isdir(spec.cwd):
-            raise SpawnError("working directory %r does not exist" % spec.cwd)
-        executable = find_executable(argv[0], spec, env)
-        if executable is None:
-            raise SpawnError("executable %r not found" % argv[0])
-        kwargs = self._identity(spec)        # SpawnError before any fd is opened
-        ours, theirs = [], []                # pipe ends to keep / to close after fork
-        held = []                            # fd numbers reserved during the fork
-        stdio = [subprocess.DEVNULL] * 3
-        try:
-            if proc.redirect_input:
-                r, w = os.pipe()
-                theirs.append(r)
-                ours.append(w)
-                stdio[0] = r
-                proc.stdin_fd = w
-            pipes = {}
-            for index, label in enumerate(proc.redirect_output):
-                if label not in pipes:
-                    r, w = os.pipe()
-                    ours.append(r)
-                    theirs.append(w)
-                    pipes[label] = w
-                    proc._fds[r] = label
-                stdio[1 + index] = pipes[label]
-            if spec.ready.kind == "log":
-                for index in (0, 1):    # read for the check even when not redirected
-                    if stdio[1 + index] is subprocess.DEVNULL:
-                        r, w = os.pipe()
-                        ours.append(r)
-                        theirs.append(w)
-                        stdio[1 + index] = w
-                        proc._fds[r] = _UNREDIRECTED[index]
-            if spec.ready.kind == "notify" or spec.watchdog_sec:
-                if proc.slot is not None:
-                    proc.slot.status_text = ""      # the last process's words are not its
-                proc.notify = NotifySocket(self, proc)
-                env["NOTIFY_SOCKET"] = proc.notify.address
-                if spec.watchdog_sec:
-                    env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
-            custom = []
-            for label in proc.custom_streams:
-                mine, child = socket.socketpair()
-                proc.custom_fds[label] = mine
-                theirs.append(child.detach())
-                custom.append(theirs[-1])
-            if custom:
-                # close_fds stays on: the child gets 0-2, the custom streams
-                # on 3.. (kept through pass_fds once preexec_fn put them
-                # there) and nothing else the daemon holds or inherited
-                kwargs["pass_fds"] = range(3, 3 + len(custom))
-                kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
-                held = _hold_fd_numbers(3 + len(custom))
-            proc.popen = subprocess.Popen(
-                argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
-                stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
-                restore_signals=True, close_fds=True, **kwargs)
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            for fd in ours:
-                close_quietly(fd)
-            proc.close_custom_streams()
-            proc._fds.clear()
-            proc.stdin_fd = None
-            if proc.notify is not None:
-                proc.notify.cancel()
-                proc.notify = None
-            raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
-        finally:
-            for fd in theirs + held:
-                close_quietly(fd)
-        proc.pid = proc.popen.pid
-        for fd in ours:
-            os.set_blocking(fd, False)
-        for fd in proc._fds:
-            self.loop.add_reader(fd, proc._on_output, fd)
-        for label, sock in proc.custom_fds.items():
-            sock.setblocking(False)
-            proc._fds[sock.fileno()] = label
-            self.loop.add_reader(sock.fileno(), proc._on_output, sock.fileno())
-        for index, label in enumerate(proc.redirect_output):
-            path = spec.logfile_for(index)
-            if path and label not in proc._logs:
-                proc._logs[label] = self._logfile(path, spec)
-        if proc.notify is not None:
-            proc.notify.start()
-            proc.watch.append(proc.notify)
-        watcher = _ChildWatcher(self, proc)
-        self.loop.watch_child(proc.pid, watcher)
-        proc.sample = (self.loop.time(), 0.0)
-
-    def _identity(self, spec):
-        """Popen arguments that switch group, groups and user in the child."""
-        if spec.uid is None and spec.gid is None:
-            return {}
-        uid, gid = spec.uid, spec.gid
-        user = None
-        if uid is not None:
-            try:
-                entry = pwd.getpwuid(uid)
-            except KeyError:                 # the user was deleted since the config was read
-                raise SpawnError("unknown user id %d" % uid) from None
-            user = entry.pw_name
-            gid = entry.pw_gid if gid is None else gid
-        groups = os.getgrouplist(user, gid) if user else [gid]
-        if sys.version_info >= (3, 9):
-            out = {"group": gid, "extra_groups": groups}
-            if uid is not None:
-                out["user"] = uid
-            return out
-
-        def switch():                   # Python 3.8: no user=/group= in Popen
-            os.setgroups(groups)
-            os.setgid(gid)
-            if uid is not None:
-                os.setuid(uid)
-        return {"preexec_fn": switch}
-
-    def _logfile(self, path, spec):
-        logfile = self._logfiles.get(path)
-        if logfile is None:
-            logfile = self._logfiles[path] = LogFile(path, spec.logfile_maxbytes,
-                                                     spec.logfile_backups, spec.log_timestamps)
-        return logfile
-
-    def reopen_logs(self) -> int:
-        """Reopen every program log file (SIGUSR1); returns how many."""
-        for logfile in self._logfiles.values():
-            self.log_writer.reopen(logfile)
-        return len(self._logfiles)
 
     # -- reaping -------------------------------------------------------------------------
     # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
@@ -5295,6 +5086,267 @@ class Manager:
         self.shutdown.begin(callback)
 
 
+class Spawner:
+    """Starts the processes of a Manager: the spawn queue, the spawn
+    budget, the exec with its pipes, sockets and identity, and the
+    program log files.
+
+    Owns the templates waiting for spawns (in priority order), the
+    per-iteration budget, the internal process ids and the LogFile of
+    each path (shared by the templates that name it).
+
+    Callers may rely on: a slot given to ``queue`` is execed at the
+    latest on a later loop iteration while its template is eligible, in
+    template (priority) order, within SPAWN_BUDGET seconds of each loop
+    iteration (the first spawn of an iteration always goes); ``spawn``
+    feeds ``spawned`` to the slot, or on a failed exec an exit with
+    status 127 (a failed start), and returns whether the exec succeeded.
+    ``identity`` and ``process_environment`` give what a child (or its
+    ``cmd:`` check) runs as and with.
+
+    Called by the manager's ``spawn`` action (``queue``), by its restart
+    step (``budget_left``, ``has_unspawned``, through ``Manager._spawn``),
+    by ``_CmdAttempt`` (``identity``) and at shutdown (``close_logs``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._ids = itertools.count(1)
+        self._logfiles = {}                            # path -> LogFile (shared)
+        self._spawn_queue = collections.deque()        # templates waiting for spawns
+        self._spawn_wanted = set()
+        self._pump_scheduled = False
+        self._budget_iteration = -1
+        self._budget_end = 0.0
+
+    def queue(self, t, slot):
+        """``slot`` of ``t`` wants a process: queue it and spawn what the
+        budget allows now."""
+        t.unspawned.append(slot)
+        if t not in self._spawn_wanted and self.manager._eligible(t):
+            self._spawn_wanted.add(t)
+            self._spawn_queue.append(t)
+            self.pump()
+
+    def budget_left(self) -> bool:
+        """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
+        that a crash storm or a mass start never starves the API.  The
+        first spawn of an iteration is always allowed (progress)."""
+        if self._budget_iteration != self.loop.iteration:
+            self._budget_iteration = self.loop.iteration
+            self._budget_end = self.loop.time() + SPAWN_BUDGET
+            return True
+        return self.loop.time() < self._budget_end
+
+    def pump(self):
+        """Spawn the slots templates are waiting for, in queue (priority)
+        order, within this iteration's budget; the rest on the next one."""
+        queue = self._spawn_queue
+        while queue and self.budget_left():
+            t = queue[0]
+            if not self.manager._eligible(t) or not self.has_unspawned(t):
+                queue.popleft()
+                self._spawn_wanted.discard(t)
+                continue
+            self.manager._spawn(t)        # the manager's seam: every spawn passes it
+        if queue and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._pump_later)
+
+    def _pump_later(self):
+        self._pump_scheduled = False
+        self.pump()
+
+    @staticmethod
+    def has_unspawned(t) -> bool:
+        """Drop the slots that were stopped before their exec; any left?"""
+        queue = t.unspawned
+        while queue and not (queue[0].member and queue[0].state == STARTING
+                             and queue[0].proc is None):
+            queue.popleft()
+        return bool(queue)
+
+    def spawn(self, t) -> bool:
+        """Exec the process of the next slot of ``t`` waiting for one;
+        False when the exec failed (a failed start for that slot)."""
+        if not self.has_unspawned(t):
+            return False
+        slot = t.unspawned.popleft()
+        spec = t.spec
+        proc = Process(self.manager, t, next(self._ids))
+        proc.slot = slot
+        try:
+            self._exec(proc)
+        except SpawnError as exc:
+            self.manager.spawn_failures += 1
+            t.last_error = str(exc)
+            log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
+            # counts as an exit with status 127 after no time up: respawn and backoff apply
+            self.manager._after_exit(t, slot, proc, 127, 0, 0.0, False)
+            return False
+        self.manager.spawned_total += 1
+        slot.proc = proc
+        t.running.append(proc)
+        self.manager.running[proc.id] = proc
+        self.manager._by_pid[proc.pid] = proc
+        self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+        self.manager._feed(t, slot, SPAWNED)
+        return True
+
+    def process_environment(self, proc) -> dict:
+        """The environment ``proc`` is started with (a new dict), which
+        its ``cmd:`` readiness check gets too."""
+        env = child_environment(proc.spec, self.manager.environ)
+        env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
+                   GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
+        return env
+
+    def _exec(self, proc):
+        spec = proc.spec
+        env = self.process_environment(proc)
+        try:
+            argv = command_line(spec, env)
+        except KeyError as exc:
+            raise SpawnError("unknown variable $%s" % exc.args[0]) from None
+        except ValueError as exc:
+            raise SpawnError(str(exc)) from None
+        if not os.path.isdir(spec.cwd):
+            raise SpawnError("working directory %r does not exist" % spec.cwd)
+        executable = find_executable(argv[0], spec, env)
+        if executable is None:
+            raise SpawnError("executable %r not found" % argv[0])
+        kwargs = self.identity(spec)        # SpawnError before any fd is opened
+        ours, theirs = [], []                # pipe ends to keep / to close after fork
+        held = []                            # fd numbers reserved during the fork
+        stdio = [subprocess.DEVNULL] * 3
+        try:
+            if proc.redirect_input:
+                r, w = os.pipe()
+                theirs.append(r)
+                ours.append(w)
+                stdio[0] = r
+                proc.stdin_fd = w
+            pipes = {}
+            for index, label in enumerate(proc.redirect_output):
+                if label not in pipes:
+                    r, w = os.pipe()
+                    ours.append(r)
+                    theirs.append(w)
+                    pipes[label] = w
+                    proc._fds[r] = label
+                stdio[1 + index] = pipes[label]
+            if spec.ready.kind == "log":
+                for index in (0, 1):    # read for the check even when not redirected
+                    if stdio[1 + index] is subprocess.DEVNULL:
+                        r, w = os.pipe()
+                        ours.append(r)
+                        theirs.append(w)
+                        stdio[1 + index] = w
+                        proc._fds[r] = _UNREDIRECTED[index]
+            if spec.ready.kind == "notify" or spec.watchdog_sec:
+                if proc.slot is not None:
+                    proc.slot.status_text = ""      # the last process's words are not its
+                proc.notify = NotifySocket(self.manager, proc)
+                env["NOTIFY_SOCKET"] = proc.notify.address
+                if spec.watchdog_sec:
+                    env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
+            custom = []
+            for label in proc.custom_streams:
+                mine, child = socket.socketpair()
+                proc.custom_fds[label] = mine
+                theirs.append(child.detach())
+                custom.append(theirs[-1])
+            if custom:
+                # close_fds stays on: the child gets 0-2, the custom streams
+                # on 3.. (kept through pass_fds once preexec_fn put them
+                # there) and nothing else the daemon holds or inherited
+                kwargs["pass_fds"] = range(3, 3 + len(custom))
+                kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
+                held = _hold_fd_numbers(3 + len(custom))
+            proc.popen = subprocess.Popen(
+                argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
+                stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
+                restore_signals=True, close_fds=True, **kwargs)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            for fd in ours:
+                close_quietly(fd)
+            proc.close_custom_streams()
+            proc._fds.clear()
+            proc.stdin_fd = None
+            if proc.notify is not None:
+                proc.notify.cancel()
+                proc.notify = None
+            raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
+        finally:
+            for fd in theirs + held:
+                close_quietly(fd)
+        proc.pid = proc.popen.pid
+        for fd in ours:
+            os.set_blocking(fd, False)
+        for fd in proc._fds:
+            self.loop.add_reader(fd, proc._on_output, fd)
+        for label, sock in proc.custom_fds.items():
+            sock.setblocking(False)
+            proc._fds[sock.fileno()] = label
+            self.loop.add_reader(sock.fileno(), proc._on_output, sock.fileno())
+        for index, label in enumerate(proc.redirect_output):
+            path = spec.logfile_for(index)
+            if path and label not in proc._logs:
+                proc._logs[label] = self._logfile(path, spec)
+        if proc.notify is not None:
+            proc.notify.start()
+            proc.watch.append(proc.notify)
+        watcher = _ChildWatcher(self.manager, proc)
+        self.loop.watch_child(proc.pid, watcher)
+        proc.sample = (self.loop.time(), 0.0)
+
+    def identity(self, spec):
+        """Popen arguments that switch group, groups and user in the child."""
+        if spec.uid is None and spec.gid is None:
+            return {}
+        uid, gid = spec.uid, spec.gid
+        user = None
+        if uid is not None:
+            try:
+                entry = pwd.getpwuid(uid)
+            except KeyError:                 # the user was deleted since the config was read
+                raise SpawnError("unknown user id %d" % uid) from None
+            user = entry.pw_name
+            gid = entry.pw_gid if gid is None else gid
+        groups = os.getgrouplist(user, gid) if user else [gid]
+        if sys.version_info >= (3, 9):
+            out = {"group": gid, "extra_groups": groups}
+            if uid is not None:
+                out["user"] = uid
+            return out
+
+        def switch():                   # Python 3.8: no user=/group= in Popen
+            os.setgroups(groups)
+            os.setgid(gid)
+            if uid is not None:
+                os.setuid(uid)
+        return {"preexec_fn": switch}
+
+    def _logfile(self, path, spec):
+        logfile = self._logfiles.get(path)
+        if logfile is None:
+            logfile = self._logfiles[path] = LogFile(path, spec.logfile_maxbytes,
+                                                     spec.logfile_backups, spec.log_timestamps)
+        return logfile
+
+    def reopen_logs(self) -> int:
+        """Reopen every program log file (SIGUSR1); returns how many."""
+        for logfile in self._logfiles.values():
+            self.manager.log_writer.reopen(logfile)
+        return len(self._logfiles)
+
+    def close_logs(self):
+        """Close every program log file; nothing is written after."""
+        for logfile in self._logfiles.values():
+            self.manager.log_writer.reopen(logfile)      # i.e. close; nothing follows
+
+
+
 class Shutdown:
     """How a Manager goes down: the only way is ``begin``.
 
@@ -5446,8 +5498,7 @@ class Shutdown:
                     app.stop()
                 except Exception:
                     log.exception("application %r failed to stop", app)
-            for logfile in m._logfiles.values():
-                m.log_writer.reopen(logfile)             # i.e. close; nothing follows
+            m.spawner.close_logs()
             m.log_writer.stop()
         finally:                                         # the daemon must exit, whatever failed
             callbacks, self._callbacks = self._callbacks, []
