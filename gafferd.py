@@ -4171,7 +4171,7 @@ class Manager:
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
         self._unprobed = set()                         # templates warned about their ready kind
-        self._deps_check_scheduled = False
+        self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
 
     def _is_ours(self, os_pid) -> bool:
@@ -4316,7 +4316,7 @@ class Manager:
                 self.scale_to(name, spec.numprocesses)
                 if t.waiting and not t.spec.depends_on:
                     self.set_waiting(name, [])
-                self._dependencies_changed()
+                self.dependencies.changed()
             else:
                 self.update_template(t, spec)
         for name in added:
@@ -4333,10 +4333,10 @@ class Manager:
 
     def start_process(self, name, deps=True):
         """Start ``name``; with ``deps``, first the dependencies it would
-        otherwise wait for in vain (``_dependencies_to_start``)."""
+        otherwise wait for in vain (``Dependencies.to_start``)."""
         t = self.get_template(name)
         if deps:
-            for d in self._dependencies_to_start(t):
+            for d in self.dependencies.to_start(t):
                 self._start(d)
         self._start(t)
 
@@ -4397,7 +4397,7 @@ class Manager:
         self._emit("update", name, per_process=False)
         if t.never_started:
             self._want(t)
-            if self._held_back(t):
+            if self.dependencies.held_back(t):
                 return t.numprocesses
         self._manage(t)
         return t.numprocesses
@@ -4541,7 +4541,7 @@ class Manager:
         self._want(t)
         if events:
             self._emit("start", t.name)
-        if self._held_back(t):
+        if self.dependencies.held_back(t):
             return
         self._run(t)
 
@@ -4627,7 +4627,7 @@ class Manager:
         previous, t.state = t.state, state
         extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
         self._emit("state", t.name, state=state, previous=previous, **extra)
-        self._dependencies_changed()
+        self.dependencies.changed()
         if state == "failed" and t.spec.critical:
             self._critical(t, "failed")
 
@@ -4934,126 +4934,18 @@ class Manager:
             storm[2] = 0
 
     # -- dependencies ----------------------------------------------------------------------
-    # Contract: ``depends_on`` gates a start.  At each start ``_held_back``
-    # puts the template in ``waiting`` (``set_waiting``) or ``failed`` (a
-    # dependency can never meet its condition: ``blocked``); every template
-    # state change schedules one ``_check_waiting`` on a later iteration,
-    # which releases, updates or blocks the waiting ones.  Once a template
-    # has started, its dependencies' later failures do not stop it.  The
-    # graph stays sound: ``check_dependencies`` refuses a template that
-    # would name an unknown template, itself, or close a cycle, and
-    # ``dependents_of`` tells a removal who still needs what it removes.
-    # At shutdown ``Shutdown`` stops a template once every template that
-    # depends on it has exited.
-
-    def _dependency_report(self, t) -> tuple:
-        """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
-        do not hold yet, and why one never can (or None)."""
-        missing = []
-        for name, condition in t.spec.depends_on:
-            members = dependency_targets(name, self.processes, self.groups)
-            if not members:                     # start-up: not added yet
-                missing.append("%s:%s" % (name, condition))
-            for member in members:
-                d = self.processes[member]
-                status = dependency_status(condition, d.state, d.counts)
-                if status == "never":
-                    return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
-                        member, d.state, member, condition,
-                        " (%s)" % d.blocked if d.blocked else "")
-                if status == "waits":
-                    missing.append("%s:%s" % (member, condition))
-        return missing, None
-
-    def _held_back(self, t) -> bool:
-        """At a start of ``t``: ``waiting`` while its dependencies do not
-        hold, ``failed`` if one never can; True in both cases.  A template
-        with live processes has started already and is never held back."""
-        t.blocked = None
-        if not t.spec.depends_on or t.running:
-            t.waiting, t.waiting_for = False, []
-            return False
-        missing, never = self._dependency_report(t)
-        if never:
-            self._block(t, never)
-            return True
-        t.waiting, t.waiting_for = bool(missing), missing
-        self._update_state(t)
-        return t.waiting
-
-    def _block(self, t, reason):
-        t.blocked, t.last_error = reason, reason
-        t.waiting, t.waiting_for = False, []
-        log.error("%s cannot start: %s", t.name, reason)
-        previous = t.state
-        self._update_state(t)
-        if t.state == previous:                 # failed already: say why it still is
-            self._emit("state", t.name, state=t.state, previous=previous, reason=reason)
-
-    def _dependencies_changed(self):
-        if not self._deps_check_scheduled and not self.stopping:
-            self._deps_check_scheduled = True
-            self.loop.call_soon(self._check_waiting)
-
-    def _check_waiting(self):
-        """Release, update or block every waiting template."""
-        self._deps_check_scheduled = False
-        if self.stopping:
-            return
-        for t in list(self.processes.values()):
-            if t.waiting and t.wanted and self.processes.get(t.name) is t:
-                missing, never = self._dependency_report(t)
-                if never:
-                    self._block(t, never)
-                elif missing != t.waiting_for:
-                    self.set_waiting(t.name, missing)
-
-    def _dependencies_to_start(self, t) -> list:
-        """The dependencies of ``t``, transitively, dependencies first,
-        that a start of ``t`` starts: stopped ones and ones whose condition
-        can never hold as they are (failed, completed unsuccessfully)."""
-        out, seen, stack = [], {t.name}, [(t, iter(t.spec.depends_on))]
-        while stack:
-            item = next(stack[-1][1], None)
-            if item is None:
-                node = stack.pop()[0]
-                if node is not t:
-                    out.append(node)
-                continue
-            name, condition = item
-            for member in dependency_targets(name, self.processes, self.groups):
-                d = self.processes[member]
-                if member in seen:
-                    continue
-                seen.add(member)
-                if not d.wanted or d.blocked or \
-                        dependency_status(condition, d.state, d.counts) == "never":
-                    stack.append((d, iter(d.spec.depends_on)))
-                else:
-                    stack.append((None, iter(d.spec.depends_on)))
-        return [d for d in out if d is not None]
-
+    # Contract: ``depends_on`` gates a start; ``Dependencies`` (below) owns
+    # the judgement.  The manager API keeps its two entry points.
     def check_dependencies(self, spec) -> None:
         """ValueError naming the problem if ``spec``, added or put in place
         of the template of its name, would make ``depends_on`` name an
         unknown template or group, the template itself, or a cycle."""
-        specs = [spec] + [t.spec for name, t in self.processes.items() if name != spec.name]
-        problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
-        if problems:
-            raise ValueError("depends_on: " + "; ".join(problems))
+        self.dependencies.check(spec)
 
     def dependents_of(self, names) -> list:
         """The templates, outside ``names``, with a dependency that only
-        templates of ``names`` stand for: what removing them would leave
-        depending on nothing."""
-        names, out = set(names), []
-        for t in self.processes.values():
-            if t.name not in names and any(
-                    set(members) <= names for members in (
-                        dependency_targets(dep, self.processes, self.groups)
-                        for dep, _ in t.spec.depends_on) if members):
-                out.append(t.name)
-        return out
+        templates of ``names`` stand for."""
+        return self.dependencies.dependents_of(names)
 
     # -- whole-manager operations and shutdown ------------------------------------------
     # Contract: ``stop`` is the only way down; ``Shutdown`` (below) owns it.
@@ -5084,6 +4976,146 @@ class Manager:
         """Graceful shutdown (``Shutdown.begin``): templates, then
         applications.  A second call skips the rest of every grace period."""
         self.shutdown.begin(callback)
+
+
+class Dependencies:
+    """The ``depends_on`` gate of a Manager's templates.
+
+    Owns the judgement of a template's dependencies (met, waited for,
+    never to be met) and the one pending re-check of the waiting
+    templates.  The template fields it writes are ``waiting``,
+    ``waiting_for``, ``blocked`` and ``last_error``.
+
+    Callers may rely on: at a start ``held_back`` puts the template in
+    ``waiting`` (through the manager's state update) or ``failed`` (a
+    dependency can never meet its condition: ``blocked``) and says so;
+    after ``changed`` one ``_check_waiting`` runs on a later iteration,
+    which releases (``Manager.set_waiting``), updates or blocks the
+    waiting ones.  Once a template has started, its dependencies' later
+    failures do not stop it.  ``check`` refuses (ValueError) a template
+    that would name an unknown template, itself, or close a cycle;
+    ``dependents_of`` tells a removal who still needs what it removes;
+    ``to_start`` lists what a start must start first.
+
+    Called by the manager: its starts (``held_back``, ``to_start``), every
+    template state change and reload (``changed``), and the API's
+    ``check_dependencies`` / ``dependents_of``.  The stop order at
+    shutdown is ``Shutdown``'s.
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._check_scheduled = False
+
+
+    def held_back(self, t) -> bool:
+        """At a start of ``t``: ``waiting`` while its dependencies do not
+        hold, ``failed`` if one never can; True in both cases.  A template
+        with live processes has started already and is never held back."""
+        t.blocked = None
+        if not t.spec.depends_on or t.running:
+            t.waiting, t.waiting_for = False, []
+            return False
+        missing, never = self._report(t)
+        if never:
+            self._block(t, never)
+            return True
+        t.waiting, t.waiting_for = bool(missing), missing
+        self.manager._update_state(t)
+        return t.waiting
+
+    def to_start(self, t) -> list:
+        """The dependencies of ``t``, transitively, dependencies first,
+        that a start of ``t`` starts: stopped ones and ones whose condition
+        can never hold as they are (failed, completed unsuccessfully)."""
+        out, seen, stack = [], {t.name}, [(t, iter(t.spec.depends_on))]
+        while stack:
+            item = next(stack[-1][1], None)
+            if item is None:
+                node = stack.pop()[0]
+                if node is not t:
+                    out.append(node)
+                continue
+            name, condition = item
+            for member in dependency_targets(name, self.manager.processes, self.manager.groups):
+                d = self.manager.processes[member]
+                if member in seen:
+                    continue
+                seen.add(member)
+                if not d.wanted or d.blocked or \
+                        dependency_status(condition, d.state, d.counts) == "never":
+                    stack.append((d, iter(d.spec.depends_on)))
+                else:
+                    stack.append((None, iter(d.spec.depends_on)))
+        return [d for d in out if d is not None]
+
+    def changed(self):
+        if not self._check_scheduled and not self.manager.stopping:
+            self._check_scheduled = True
+            self.loop.call_soon(self._check_waiting)
+
+    def check(self, spec) -> None:
+        """ValueError naming the problem if ``spec``, added or put in place
+        of the template of its name, would make ``depends_on`` name an
+        unknown template or group, the template itself, or a cycle."""
+        specs = [spec] + [t.spec for name, t in self.manager.processes.items() if name != spec.name]
+        problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
+        if problems:
+            raise ValueError("depends_on: " + "; ".join(problems))
+
+    def dependents_of(self, names) -> list:
+        """The templates, outside ``names``, with a dependency that only
+        templates of ``names`` stand for: what removing them would leave
+        depending on nothing."""
+        names, out = set(names), []
+        for t in self.manager.processes.values():
+            if t.name not in names and any(
+                    set(members) <= names for members in (
+                        dependency_targets(dep, self.manager.processes, self.manager.groups)
+                        for dep, _ in t.spec.depends_on) if members):
+                out.append(t.name)
+        return out
+
+    def _report(self, t) -> tuple:
+        """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
+        do not hold yet, and why one never can (or None)."""
+        missing = []
+        for name, condition in t.spec.depends_on:
+            members = dependency_targets(name, self.manager.processes, self.manager.groups)
+            if not members:                     # start-up: not added yet
+                missing.append("%s:%s" % (name, condition))
+            for member in members:
+                d = self.manager.processes[member]
+                status = dependency_status(condition, d.state, d.counts)
+                if status == "never":
+                    return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
+                        member, d.state, member, condition,
+                        " (%s)" % d.blocked if d.blocked else "")
+                if status == "waits":
+                    missing.append("%s:%s" % (member, condition))
+        return missing, None
+
+    def _block(self, t, reason):
+        t.blocked, t.last_error = reason, reason
+        t.waiting, t.waiting_for = False, []
+        log.error("%s cannot start: %s", t.name, reason)
+        previous = t.state
+        self.manager._update_state(t)
+        if t.state == previous:                 # failed already: say why it still is
+            self.manager._emit("state", t.name, state=t.state, previous=previous, reason=reason)
+
+    def _check_waiting(self):
+        """Release, update or block every waiting template."""
+        self._check_scheduled = False
+        if self.manager.stopping:
+            return
+        for t in list(self.manager.processes.values()):
+            if t.waiting and t.wanted and self.manager.processes.get(t.name) is t:
+                missing, never = self._report(t)
+                if never:
+                    self._block(t, never)
+                elif missing != t.waiting_for:
+                    self.manager.set_waiting(t.name, missing)
 
 
 class Spawner:
