@@ -4161,6 +4161,7 @@ class Manager:
         self._by_pid = {}                              # os pid -> Process (every live one)
         self.log_writer = LogWriter(loop)
         self.spawner = Spawner(self)
+        self.reaper = Reaper(self)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
         self.started = loop.time()
@@ -4523,7 +4524,7 @@ class Manager:
                     log.exception("stats listener failed")
 
     # -- lifecycle policy ------------------------------------------------------------
-    # Contract: a slot's state changes only in ``_feed`` (and in ``_on_exit``,
+    # Contract: a slot's state changes only in ``_feed`` (and in ``Reaper``,
     # which classifies the exit first); each applies the table of §4,
     # performs the actions it returns through ``_ACTIONS``, keeps
     # ``t.counts`` and ``t.state`` and publishes ``state`` on a change.  A
@@ -4830,108 +4831,8 @@ class Manager:
     # -- reaping -------------------------------------------------------------------------
     # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
     # ``GroupCleaner.before_reap`` while the leader is a zombie, then
-    # ``_on_exit``, which frees the process's resources, feeds the exit to
-    # its slot (``_after_exit``) and replaces a process stopped alone.
-
-    def _on_exit(self, proc, exit_status, term_signal):
-        self.loop.trimmer.touch()
-        proc.exit_status, proc.term_signal = exit_status, term_signal
-        proc.core_dumped = bool(self.loop.core_dumped)
-        self._by_pid.pop(proc.pid, None)
-        if proc.kill_handle is not None:
-            proc.kill_handle.cancel()
-        proc._drain()
-        proc._close_stdin()
-        proc.close_custom_streams()
-        if proc.popen is not None:
-            proc.popen.returncode = exit_status or -term_signal
-        t = proc.template
-        if proc in t.running:
-            t.running.remove(proc)
-        self.running.pop(proc.id, None)
-        t.recent.append(proc)
-        uptime = self.loop.time() - proc.started
-        event = self._after_exit(t, proc.slot, proc, exit_status, term_signal, uptime,
-                                 proc.requested)
-        for callback in proc._exit_callbacks:
-            self.loop.call_soon(callback, proc)
-        proc._exit_callbacks = []
-        self.orphans.scan_soon()        # what it left running is ours now
-        if self.stopping:
-            self.shutdown.child_exited()
-        elif event == STOPPED_EVENT and self._eligible(t):
-            self.loop.call_soon(self._manage, t)    # a process stopped alone is replaced
-
-    _EXIT_REASONS = {STOPPED_EVENT: "stopped", EXIT_RESTART: "crashed",
-                     EXIT_RETRY: "failed_start", EXIT_GIVE_UP: "gave_up"}
-
-    def _after_exit(self, t, slot, proc, exit_status, term_signal, uptime, asked) -> str:
-        """Feed the exit (or failed exec) of ``proc`` to its slot; log it,
-        count it and publish ``exit``.  Returns the table event."""
-        before = slot.bucket
-        try:
-            event, actions = slot.exit(t.policy, exit_status, term_signal, uptime, asked,
-                                       self.loop.time())
-        except LifecycleError as exc:
-            log.error("%s slot %d: %s; exit ignored (a bug in gafferd)", t.name, slot.index, exc)
-            event, actions = None, ()
-        if proc.watch:
-            self._unwatch(t, slot)
-        if slot.proc is proc:
-            slot.proc = None
-        restart_in = slot.delay if A_SCHEDULE in actions else None
-        reason = self._EXIT_REASONS.get(event) or ("succeeded" if slot.ok else "failed")
-        t.exits[reason] += 1
-        if event != STOPPED_EVENT:
-            if reason != "succeeded":
-                t.restarts += 1
-            t.last_exit = {"id": proc.id, "os_pid": proc.pid, "exit_status": exit_status,
-                           "term_signal": term_signal, "uptime": round(uptime, 3),
-                           "time": self.loop.unix_time(self.loop.time())}
-            self._log_exit(t, slot, proc, event, exit_status, term_signal, uptime, restart_in)
-        if proc.pid is not None:
-            self._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
-                       term_signal=term_signal, os_pid=proc.pid,
-                       uptime=round(uptime, 3), restart_in=restart_in)
-        if event is not None:
-            self._transitioned(t, slot, before, actions)
-        return event
-
-    def _log_exit(self, t, slot, proc, event, exit_status, term_signal, uptime, restart_in):
-        """One line per exit nobody asked for (WARNING; INFO when the
-        policy expected it), summarised once a second in a storm."""
-        if event == EXIT_RESTART:
-            next_step = "restarting in %.1fs" % restart_in
-        elif event == EXIT_RETRY:
-            next_step = "failed start %d, restarting in %.1fs" % (slot.failed_starts, restart_in)
-        elif event == EXIT_GIVE_UP:
-            next_step = "gave up after %d failed starts" % slot.failed_starts
-        else:
-            next_step = "not restarted (restart = %s)" % t.policy.restart
-        level = logging.INFO if event == EXIT_DONE and slot.ok else logging.WARNING
-        storm = t.storm
-        now = self.loop.time()
-        if now - storm[0] >= 1.0:
-            storm[0], storm[1] = now, 0
-        storm[1] += 1
-        if storm[1] > STORM_LINES:
-            storm[2] += 1
-            if storm[3] is None:
-                storm[3] = self.loop.call_later(1.0, self._summarize_storm, t)
-            return
-        if proc.pid is None:
-            status = "exec failed"
-        else:
-            status = exit_text(exit_status, term_signal, getattr(proc, "core_dumped", False))
-        log.log(level, "%s[%d] (pid %s, slot %d) %s after %.1fs up; %s", t.name, proc.id,
-                proc.pid, slot.index, status, uptime, next_step)
-
-    def _summarize_storm(self, t):
-        storm = t.storm
-        storm[3] = None
-        if storm[2]:
-            log.warning("%s: %d more exits in the last second", t.name, storm[2])
-            storm[2] = 0
+    # ``Reaper.on_exit`` (below), which frees the process's resources,
+    # feeds the exit to its slot and replaces a process stopped alone.
 
     # -- dependencies ----------------------------------------------------------------------
     # Contract: ``depends_on`` gates a start; ``Dependencies`` (below) owns
@@ -5214,7 +5115,7 @@ class Spawner:
             t.last_error = str(exc)
             log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
             # counts as an exit with status 127 after no time up: respawn and backoff apply
-            self.manager._after_exit(t, slot, proc, 127, 0, 0.0, False)
+            self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, False)
             return False
         self.manager.spawned_total += 1
         slot.proc = proc
@@ -5393,7 +5294,7 @@ class Shutdown:
     applications stop and the callbacks run, exactly once.  A second
     ``begin`` hurries: what is left gets SIGKILL now.
 
-    Called by ``Manager.stop`` (``begin``), by ``Manager._on_exit``
+    Called by ``Manager.stop`` (``begin``), by ``Reaper.on_exit``
     (``child_exited``), by the spawner (``hurry``) and by the daemon's
     last-resort exit path (``kill_orphans``).
     """
@@ -5538,6 +5439,133 @@ class Shutdown:
                 callback()
 
 
+class Reaper:
+    """What happens when a process of a Manager ends: its exit, or a
+    failed exec that counts as one.
+
+    Owns the accounting of exits (``t.exits``, ``t.restarts``,
+    ``t.last_exit``, ``t.recent``), the crash lines in the log and their
+    once-a-second summary in a storm (``t.storm``).
+
+    Callers may rely on: ``on_exit`` frees the process's resources (pipes,
+    stdin, custom streams, kill timer, readiness watches), feeds the exit
+    to its slot, publishes ``exit``, runs the process's exit callbacks on
+    a later iteration, has the orphans looked at, and during a shutdown
+    tells ``Shutdown``; a process stopped alone is replaced.  The rest of
+    its process group is ``GroupCleaner``'s, which the loop calls first,
+    while the leader is still a zombie.  ``after_exit`` returns the table
+    event the exit was classified as.
+
+    Called by ``_ChildWatcher`` (``on_exit``, for the loop's reaper) and
+    by ``Spawner.spawn`` (``after_exit`` with status 127 for a failed
+    exec).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+
+
+    def on_exit(self, proc, exit_status, term_signal):
+        self.loop.trimmer.touch()
+        proc.exit_status, proc.term_signal = exit_status, term_signal
+        proc.core_dumped = bool(self.loop.core_dumped)
+        self.manager._by_pid.pop(proc.pid, None)
+        if proc.kill_handle is not None:
+            proc.kill_handle.cancel()
+        proc._drain()
+        proc._close_stdin()
+        proc.close_custom_streams()
+        if proc.popen is not None:
+            proc.popen.returncode = exit_status or -term_signal
+        t = proc.template
+        if proc in t.running:
+            t.running.remove(proc)
+        self.manager.running.pop(proc.id, None)
+        t.recent.append(proc)
+        uptime = self.loop.time() - proc.started
+        event = self.after_exit(t, proc.slot, proc, exit_status, term_signal, uptime,
+                                 proc.requested)
+        for callback in proc._exit_callbacks:
+            self.loop.call_soon(callback, proc)
+        proc._exit_callbacks = []
+        self.manager.orphans.scan_soon()        # what it left running is ours now
+        if self.manager.stopping:
+            self.manager.shutdown.child_exited()
+        elif event == STOPPED_EVENT and self.manager._eligible(t):
+            self.loop.call_soon(self.manager._manage, t)    # a process stopped alone is replaced
+
+    _EXIT_REASONS = {STOPPED_EVENT: "stopped", EXIT_RESTART: "crashed",
+                     EXIT_RETRY: "failed_start", EXIT_GIVE_UP: "gave_up"}
+
+    def after_exit(self, t, slot, proc, exit_status, term_signal, uptime, asked) -> str:
+        """Feed the exit (or failed exec) of ``proc`` to its slot; log it,
+        count it and publish ``exit``.  Returns the table event."""
+        before = slot.bucket
+        try:
+            event, actions = slot.exit(t.policy, exit_status, term_signal, uptime, asked,
+                                       self.loop.time())
+        except LifecycleError as exc:
+            log.error("%s slot %d: %s; exit ignored (a bug in gafferd)", t.name, slot.index, exc)
+            event, actions = None, ()
+        if proc.watch:
+            self.manager._unwatch(t, slot)
+        if slot.proc is proc:
+            slot.proc = None
+        restart_in = slot.delay if A_SCHEDULE in actions else None
+        reason = self._EXIT_REASONS.get(event) or ("succeeded" if slot.ok else "failed")
+        t.exits[reason] += 1
+        if event != STOPPED_EVENT:
+            if reason != "succeeded":
+                t.restarts += 1
+            t.last_exit = {"id": proc.id, "os_pid": proc.pid, "exit_status": exit_status,
+                           "term_signal": term_signal, "uptime": round(uptime, 3),
+                           "time": self.loop.unix_time(self.loop.time())}
+            self._log_exit(t, slot, proc, event, exit_status, term_signal, uptime, restart_in)
+        if proc.pid is not None:
+            self.manager._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
+                       term_signal=term_signal, os_pid=proc.pid,
+                       uptime=round(uptime, 3), restart_in=restart_in)
+        if event is not None:
+            self.manager._transitioned(t, slot, before, actions)
+        return event
+
+    def _log_exit(self, t, slot, proc, event, exit_status, term_signal, uptime, restart_in):
+        """One line per exit nobody asked for (WARNING; INFO when the
+        policy expected it), summarised once a second in a storm."""
+        if event == EXIT_RESTART:
+            next_step = "restarting in %.1fs" % restart_in
+        elif event == EXIT_RETRY:
+            next_step = "failed start %d, restarting in %.1fs" % (slot.failed_starts, restart_in)
+        elif event == EXIT_GIVE_UP:
+            next_step = "gave up after %d failed starts" % slot.failed_starts
+        else:
+            next_step = "not restarted (restart = %s)" % t.policy.restart
+        level = logging.INFO if event == EXIT_DONE and slot.ok else logging.WARNING
+        storm = t.storm
+        now = self.loop.time()
+        if now - storm[0] >= 1.0:
+            storm[0], storm[1] = now, 0
+        storm[1] += 1
+        if storm[1] > STORM_LINES:
+            storm[2] += 1
+            if storm[3] is None:
+                storm[3] = self.loop.call_later(1.0, self._summarize_storm, t)
+            return
+        if proc.pid is None:
+            status = "exec failed"
+        else:
+            status = exit_text(exit_status, term_signal, getattr(proc, "core_dumped", False))
+        log.log(level, "%s[%d] (pid %s, slot %d) %s after %.1fs up; %s", t.name, proc.id,
+                proc.pid, slot.index, status, uptime, next_step)
+
+    def _summarize_storm(self, t):
+        storm = t.storm
+        storm[3] = None
+        if storm[2]:
+            log.warning("%s: %d more exits in the last second", t.name, storm[2])
+            storm[2] = 0
+
+
 class GroupCleaner:
     """What a process leaves behind when it exits: the rest of its process
     group and, after a stop that was asked for, of its session.
@@ -5608,7 +5636,7 @@ class _ChildWatcher:
         self.manager.groups_left.before_reap(self.proc)
 
     def __call__(self, pid, exit_status, term_signal):
-        self.manager._on_exit(self.proc, exit_status, term_signal)
+        self.manager.reaper.on_exit(self.proc, exit_status, term_signal)
 
 
 def _signal_name(signum: int) -> str:
