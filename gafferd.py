@@ -4162,6 +4162,7 @@ class Manager:
         self.log_writer = LogWriter(loop)
         self.spawner = Spawner(self)
         self.reaper = Reaper(self)
+        self.lifecycle = Lifecycle(self)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
         self.started = loop.time()
@@ -4171,7 +4172,6 @@ class Manager:
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
-        self._unprobed = set()                         # templates warned about their ready kind
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
 
@@ -4356,7 +4356,7 @@ class Manager:
             return
         old = [s for s in t.slots if s.proc is not None]
         for slot in [s for s in t.slots if s.proc is None]:
-            self._feed(t, slot, START)            # backoff, failed, exited: again now
+            self.lifecycle.feed(t, slot, START)            # backoff, failed, exited: again now
         self._replace(t, [], old)
 
     def _replace(self, t, pairs, rest):
@@ -4524,11 +4524,10 @@ class Manager:
                     log.exception("stats listener failed")
 
     # -- lifecycle policy ------------------------------------------------------------
-    # Contract: a slot's state changes only in ``_feed`` (and in ``Reaper``,
-    # which classifies the exit first); each applies the table of §4,
-    # performs the actions it returns through ``_ACTIONS``, keeps
-    # ``t.counts`` and ``t.state`` and publishes ``state`` on a change.  A
-    # template runs while ``t.wanted`` (not stopped on purpose) and not
+    # Contract: a slot's state changes only in ``Lifecycle`` (below), which
+    # applies the table of §4 and performs the actions it returns; the
+    # methods here decide which slots a template has and what each is fed.
+    # A template runs while ``t.wanted`` (not stopped on purpose) and not
     # ``t.waiting``.
 
     def _want(self, t):
@@ -4548,7 +4547,7 @@ class Manager:
 
     def _run(self, t):
         for slot in list(t.slots):
-            self._feed(t, slot, START)
+            self.lifecycle.feed(t, slot, START)
         self._manage(t)
 
     def _stop(self, t):
@@ -4560,7 +4559,7 @@ class Manager:
             self._emit("stop", t.name)
             for slot in list(t.slots):
                 self._stop_slot(t, slot, "stop_pid")
-        self._update_state(t)
+        self.lifecycle.update_state(t)
 
     def set_waiting(self, name, waiting_for) -> None:
         """Hold ``name`` in state ``waiting`` while ``waiting_for`` (what it
@@ -4569,7 +4568,7 @@ class Manager:
         t = self.get_template(name)
         was_waiting = t.waiting
         t.waiting, t.waiting_for = bool(waiting_for), list(waiting_for)
-        self._update_state(t)
+        self.lifecycle.update_state(t)
         if was_waiting and not t.waiting and t.wanted:
             self._run(t)                    # what the start held back
         else:
@@ -4580,7 +4579,7 @@ class Manager:
         slot.member = True
         t.slots.append(slot)
         t.counts[slot.bucket] += 1
-        self._feed(t, slot, START)
+        self.lifecycle.feed(t, slot, START)
         return slot
 
     def _stop_slot(self, t, slot, event):
@@ -4598,105 +4597,15 @@ class Manager:
             self.running.pop(proc.id, None)
             proc.requested = True
             self._emit(event, proc.name, pid=proc.id, os_pid=proc.pid)
-        self._feed(t, slot, STOP)
-
-    def _feed(self, t, slot, event) -> tuple:
-        """Feed ``event`` to ``slot`` and perform the actions."""
-        before = slot.bucket
-        try:
-            actions = slot.feed(event, self.loop.time(), t.policy)
-        except LifecycleError as exc:
-            log.error("%s slot %d: %s; event ignored (a bug in gafferd)", t.name, slot.index, exc)
-            return ()
-        self._transitioned(t, slot, before, actions)
-        return actions
-
-    def _transitioned(self, t, slot, before, actions):
-        if slot.member and slot.bucket != before:
-            t.counts[before] -= 1
-            t.counts[slot.bucket] += 1
-        for action in actions:
-            self._ACTIONS[action](self, t, slot)
-        if slot.state == STOPPING and (slot.proc is None or not slot.proc.alive):
-            self._feed(t, slot, STOPPED_EVENT)          # never spawned: nothing to wait for
-        self._update_state(t)
-
-    def _update_state(self, t):
-        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
-        if state == t.state:
-            return
-        previous, t.state = t.state, state
-        extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
-        self._emit("state", t.name, state=state, previous=previous, **extra)
-        self.dependencies.changed()
-        if state == "failed" and t.spec.critical:
-            self._critical(t, "failed")
-
-    def _critical(self, t, why):
-        if self.stopping or self.on_critical is None:
-            return
-        log.error("%s is critical and %s: stopping every process; gafferd exits with "
-                  "status 1", t.name, why)
-        self.loop.call_soon(self.on_critical, t.name)
-
-    # actions of the table (§4 A_*)
-    def _queue_spawn(self, t, slot):
-        self.spawner.queue(t, slot)
-
-    def _watch_ready(self, t, slot):
-        """Arm the readiness check of ``t.spec.ready`` for the new process
-        and, for a probe, its ``ready_timeout``."""
-        proc, kind = slot.proc, t.spec.ready.kind
-        probe = self.READY_PROBES.get(kind)
-        if probe is None:
-            if t.name not in self._unprobed:
-                self._unprobed.add(t.name)
-                log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
-                            t.name, kind)
-            probe = self.READY_PROBES["startsecs"]
-        elif kind not in ("startsecs", "spawn") and t.spec.ready_timeout > 0:
-            proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
-                                                   t, slot, proc))
-        probe(self, t, slot, proc)
-
-    def _unwatch(self, t, slot):
-        proc = slot.proc
-        if proc is not None:
-            for handle in proc.watch:
-                handle.cancel()
-            proc.watch = []
-
-    def _kill_action(self, t, slot):
-        if slot.proc is not None and slot.proc.alive:
-            self._signal_stop(slot.proc)
-
-    def _schedule(self, t, slot):
-        slot.timer = self.loop.call_later(slot.delay, self._backoff_elapsed, t, slot)
-
-    def _cancel(self, t, slot):
-        if slot.timer is not None:
-            slot.timer.cancel()
-            slot.timer = None
-
-    def _gave_up(self, t, slot):
-        t.give_ups += 1
-        self._emit("flap", t.name)          # what gaffer 0.4.4 listeners wait for
-
-    def _done(self, t, slot):
-        if t.spec.critical and not slot.ok and t.policy.restart == "never":
-            self._critical(t, "a process of it exited unsuccessfully")
-
-    _ACTIONS = {A_SPAWN: _queue_spawn, A_WATCH_READY: _watch_ready, A_UNWATCH: _unwatch,
-                A_KILL: _kill_action, A_SCHEDULE: _schedule, A_CANCEL: _cancel,
-                A_GIVE_UP: _gave_up, A_DONE: _done}
+        self.lifecycle.feed(t, slot, STOP)
 
     # -- readiness ----------------------------------------------------------------------
     # ``READY_PROBES``: kind of the ``ready`` key -> probe(manager, t, slot,
     # proc), called once the exec succeeded.  A probe puts what it starts
     # (objects with ``cancel()``) in ``proc.watch``, which is cancelled when
     # the process stops or exits, and calls ``mark_ready(proc)`` once the
-    # process is ready.  ``ready_timeout`` is armed by ``_watch_ready`` for
-    # every kind but startsecs and spawn.
+    # process is ready.  ``ready_timeout`` is armed by
+    # ``Lifecycle._watch_ready`` for every kind but startsecs and spawn.
 
     def _ready_after_startsecs(self, t, slot, proc):
         proc.watch.append(self.loop.call_later(t.spec.startsecs, self.mark_ready, proc))
@@ -4729,7 +4638,7 @@ class Manager:
         slot = proc.slot
         if slot is None or slot.proc is not proc or slot.state not in (STARTING, RUNNING):
             return
-        self._feed(proc.template, slot, READY)
+        self.lifecycle.feed(proc.template, slot, READY)
         if slot.state == RUNNING and not proc.ready:
             proc.ready = True
             self._emit("ready", proc.name, pid=proc.id, os_pid=proc.pid, slot=slot.index)
@@ -4746,28 +4655,15 @@ class Manager:
                     proc.pid, why)
         if proc in proc.template.running:
             proc.template.running.remove(proc)
-        self._feed(proc.template, slot, WATCHDOG_TIMEOUT)
-
-    def _on_ready_timeout(self, t, slot, proc):
-        if slot.proc is proc and slot.state == STARTING:
-            log.warning("%s[%d] (pid %s) not ready within %ss; stopping it as a failed start",
-                        t.name, proc.id, proc.pid, t.spec.ready_timeout)
-            if proc in t.running:
-                t.running.remove(proc)
-            self._feed(t, slot, READY_TIMEOUT)
-
-    def _backoff_elapsed(self, t, slot):
-        slot.timer = None
-        if slot.member and self._eligible(t):
-            self._feed(t, slot, BACKOFF_ELAPSED)
+        self.lifecycle.feed(proc.template, slot, WATCHDOG_TIMEOUT)
 
     # -- spawning and stopping processes ----------------------------------------------
     # Contract: a slot's ``spawn`` action hands it to ``Spawner.queue``
     # (below), which execs in template (priority) order within
     # SPAWN_BUDGET per loop iteration; every exec passes ``_spawn``, which
     # feeds ``spawned`` or, on a failed exec, an exit with status 127.
-    # ``_signal_stop`` sends the template's stop_signal to the process
-    # group, SIGKILL after graceful_timeout.
+    # ``Lifecycle._signal_stop`` sends the template's stop_signal to the
+    # process group, SIGKILL after graceful_timeout.
     def _spawn(self, t) -> bool:
         """``Spawner.spawn``: exec the next slot of ``t`` waiting for one."""
         return self.spawner.spawn(t)
@@ -4781,33 +4677,16 @@ class Manager:
         """Reopen every program log file (SIGUSR1); returns how many."""
         return self.spawner.reopen_logs()
 
-    def _signal_stop(self, proc):
-        """The process's stop signal now (to its group), SIGKILL after its
-        graceful_timeout (at once when a second shutdown request hurries)."""
-        proc.kill(proc.spec.stop_signal)
-        timeout = proc.spec.graceful_timeout
-        if self.stopping and self.shutdown.hurry:
-            timeout = 0
-        proc.kill_deadline = self.loop.time() + timeout
-        proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
-
     def _stop_one(self, proc, event):
         """Take one process out of service (its slot leaves the template)."""
         self._stop_slot(proc.template, proc.slot, event)
-
-    def _kill_now(self, proc):
-        if proc.alive:
-            log.warning("%s[%d] (pid %s) did not exit within %ss of %s; sending SIGKILL",
-                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout,
-                        _signal_name(proc.spec.stop_signal))
-            proc.kill(signal.SIGKILL)
 
     def _manage(self, t):
         """Bring ``t`` to ``numprocesses`` slots: add the missing ones
         (lowest free slot numbers), reap the surplus: slots without a
         process first, then the oldest processes, as gaffer 0.4.4 did."""
         if not self._eligible(t):
-            self._update_state(t)
+            self.lifecycle.update_state(t)
             return
         if len(t.slots) < t.numprocesses:
             used, index = {s.index for s in t.slots}, 0
@@ -4822,7 +4701,7 @@ class Manager:
             live = sorted((s for s in t.slots if s.proc is not None), key=lambda s: s.proc.id)
             for slot in (idle + live)[:surplus]:
                 self._stop_slot(t, slot, "reap")
-        self._update_state(t)
+        self.lifecycle.update_state(t)
 
     def _eligible(self, t) -> bool:
         return t.wanted and not t.waiting and not self.stopping and \
@@ -4879,6 +4758,156 @@ class Manager:
         self.shutdown.begin(callback)
 
 
+class Lifecycle:
+    """The lifecycle policy of a Manager's process slots: the one place a
+    slot's state changes, and what each change makes happen.
+
+    Owns the application of the table of §4 to a slot (``feed``; the
+    ``Reaper`` classifies an exit first and hands the result to
+    ``transitioned``), the actions the table returns (``_ACTIONS``: spawn,
+    readiness watches, kill, backoff timers, giving up, done), the stop
+    signal with its SIGKILL deadline, the template state and its
+    ``state`` event, and the ``critical`` exit.
+
+    Callers may rely on: after ``feed`` or ``transitioned`` the slot's
+    actions have been performed, ``t.counts`` matches the slots' buckets,
+    ``t.state`` is ``template_state`` of the template and a change of it
+    has been published (and the waiting templates scheduled for a
+    re-check).  An impossible transition is logged as a bug and changes
+    nothing.  A backoff timer feeds ``backoff_elapsed`` only while the
+    template is eligible to run.
+
+    Called by the manager's template operations (start, stop, scale,
+    restart, readiness), by ``Spawner`` (``spawned``), ``Reaper`` (exits)
+    and ``Dependencies`` (``update_state``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._unprobed = set()                         # templates warned about their ready kind
+
+
+    def feed(self, t, slot, event) -> tuple:
+        """Feed ``event`` to ``slot`` and perform the actions."""
+        before = slot.bucket
+        try:
+            actions = slot.feed(event, self.loop.time(), t.policy)
+        except LifecycleError as exc:
+            log.error("%s slot %d: %s; event ignored (a bug in gafferd)", t.name, slot.index, exc)
+            return ()
+        self.transitioned(t, slot, before, actions)
+        return actions
+
+    def transitioned(self, t, slot, before, actions):
+        if slot.member and slot.bucket != before:
+            t.counts[before] -= 1
+            t.counts[slot.bucket] += 1
+        for action in actions:
+            self._ACTIONS[action](self, t, slot)
+        if slot.state == STOPPING and (slot.proc is None or not slot.proc.alive):
+            self.feed(t, slot, STOPPED_EVENT)          # never spawned: nothing to wait for
+        self.update_state(t)
+
+    def update_state(self, t):
+        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
+        if state == t.state:
+            return
+        previous, t.state = t.state, state
+        extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
+        self.manager._emit("state", t.name, state=state, previous=previous, **extra)
+        self.manager.dependencies.changed()
+        if state == "failed" and t.spec.critical:
+            self._critical(t, "failed")
+
+    def _critical(self, t, why):
+        if self.manager.stopping or self.manager.on_critical is None:
+            return
+        log.error("%s is critical and %s: stopping every process; gafferd exits with "
+                  "status 1", t.name, why)
+        self.loop.call_soon(self.manager.on_critical, t.name)
+
+    def _backoff_elapsed(self, t, slot):
+        slot.timer = None
+        if slot.member and self.manager._eligible(t):
+            self.feed(t, slot, BACKOFF_ELAPSED)
+
+    def _on_ready_timeout(self, t, slot, proc):
+        if slot.proc is proc and slot.state == STARTING:
+            log.warning("%s[%d] (pid %s) not ready within %ss; stopping it as a failed start",
+                        t.name, proc.id, proc.pid, t.spec.ready_timeout)
+            if proc in t.running:
+                t.running.remove(proc)
+            self.feed(t, slot, READY_TIMEOUT)
+
+    def _signal_stop(self, proc):
+        """The process's stop signal now (to its group), SIGKILL after its
+        graceful_timeout (at once when a second shutdown request hurries)."""
+        proc.kill(proc.spec.stop_signal)
+        timeout = proc.spec.graceful_timeout
+        if self.manager.stopping and self.manager.shutdown.hurry:
+            timeout = 0
+        proc.kill_deadline = self.loop.time() + timeout
+        proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
+
+    def _kill_now(self, proc):
+        if proc.alive:
+            log.warning("%s[%d] (pid %s) did not exit within %ss of %s; sending SIGKILL",
+                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout,
+                        _signal_name(proc.spec.stop_signal))
+            proc.kill(signal.SIGKILL)
+
+    # actions of the table (§4 A_*)
+    def _queue_spawn(self, t, slot):
+        self.manager.spawner.queue(t, slot)
+
+    def _watch_ready(self, t, slot):
+        """Arm the readiness check of ``t.spec.ready`` for the new process
+        and, for a probe, its ``ready_timeout``."""
+        proc, kind = slot.proc, t.spec.ready.kind
+        probe = self.manager.READY_PROBES.get(kind)
+        if probe is None:
+            if t.name not in self._unprobed:
+                self._unprobed.add(t.name)
+                log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
+                            t.name, kind)
+            probe = self.manager.READY_PROBES["startsecs"]
+        elif kind not in ("startsecs", "spawn") and t.spec.ready_timeout > 0:
+            proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
+                                                   t, slot, proc))
+        probe(self.manager, t, slot, proc)
+
+    def unwatch(self, t, slot):
+        proc = slot.proc
+        if proc is not None:
+            for handle in proc.watch:
+                handle.cancel()
+            proc.watch = []
+
+    def _kill_action(self, t, slot):
+        if slot.proc is not None and slot.proc.alive:
+            self._signal_stop(slot.proc)
+
+    def _schedule(self, t, slot):
+        slot.timer = self.loop.call_later(slot.delay, self._backoff_elapsed, t, slot)
+
+    def _cancel(self, t, slot):
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+
+    def _gave_up(self, t, slot):
+        t.give_ups += 1
+        self.manager._emit("flap", t.name)          # what gaffer 0.4.4 listeners wait for
+
+    def _done(self, t, slot):
+        if t.spec.critical and not slot.ok and t.policy.restart == "never":
+            self._critical(t, "a process of it exited unsuccessfully")
+
+    _ACTIONS = {A_SPAWN: _queue_spawn, A_WATCH_READY: _watch_ready, A_UNWATCH: unwatch,
+                A_KILL: _kill_action, A_SCHEDULE: _schedule, A_CANCEL: _cancel,
+                A_GIVE_UP: _gave_up, A_DONE: _done}
+
+
 class Dependencies:
     """The ``depends_on`` gate of a Manager's templates.
 
@@ -4922,7 +4951,7 @@ class Dependencies:
             self._block(t, never)
             return True
         t.waiting, t.waiting_for = bool(missing), missing
-        self.manager._update_state(t)
+        self.manager.lifecycle.update_state(t)
         return t.waiting
 
     def to_start(self, t) -> list:
@@ -5001,7 +5030,7 @@ class Dependencies:
         t.waiting, t.waiting_for = False, []
         log.error("%s cannot start: %s", t.name, reason)
         previous = t.state
-        self.manager._update_state(t)
+        self.manager.lifecycle.update_state(t)
         if t.state == previous:                 # failed already: say why it still is
             self.manager._emit("state", t.name, state=t.state, previous=previous, reason=reason)
 
@@ -5123,7 +5152,7 @@ class Spawner:
         self.manager.running[proc.id] = proc
         self.manager._by_pid[proc.pid] = proc
         self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
-        self.manager._feed(t, slot, SPAWNED)
+        self.manager.lifecycle.feed(t, slot, SPAWNED)
         return True
 
     def process_environment(self, proc) -> dict:
@@ -5508,7 +5537,7 @@ class Reaper:
             log.error("%s slot %d: %s; exit ignored (a bug in gafferd)", t.name, slot.index, exc)
             event, actions = None, ()
         if proc.watch:
-            self.manager._unwatch(t, slot)
+            self.manager.lifecycle.unwatch(t, slot)
         if slot.proc is proc:
             slot.proc = None
         restart_in = slot.delay if A_SCHEDULE in actions else None
@@ -5526,7 +5555,7 @@ class Reaper:
                        term_signal=term_signal, os_pid=proc.pid,
                        uptime=round(uptime, 3), restart_in=restart_in)
         if event is not None:
-            self.manager._transitioned(t, slot, before, actions)
+            self.manager.lifecycle.transitioned(t, slot, before, actions)
         return event
 
     def _log_exit(self, t, slot, proc, event, exit_status, term_signal, uptime, restart_in):
