@@ -3006,7 +3006,12 @@ class MemoryTrimmer:
 # graceful_timeout), reacting to exits (respawn, flapping), the readiness
 # checks that need no network client (log:, cmd:, the sd_notify socket and
 # its watchdog), and the ``Manager`` that holds templates, processes and
-# groups.  Uses §1-§7.
+# groups.  The Manager keeps the API and the template operations and hands
+# the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
+# states and the table's actions), ``Dependencies`` (``depends_on``),
+# ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
+# ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
+# Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
 # Manager methods listed in its docstring.
 
@@ -4147,6 +4152,11 @@ class Manager:
         on_critical (callback(name)), reload_templates(specs, dry_run).
     Template names are str, internal process ids int.  Unknown names raise
     KeyError.
+
+    What is not the API's lives with collaborators the manager owns (each
+    with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
+    ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
+    (``GroupCleaner``).  Applications and plugins do not call them.
     """
 
     def __init__(self, loop: Loop, environ=None):
