@@ -3028,7 +3028,12 @@ class MemoryTrimmer:
 # graceful_timeout), reacting to exits (respawn, flapping), the readiness
 # checks that need no network client (log:, cmd:, the sd_notify socket and
 # its watchdog), and the ``Manager`` that holds templates, processes and
-# groups.  Uses §1-§7.
+# groups.  The Manager keeps the API and the template operations and hands
+# the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
+# states and the table's actions), ``Dependencies`` (``depends_on``),
+# ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
+# ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
+# Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
 # Manager methods listed in its docstring.
 
@@ -4105,7 +4110,7 @@ class _CmdAttempt:
                 argv, executable=executable, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=spec.cwd, env=env,
                 start_new_session=True, restore_signals=True, close_fds=True,
-                **manager._identity(spec))
+                **manager.spawner.identity(spec))
         except (OSError, subprocess.SubprocessError, SpawnError) as exc:
             loop.call_soon(self._finish, False, "cannot run %s: %s" % (argv[0], exc))
             return
@@ -4169,6 +4174,11 @@ class Manager:
         on_critical (callback(name)), reload_templates(specs, dry_run).
     Template names are str, internal process ids int.  Unknown names raise
     KeyError.
+
+    What is not the API's lives with collaborators the manager owns (each
+    with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
+    ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
+    (``GroupCleaner``).  Applications and plugins do not call them.
     """
 
     def __init__(self, loop: Loop, environ=None):
@@ -4181,20 +4191,12 @@ class Manager:
         self.apps = []
         self.cfg = None                                # the configparser plugins read
         self._by_pid = {}                              # os pid -> Process (every live one)
-        self._ids = itertools.count(1)
-        self._logfiles = {}                            # path -> LogFile (shared)
-        self._spawn_queue = collections.deque()        # templates waiting for spawns
-        self._spawn_wanted = set()
-        self._pump_scheduled = False
-        self._budget_iteration = -1
-        self._budget_end = 0.0
         self.log_writer = LogWriter(loop)
+        self.spawner = Spawner(self)
+        self.reaper = Reaper(self)
+        self.lifecycle = Lifecycle(self)
         self._monitors = {}                            # process id -> (handle, [listeners])
         self.stopping = False
-        self._shutdown_started = None
-        self._hurry = False
-        self._stop_callbacks = []
-        self._orphan_deadline = None
         self.started = loop.time()
         self.spawned_total = 0
         self.spawn_failures = 0
@@ -4202,11 +4204,8 @@ class Manager:
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
-        self._critical_asked = False                   # on_critical is called once
-        self._unprobed = set()                         # templates warned about their ready kind
-        self._deps_check_scheduled = False
-        self._to_stop = []                             # shutdown: templates not stopped yet
-        self._needed_by = {}                           # shutdown: template -> its dependents
+        self.dependencies = Dependencies(self)
+        self.shutdown = Shutdown(self)
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -4350,7 +4349,7 @@ class Manager:
                 self.scale_to(name, spec.numprocesses)
                 if t.waiting and not t.spec.depends_on:
                     self.set_waiting(name, [])
-                self._dependencies_changed()
+                self.dependencies.changed()
             else:
                 self.update_template(t, spec)
         for name in added:
@@ -4367,10 +4366,10 @@ class Manager:
 
     def start_process(self, name, deps=True):
         """Start ``name``; with ``deps``, first the dependencies it would
-        otherwise wait for in vain (``_dependencies_to_start``)."""
+        otherwise wait for in vain (``Dependencies.to_start``)."""
         t = self.get_template(name)
         if deps:
-            for d in self._dependencies_to_start(t):
+            for d in self.dependencies.to_start(t):
                 self._start(d)
         self._start(t)
 
@@ -4389,7 +4388,7 @@ class Manager:
             return
         old = [s for s in t.slots if s.proc is not None]
         for slot in [s for s in t.slots if s.proc is None]:
-            self._feed(t, slot, START)            # backoff, failed, exited: again now
+            self.lifecycle.feed(t, slot, START)            # backoff, failed, exited: again now
         self._replace(t, [], old)
 
     def _replace(self, t, pairs, rest):
@@ -4407,7 +4406,7 @@ class Manager:
         def waiting():
             return any(new.member and new.state == STARTING and new.proc is None
                        for _, new in pairs)
-        while waiting() and self._budget_left() and self._has_unspawned(t):
+        while waiting() and self.spawner.budget_left() and self.spawner.has_unspawned(t):
             self._spawn(t)
         if waiting():
             self.loop.call_soon(self._replace, t, pairs, rest)     # budget spent
@@ -4431,7 +4430,7 @@ class Manager:
         self._emit("update", name, per_process=False)
         if t.never_started:
             self._want(t)
-            if self._held_back(t):
+            if self.dependencies.held_back(t):
                 return t.numprocesses
         self._manage(t)
         return t.numprocesses
@@ -4557,11 +4556,10 @@ class Manager:
                     log.exception("stats listener failed")
 
     # -- lifecycle policy ------------------------------------------------------------
-    # Contract: a slot's state changes only in ``_feed`` (and in ``_on_exit``,
-    # which classifies the exit first); each applies the table of §4,
-    # performs the actions it returns through ``_ACTIONS``, keeps
-    # ``t.counts`` and ``t.state`` and publishes ``state`` on a change.  A
-    # template runs while ``t.wanted`` (not stopped on purpose) and not
+    # Contract: a slot's state changes only in ``Lifecycle`` (below), which
+    # applies the table of §4 and performs the actions it returns; the
+    # methods here decide which slots a template has and what each is fed.
+    # A template runs while ``t.wanted`` (not stopped on purpose) and not
     # ``t.waiting``.
 
     def _want(self, t):
@@ -4575,13 +4573,13 @@ class Manager:
         self._want(t)
         if events:
             self._emit("start", t.name)
-        if self._held_back(t):
+        if self.dependencies.held_back(t):
             return
         self._run(t)
 
     def _run(self, t):
         for slot in list(t.slots):
-            self._feed(t, slot, START)
+            self.lifecycle.feed(t, slot, START)
         self._manage(t)
 
     def _stop(self, t):
@@ -4593,7 +4591,7 @@ class Manager:
             self._emit("stop", t.name)
             for slot in list(t.slots):
                 self._stop_slot(t, slot, "stop_pid")
-        self._update_state(t)
+        self.lifecycle.update_state(t)
 
     def set_waiting(self, name, waiting_for) -> None:
         """Hold ``name`` in state ``waiting`` while ``waiting_for`` (what it
@@ -4602,7 +4600,7 @@ class Manager:
         t = self.get_template(name)
         was_waiting = t.waiting
         t.waiting, t.waiting_for = bool(waiting_for), list(waiting_for)
-        self._update_state(t)
+        self.lifecycle.update_state(t)
         if was_waiting and not t.waiting and t.wanted:
             self._run(t)                    # what the start held back
         else:
@@ -4613,7 +4611,7 @@ class Manager:
         slot.member = True
         t.slots.append(slot)
         t.counts[slot.bucket] += 1
-        self._feed(t, slot, START)
+        self.lifecycle.feed(t, slot, START)
         return slot
 
     def _stop_slot(self, t, slot, event):
@@ -4631,116 +4629,15 @@ class Manager:
             self.running.pop(proc.id, None)
             proc.requested = True
             self._emit(event, proc.name, pid=proc.id, os_pid=proc.pid)
-        self._feed(t, slot, STOP)
-
-    def _feed(self, t, slot, event) -> tuple:
-        """Feed ``event`` to ``slot`` and perform the actions."""
-        before = slot.bucket
-        try:
-            actions = slot.feed(event, self.loop.time(), t.policy)
-        except LifecycleError as exc:
-            log.error("%s slot %d: %s; event ignored (a bug in gafferd)", t.name, slot.index, exc)
-            return ()
-        self._transitioned(t, slot, before, actions)
-        return actions
-
-    def _transitioned(self, t, slot, before, actions):
-        if slot.member and slot.bucket != before:
-            t.counts[before] -= 1
-            t.counts[slot.bucket] += 1
-        for action in actions:
-            self._ACTIONS[action](self, t, slot)
-        if slot.state == STOPPING and (slot.proc is None or not slot.proc.alive):
-            self._feed(t, slot, STOPPED_EVENT)          # never spawned: nothing to wait for
-        self._update_state(t)
-
-    def _update_state(self, t):
-        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
-        if state == t.state:
-            return
-        previous, t.state = t.state, state
-        extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
-        self._emit("state", t.name, state=state, previous=previous, **extra)
-        self._dependencies_changed()
-        if state == "failed" and t.spec.critical:
-            self._critical(t, "failed")
-
-    def _critical(self, t, why):
-        if self.stopping or self.on_critical is None or self._critical_asked:
-            return
-        self._critical_asked = True
-        log.error("%s is critical and %s: stopping every process; gafferd exits with "
-                  "status 1", t.name, why)
-        self.loop.call_soon(self.on_critical, t.name)
-
-    # actions of the table (§4 A_*)
-    def _queue_spawn(self, t, slot):
-        t.unspawned.append(slot)
-        queue = self._spawn_queue
-        if t in self._spawn_wanted:
-            if len(queue) > 1 and queue[0] is t:
-                # refilled while at the head (a respawn storm), it would keep
-                # the head for ever: the templates queued behind it go first
-                queue.rotate(-1)
-        elif self._eligible(t):
-            self._spawn_wanted.add(t)
-            self._spawn_queue.append(t)
-            self._pump()
-
-    def _watch_ready(self, t, slot):
-        """Arm the readiness check of ``t.spec.ready`` for the new process
-        and, for a probe, its ``ready_timeout``."""
-        proc, kind = slot.proc, t.spec.ready.kind
-        probe = self.READY_PROBES.get(kind)
-        if probe is None:
-            if t.name not in self._unprobed:
-                self._unprobed.add(t.name)
-                log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
-                            t.name, kind)
-            probe = self.READY_PROBES["startsecs"]
-        elif kind not in ("startsecs", "spawn") and t.spec.ready_timeout > 0:
-            proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
-                                                   t, slot, proc))
-        probe(self, t, slot, proc)
-
-    def _unwatch(self, t, slot):
-        proc = slot.proc
-        if proc is not None:
-            for handle in proc.watch:
-                handle.cancel()
-            proc.watch = []
-
-    def _kill_action(self, t, slot):
-        if slot.proc is not None and slot.proc.alive:
-            self._signal_stop(slot.proc)
-
-    def _schedule(self, t, slot):
-        slot.timer = self.loop.call_later(slot.delay, self._backoff_elapsed, t, slot)
-
-    def _cancel(self, t, slot):
-        if slot.timer is not None:
-            slot.timer.cancel()
-            slot.timer = None
-
-    def _gave_up(self, t, slot):
-        t.give_ups += 1
-        self._emit("flap", t.name)          # what gaffer 0.4.4 listeners wait for
-
-    def _done(self, t, slot):
-        if t.spec.critical and not slot.ok and t.policy.restart == "never":
-            self._critical(t, "a process of it exited unsuccessfully")
-
-    _ACTIONS = {A_SPAWN: _queue_spawn, A_WATCH_READY: _watch_ready, A_UNWATCH: _unwatch,
-                A_KILL: _kill_action, A_SCHEDULE: _schedule, A_CANCEL: _cancel,
-                A_GIVE_UP: _gave_up, A_DONE: _done}
+        self.lifecycle.feed(t, slot, STOP)
 
     # -- readiness ----------------------------------------------------------------------
     # ``READY_PROBES``: kind of the ``ready`` key -> probe(manager, t, slot,
     # proc), called once the exec succeeded.  A probe puts what it starts
     # (objects with ``cancel()``) in ``proc.watch``, which is cancelled when
     # the process stops or exits, and calls ``mark_ready(proc)`` once the
-    # process is ready.  ``ready_timeout`` is armed by ``_watch_ready`` for
-    # every kind but startsecs and spawn.
+    # process is ready.  ``ready_timeout`` is armed by
+    # ``Lifecycle._watch_ready`` for every kind but startsecs and spawn.
 
     def _ready_after_startsecs(self, t, slot, proc):
         proc.watch.append(self.loop.call_later(t.spec.startsecs, self.mark_ready, proc))
@@ -4773,7 +4670,7 @@ class Manager:
         slot = proc.slot
         if slot is None or slot.proc is not proc or slot.state not in (STARTING, RUNNING):
             return
-        self._feed(proc.template, slot, READY)
+        self.lifecycle.feed(proc.template, slot, READY)
         if slot.state == RUNNING and not proc.ready:
             proc.ready = True
             self._emit("ready", proc.name, pid=proc.id, os_pid=proc.pid, slot=slot.index)
@@ -4790,55 +4687,38 @@ class Manager:
                     proc.pid, why)
         if proc in proc.template.running:
             proc.template.running.remove(proc)
-        self._feed(proc.template, slot, WATCHDOG_TIMEOUT)
-
-    def _on_ready_timeout(self, t, slot, proc):
-        if slot.proc is proc and slot.state == STARTING:
-            log.warning("%s[%d] (pid %s) not ready within %ss; stopping it as a failed start",
-                        t.name, proc.id, proc.pid, t.spec.ready_timeout)
-            if proc in t.running:
-                t.running.remove(proc)
-            self._feed(t, slot, READY_TIMEOUT)
-
-    def _backoff_elapsed(self, t, slot):
-        slot.timer = None
-        if slot.member and self._eligible(t):
-            self._feed(t, slot, BACKOFF_ELAPSED)
+        self.lifecycle.feed(proc.template, slot, WATCHDOG_TIMEOUT)
 
     # -- spawning and stopping processes ----------------------------------------------
-    # Contract: a slot's ``spawn`` action queues it in ``t.unspawned``;
-    # ``_pump`` execs them in template (priority) order within
-    # SPAWN_BUDGET per loop iteration; ``_spawn`` feeds ``spawned`` or, on
-    # a failed exec, an exit with status 127.  ``kill`` sends the
-    # template's stop_signal to the process group, SIGKILL after
-    # graceful_timeout.
-    def _signal_stop(self, proc):
-        """The process's stop signal now (to its group), SIGKILL after its
-        graceful_timeout (at once when a second shutdown request hurries)."""
-        proc.kill(proc.spec.stop_signal)
-        timeout = proc.spec.graceful_timeout
-        if self.stopping and self._hurry:
-            timeout = 0
-        proc.kill_deadline = self.loop.time() + timeout
-        proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
+    # Contract: a slot's ``spawn`` action hands it to ``Spawner.queue``
+    # (below), which execs in template (priority) order within
+    # SPAWN_BUDGET per loop iteration; every exec passes ``_spawn``, which
+    # feeds ``spawned`` or, on a failed exec, an exit with status 127.
+    # ``Lifecycle._signal_stop`` sends the template's stop_signal to the
+    # process group, SIGKILL after graceful_timeout.
+    def _spawn(self, t) -> bool:
+        """``Spawner.spawn``: exec the next slot of ``t`` waiting for one."""
+        return self.spawner.spawn(t)
+
+    def process_environment(self, proc) -> dict:
+        """The environment ``proc`` is started with (a new dict), which
+        its ``cmd:`` readiness check gets too."""
+        return self.spawner.process_environment(proc)
+
+    def reopen_logs(self) -> int:
+        """Reopen every program log file (SIGUSR1); returns how many."""
+        return self.spawner.reopen_logs()
 
     def _stop_one(self, proc, event):
         """Take one process out of service (its slot leaves the template)."""
         self._stop_slot(proc.template, proc.slot, event)
-
-    def _kill_now(self, proc):
-        if proc.alive:
-            log.warning("%s[%d] (pid %s) did not exit within %ss of %s; sending SIGKILL",
-                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout,
-                        _signal_name(proc.spec.stop_signal))
-            proc.kill(signal.SIGKILL)
 
     def _manage(self, t):
         """Bring ``t`` to ``numprocesses`` slots: add the missing ones
         (lowest free slot numbers), reap the surplus: slots without a
         process first, then the oldest processes, as gaffer 0.4.4 did."""
         if not self._eligible(t):
-            self._update_state(t)
+            self.lifecycle.update_state(t)
             return
         if len(t.slots) < t.numprocesses:
             used, index = {s.index for s in t.slots}, 0
@@ -4853,13 +4733,403 @@ class Manager:
             live = sorted((s for s in t.slots if s.proc is not None), key=lambda s: s.proc.id)
             for slot in (idle + live)[:surplus]:
                 self._stop_slot(t, slot, "reap")
-        self._update_state(t)
+        self.lifecycle.update_state(t)
 
     def _eligible(self, t) -> bool:
         return t.wanted and not t.waiting and not self.stopping and \
             self.processes.get(t.name) is t
 
-    def _budget_left(self) -> bool:
+    # -- reaping -------------------------------------------------------------------------
+    # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
+    # ``GroupCleaner.before_reap`` while the leader is a zombie, then
+    # ``Reaper.on_exit`` (below), which frees the process's resources,
+    # feeds the exit to its slot and replaces a process stopped alone.
+
+    # -- dependencies ----------------------------------------------------------------------
+    # Contract: ``depends_on`` gates a start; ``Dependencies`` (below) owns
+    # the judgement.  The manager API keeps its two entry points.
+    def check_dependencies(self, spec) -> None:
+        """ValueError naming the problem if ``spec``, added or put in place
+        of the template of its name, would make ``depends_on`` name an
+        unknown template or group, the template itself, or a cycle."""
+        self.dependencies.check(spec)
+
+    def dependents_of(self, names) -> list:
+        """The templates, outside ``names``, with a dependency that only
+        templates of ``names`` stand for."""
+        return self.dependencies.dependents_of(names)
+
+    # -- whole-manager operations and shutdown ------------------------------------------
+    # Contract: ``stop`` is the only way down; ``Shutdown`` (below) owns it.
+    def start(self):
+        """Start the applications in list order; one that raises is disabled."""
+        for app in list(self.apps):
+            try:
+                app.start(self.loop, self)
+            except Exception:
+                log.exception("application %r failed to start; it is disabled", app)
+                self.apps.remove(app)
+
+    def restart(self, callback=None):
+        """SIGHUP without a config: restart every running template and call
+        each application's restart()."""
+        for app in self.apps:
+            try:
+                app.restart()
+            except Exception:
+                log.exception("application %r failed to restart", app)
+        for t in list(self.processes.values()):
+            if t.wanted:
+                self.restart_process(t.name)
+        if callback:
+            self.loop.call_soon(callback)
+
+    def stop(self, callback=None):
+        """Graceful shutdown (``Shutdown.begin``): templates, then
+        applications.  A second call skips the rest of every grace period."""
+        self.shutdown.begin(callback)
+
+
+class Lifecycle:
+    """The lifecycle policy of a Manager's process slots: the one place a
+    slot's state changes, and what each change makes happen.
+
+    Owns the application of the table of §4 to a slot (``feed``; the
+    ``Reaper`` classifies an exit first and hands the result to
+    ``transitioned``), the actions the table returns (``_ACTIONS``: spawn,
+    readiness watches, kill, backoff timers, giving up, done), the stop
+    signal with its SIGKILL deadline, the template state and its
+    ``state`` event, and the ``critical`` exit.
+
+    Callers may rely on: after ``feed`` or ``transitioned`` the slot's
+    actions have been performed, ``t.counts`` matches the slots' buckets,
+    ``t.state`` is ``template_state`` of the template and a change of it
+    has been published (and the waiting templates scheduled for a
+    re-check).  An impossible transition is logged as a bug and changes
+    nothing.  A backoff timer feeds ``backoff_elapsed`` only while the
+    template is eligible to run.
+
+    Called by the manager's template operations (start, stop, scale,
+    restart, readiness), by ``Spawner`` (``spawned``), ``Reaper`` (exits)
+    and ``Dependencies`` (``update_state``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._unprobed = set()                         # templates warned about their ready kind
+        self._critical_asked = False                   # on_critical is called once
+
+    def feed(self, t, slot, event) -> tuple:
+        """Feed ``event`` to ``slot`` and perform the actions."""
+        before = slot.bucket
+        try:
+            actions = slot.feed(event, self.loop.time(), t.policy)
+        except LifecycleError as exc:
+            log.error("%s slot %d: %s; event ignored (a bug in gafferd)", t.name, slot.index, exc)
+            return ()
+        self.transitioned(t, slot, before, actions)
+        return actions
+
+    def transitioned(self, t, slot, before, actions):
+        if slot.member and slot.bucket != before:
+            t.counts[before] -= 1
+            t.counts[slot.bucket] += 1
+        for action in actions:
+            self._ACTIONS[action](self, t, slot)
+        if slot.state == STOPPING and (slot.proc is None or not slot.proc.alive):
+            self.feed(t, slot, STOPPED_EVENT)          # never spawned: nothing to wait for
+        self.update_state(t)
+
+    def update_state(self, t):
+        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
+        if state == t.state:
+            return
+        previous, t.state = t.state, state
+        extra = {"reason": t.blocked} if t.blocked and state == "failed" else {}
+        self.manager._emit("state", t.name, state=state, previous=previous, **extra)
+        self.manager.dependencies.changed()
+        if state == "failed" and t.spec.critical:
+            self._critical(t, "failed")
+
+    def _critical(self, t, why):
+        if self.manager.stopping or self.manager.on_critical is None or self._critical_asked:
+            return
+        self._critical_asked = True
+        log.error("%s is critical and %s: stopping every process; gafferd exits with "
+                  "status 1", t.name, why)
+        self.loop.call_soon(self.manager.on_critical, t.name)
+
+    def _backoff_elapsed(self, t, slot):
+        slot.timer = None
+        if slot.member and self.manager._eligible(t):
+            self.feed(t, slot, BACKOFF_ELAPSED)
+
+    def _on_ready_timeout(self, t, slot, proc):
+        if slot.proc is proc and slot.state == STARTING:
+            log.warning("%s[%d] (pid %s) not ready within %ss; stopping it as a failed start",
+                        t.name, proc.id, proc.pid, t.spec.ready_timeout)
+            if proc in t.running:
+                t.running.remove(proc)
+            self.feed(t, slot, READY_TIMEOUT)
+
+    def _signal_stop(self, proc):
+        """The process's stop signal now (to its group), SIGKILL after its
+        graceful_timeout (at once when a second shutdown request hurries)."""
+        proc.kill(proc.spec.stop_signal)
+        timeout = proc.spec.graceful_timeout
+        if self.manager.stopping and self.manager.shutdown.hurry:
+            timeout = 0
+        proc.kill_deadline = self.loop.time() + timeout
+        proc.kill_handle = self.loop.call_at(proc.kill_deadline, self._kill_now, proc)
+
+    def _kill_now(self, proc):
+        if proc.alive:
+            log.warning("%s[%d] (pid %s) did not exit within %ss of %s; sending SIGKILL",
+                        proc.name, proc.id, proc.pid, proc.spec.graceful_timeout,
+                        _signal_name(proc.spec.stop_signal))
+            proc.kill(signal.SIGKILL)
+
+    # actions of the table (§4 A_*)
+    def _queue_spawn(self, t, slot):
+        self.manager.spawner.queue(t, slot)
+
+    def _watch_ready(self, t, slot):
+        """Arm the readiness check of ``t.spec.ready`` for the new process
+        and, for a probe, its ``ready_timeout``."""
+        proc, kind = slot.proc, t.spec.ready.kind
+        probe = self.manager.READY_PROBES.get(kind)
+        if probe is None:
+            if t.name not in self._unprobed:
+                self._unprobed.add(t.name)
+                log.warning("%s: ready = %s is not checked by this gafferd; using startsecs",
+                            t.name, kind)
+            probe = self.manager.READY_PROBES["startsecs"]
+        elif kind not in ("startsecs", "spawn") and t.spec.ready_timeout > 0:
+            proc.watch.append(self.loop.call_later(t.spec.ready_timeout, self._on_ready_timeout,
+                                                   t, slot, proc))
+        probe(self.manager, t, slot, proc)
+
+    def unwatch(self, t, slot):
+        proc = slot.proc
+        if proc is not None:
+            for handle in proc.watch:
+                handle.cancel()
+            proc.watch = []
+
+    def _kill_action(self, t, slot):
+        if slot.proc is not None and slot.proc.alive:
+            self._signal_stop(slot.proc)
+
+    def _schedule(self, t, slot):
+        slot.timer = self.loop.call_later(slot.delay, self._backoff_elapsed, t, slot)
+
+    def _cancel(self, t, slot):
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+
+    def _gave_up(self, t, slot):
+        t.give_ups += 1
+        self.manager._emit("flap", t.name)          # what gaffer 0.4.4 listeners wait for
+
+    def _done(self, t, slot):
+        if t.spec.critical and not slot.ok and t.policy.restart == "never":
+            self._critical(t, "a process of it exited unsuccessfully")
+
+    _ACTIONS = {A_SPAWN: _queue_spawn, A_WATCH_READY: _watch_ready, A_UNWATCH: unwatch,
+                A_KILL: _kill_action, A_SCHEDULE: _schedule, A_CANCEL: _cancel,
+                A_GIVE_UP: _gave_up, A_DONE: _done}
+
+
+class Dependencies:
+    """The ``depends_on`` gate of a Manager's templates.
+
+    Owns the judgement of a template's dependencies (met, waited for,
+    never to be met) and the one pending re-check of the waiting
+    templates.  The template fields it writes are ``waiting``,
+    ``waiting_for``, ``blocked`` and ``last_error``.
+
+    Callers may rely on: at a start ``held_back`` puts the template in
+    ``waiting`` (through the manager's state update) or ``failed`` (a
+    dependency can never meet its condition: ``blocked``) and says so;
+    after ``changed`` one ``_check_waiting`` runs on a later iteration,
+    which releases (``Manager.set_waiting``), updates or blocks the
+    waiting ones.  Once a template has started, its dependencies' later
+    failures do not stop it.  ``check`` refuses (ValueError) a template
+    that would name an unknown template, itself, or close a cycle;
+    ``dependents_of`` tells a removal who still needs what it removes;
+    ``to_start`` lists what a start must start first.
+
+    Called by the manager: its starts (``held_back``, ``to_start``), every
+    template state change and reload (``changed``), and the API's
+    ``check_dependencies`` / ``dependents_of``.  The stop order at
+    shutdown is ``Shutdown``'s.
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._check_scheduled = False
+
+
+    def held_back(self, t) -> bool:
+        """At a start of ``t``: ``waiting`` while its dependencies do not
+        hold, ``failed`` if one never can; True in both cases.  A template
+        with live processes has started already and is never held back."""
+        t.blocked = None
+        if not t.spec.depends_on or t.running:
+            t.waiting, t.waiting_for = False, []
+            return False
+        missing, never = self._report(t)
+        if never:
+            self._block(t, never)
+            return True
+        t.waiting, t.waiting_for = bool(missing), missing
+        self.manager.lifecycle.update_state(t)
+        return t.waiting
+
+    def to_start(self, t) -> list:
+        """The dependencies of ``t``, transitively, dependencies first,
+        that a start of ``t`` starts: stopped ones and ones whose condition
+        can never hold as they are (failed, completed unsuccessfully)."""
+        out, seen, stack = [], {t.name}, [(t, iter(t.spec.depends_on))]
+        while stack:
+            item = next(stack[-1][1], None)
+            if item is None:
+                node = stack.pop()[0]
+                if node is not t:
+                    out.append(node)
+                continue
+            name, condition = item
+            for member in dependency_targets(name, self.manager.processes, self.manager.groups):
+                d = self.manager.processes[member]
+                if member in seen:
+                    continue
+                seen.add(member)
+                if not d.wanted or d.blocked or \
+                        dependency_status(condition, d.state, d.counts) == "never":
+                    stack.append((d, iter(d.spec.depends_on)))
+                else:
+                    stack.append((None, iter(d.spec.depends_on)))
+        return [d for d in out if d is not None]
+
+    def changed(self):
+        if not self._check_scheduled and not self.manager.stopping:
+            self._check_scheduled = True
+            self.loop.call_soon(self._check_waiting)
+
+    def check(self, spec) -> None:
+        """ValueError naming the problem if ``spec``, added or put in place
+        of the template of its name, would make ``depends_on`` name an
+        unknown template or group, the template itself, or a cycle."""
+        specs = [spec] + [t.spec for name, t in self.manager.processes.items() if name != spec.name]
+        problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
+        if problems:
+            raise ValueError("depends_on: " + "; ".join(problems))
+
+    def dependents_of(self, names) -> list:
+        """The templates, outside ``names``, with a dependency that only
+        templates of ``names`` stand for: what removing them would leave
+        depending on nothing."""
+        names, out = set(names), []
+        for t in self.manager.processes.values():
+            if t.name not in names and any(
+                    set(members) <= names for members in (
+                        dependency_targets(dep, self.manager.processes, self.manager.groups)
+                        for dep, _ in t.spec.depends_on) if members):
+                out.append(t.name)
+        return out
+
+    def _report(self, t) -> tuple:
+        """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
+        do not hold yet, and why one never can (or None)."""
+        missing = []
+        for name, condition in t.spec.depends_on:
+            members = dependency_targets(name, self.manager.processes, self.manager.groups)
+            if not members:                     # start-up: not added yet
+                missing.append("%s:%s" % (name, condition))
+            for member in members:
+                d = self.manager.processes[member]
+                status = dependency_status(condition, d.state, d.counts)
+                if status == "never":
+                    return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
+                        member, d.state, member, condition,
+                        " (%s)" % d.blocked if d.blocked else "")
+                if status == "waits":
+                    missing.append("%s:%s" % (member, condition))
+        return missing, None
+
+    def _block(self, t, reason):
+        t.blocked, t.last_error = reason, reason
+        t.waiting, t.waiting_for = False, []
+        log.error("%s cannot start: %s", t.name, reason)
+        previous = t.state
+        self.manager.lifecycle.update_state(t)
+        if t.state == previous:                 # failed already: say why it still is
+            self.manager._emit("state", t.name, state=t.state, previous=previous, reason=reason)
+
+    def _check_waiting(self):
+        """Release, update or block every waiting template."""
+        self._check_scheduled = False
+        if self.manager.stopping:
+            return
+        for t in list(self.manager.processes.values()):
+            if t.waiting and t.wanted and self.manager.processes.get(t.name) is t:
+                missing, never = self._report(t)
+                if never:
+                    self._block(t, never)
+                elif missing != t.waiting_for:
+                    self.manager.set_waiting(t.name, missing)
+
+
+class Spawner:
+    """Starts the processes of a Manager: the spawn queue, the spawn
+    budget, the exec with its pipes, sockets and identity, and the
+    program log files.
+
+    Owns the templates waiting for spawns (in priority order), the
+    per-iteration budget, the internal process ids and the LogFile of
+    each path (shared by the templates that name it).
+
+    Callers may rely on: a slot given to ``queue`` is execed at the
+    latest on a later loop iteration while its template is eligible, in
+    template (priority) order, within SPAWN_BUDGET seconds of each loop
+    iteration (the first spawn of an iteration always goes); ``spawn``
+    feeds ``spawned`` to the slot, or on a failed exec an exit with
+    status 127 (a failed start), and returns whether the exec succeeded.
+    ``identity`` and ``process_environment`` give what a child (or its
+    ``cmd:`` check) runs as and with.
+
+    Called by the manager's ``spawn`` action (``queue``), by its restart
+    step (``budget_left``, ``has_unspawned``, through ``Manager._spawn``),
+    by ``_CmdAttempt`` (``identity``) and at shutdown (``close_logs``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self._ids = itertools.count(1)
+        self._logfiles = {}                            # path -> LogFile (shared)
+        self._spawn_queue = collections.deque()        # templates waiting for spawns
+        self._spawn_wanted = set()
+        self._pump_scheduled = False
+        self._budget_iteration = -1
+        self._budget_end = 0.0
+
+    def queue(self, t, slot):
+        """``slot`` of ``t`` wants a process: queue it and spawn what the
+        budget allows now."""
+        t.unspawned.append(slot)
+        queue = self._spawn_queue
+        if t in self._spawn_wanted:
+            if len(queue) > 1 and queue[0] is t:
+                # refilled while at the head (a respawn storm), it would keep
+                # the head for ever: the templates queued behind it go first
+                queue.rotate(-1)
+        elif self.manager._eligible(t):
+            self._spawn_wanted.add(t)
+            queue.append(t)
+            self.pump()
+
+    def budget_left(self) -> bool:
         """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
         that a crash storm or a mass start never starves the API.  The
         first spawn of an iteration is always allowed (progress)."""
@@ -4869,27 +5139,27 @@ class Manager:
             return True
         return self.loop.time() < self._budget_end
 
-    def _pump(self):
+    def pump(self):
         """Spawn the slots templates are waiting for, in queue (priority)
         order, within this iteration's budget; the rest on the next one."""
         queue = self._spawn_queue
-        while queue and self._budget_left():
+        while queue and self.budget_left():
             t = queue[0]
-            if not self._eligible(t) or not self._has_unspawned(t):
+            if not self.manager._eligible(t) or not self.has_unspawned(t):
                 queue.popleft()
                 self._spawn_wanted.discard(t)
                 continue
-            self._spawn(t)
+            self.manager._spawn(t)        # the manager's seam: every spawn passes it
         if queue and not self._pump_scheduled:
             self._pump_scheduled = True
             self.loop.call_soon(self._pump_later)
 
     def _pump_later(self):
         self._pump_scheduled = False
-        self._pump()
+        self.pump()
 
     @staticmethod
-    def _has_unspawned(t) -> bool:
+    def has_unspawned(t) -> bool:
         """Drop the slots that were stopped before their exec; any left?"""
         queue = t.unspawned
         while queue and not (queue[0].member and queue[0].state == STARTING
@@ -4897,37 +5167,37 @@ class Manager:
             queue.popleft()
         return bool(queue)
 
-    def _spawn(self, t) -> bool:
+    def spawn(self, t) -> bool:
         """Exec the process of the next slot of ``t`` waiting for one;
         False when the exec failed (a failed start for that slot)."""
-        if not self._has_unspawned(t):
+        if not self.has_unspawned(t):
             return False
         slot = t.unspawned.popleft()
         spec = t.spec
-        proc = Process(self, t, next(self._ids))
+        proc = Process(self.manager, t, next(self._ids))
         proc.slot = slot
         try:
             self._exec(proc)
         except SpawnError as exc:
-            self.spawn_failures += 1
+            self.manager.spawn_failures += 1
             t.last_error = str(exc)
             log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
             # counts as an exit with status 127 after no time up: respawn and backoff apply
-            self._after_exit(t, slot, proc, 127, 0, 0.0, False)
+            self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, False)
             return False
-        self.spawned_total += 1
+        self.manager.spawned_total += 1
         slot.proc = proc
         t.running.append(proc)
-        self.running[proc.id] = proc
-        self._by_pid[proc.pid] = proc
-        self._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
-        self._feed(t, slot, SPAWNED)
+        self.manager.running[proc.id] = proc
+        self.manager._by_pid[proc.pid] = proc
+        self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+        self.manager.lifecycle.feed(t, slot, SPAWNED)
         return True
 
     def process_environment(self, proc) -> dict:
         """The environment ``proc`` is started with (a new dict), which
         its ``cmd:`` readiness check gets too."""
-        env = child_environment(proc.spec, self.environ)
+        env = child_environment(proc.spec, self.manager.environ)
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
@@ -4946,7 +5216,7 @@ class Manager:
         executable = find_executable(argv[0], spec, env)
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
-        kwargs = self._identity(spec)        # SpawnError before any fd is opened
+        kwargs = self.identity(spec)        # SpawnError before any fd is opened
         ours, theirs = [], []                # pipe ends to keep / to close after fork
         held = []                            # fd numbers reserved during the fork
         stdio = [subprocess.DEVNULL] * 3
@@ -4977,7 +5247,7 @@ class Manager:
             if spec.ready.kind == "notify" or spec.watchdog_sec:
                 if proc.slot is not None:
                     proc.slot.status_text = ""      # the last process's words are not its
-                proc.notify = NotifySocket(self, proc)
+                proc.notify = NotifySocket(self.manager, proc)
                 env["NOTIFY_SOCKET"] = proc.notify.address
                 if spec.watchdog_sec:
                     env["WATCHDOG_USEC"] = str(int(spec.watchdog_sec * 1e6))
@@ -5027,11 +5297,11 @@ class Manager:
         if proc.notify is not None:
             proc.notify.start()
             proc.watch.append(proc.notify)
-        watcher = _ChildWatcher(self, proc)
+        watcher = _ChildWatcher(self.manager, proc)
         self.loop.watch_child(proc.pid, watcher)
         proc.sample = (self.loop.time(), 0.0)
 
-    def _identity(self, spec):
+    def identity(self, spec):
         """Popen arguments that switch group, groups and user in the child."""
         if spec.uid is None and spec.gid is None:
             return {}
@@ -5068,20 +5338,206 @@ class Manager:
     def reopen_logs(self) -> int:
         """Reopen every program log file (SIGUSR1); returns how many."""
         for logfile in self._logfiles.values():
-            self.log_writer.reopen(logfile)
+            self.manager.log_writer.reopen(logfile)
         return len(self._logfiles)
 
-    # -- reaping -------------------------------------------------------------------------
-    # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
-    # ``GroupCleaner.before_reap`` while the leader is a zombie, then
-    # ``_on_exit``, which frees the process's resources, feeds the exit to
-    # its slot (``_after_exit``) and replaces a process stopped alone.
+    def close_logs(self):
+        """Close every program log file; nothing is written after."""
+        for logfile in self._logfiles.values():
+            self.manager.log_writer.reopen(logfile)      # i.e. close; nothing follows
 
-    def _on_exit(self, proc, exit_status, term_signal):
+
+
+class Shutdown:
+    """How a Manager goes down: the only way is ``begin``.
+
+    Owns the order of the stop (the templates still to stop, who depends
+    on whom), the hurry flag, the deadline of adopted orphans and the
+    callbacks to run once everything is down.  The manager's
+    ``stopping`` flag is set here and never cleared.
+
+    Callers may rely on: every template is stopped (its slots fed
+    ``stop``), dependents before what they depend on; adopted orphans get
+    the same grace, then SIGKILL; once no child of ours is left the
+    applications stop and the callbacks run, exactly once.  A second
+    ``begin`` hurries: what is left gets SIGKILL now.
+
+    Called by ``Manager.stop`` (``begin``), by ``Reaper.on_exit``
+    (``child_exited``), by the spawner (``hurry``) and by the daemon's
+    last-resort exit path (``kill_orphans``).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self.hurry = False                  # a second stop request: no grace left
+        self._started = None
+        self._callbacks = []
+        self._orphan_deadline = None
+        self._to_stop = []                  # templates not stopped yet
+        self._needed_by = {}                # template -> its dependents
+
+    def begin(self, callback=None):
+        """Graceful shutdown: templates, then applications.  A second call
+        skips the rest of every grace period."""
+        m = self.manager
+        if callback:
+            self._callbacks.append(callback)
+        if m.stopping:
+            log.warning("second stop request: killing what is left now")
+            self.hurry = m.groups_left.hurry = True
+            for t in self._to_stop:
+                m._stop(t)
+            self._to_stop = []
+            for proc in list(m._by_pid.values()):
+                proc.kill(signal.SIGKILL)
+            self.kill_orphans(signal.SIGKILL)
+            return
+        m.stopping = True
+        self._started = self.loop.time()
+        self.kill_orphans(signal.SIGTERM)       # adopted orphans: same grace as the rest
+        self._to_stop = list(m.processes.values())
+        self._needed_by = self._dependents_map()
+        self._stop_in_order()                   # dependents first
+        self._check_stopped()
+
+    def child_exited(self):
+        """A child of ours was reaped during the shutdown: stop what no
+        longer waits for a dependent, finish once none is left."""
+        self._stop_in_order()
+        self._check_stopped()
+
+    def _stop_in_order(self):
+        """Stop each template that no template still to stop or with a
+        process left depends on, until every one is stopped.  Each waits
+        for its dependents' exits (each within its own graceful_timeout,
+        then SIGKILL), so the chain ends; if nothing can be stopped and
+        only processes of templates still to stop are left (a cycle, made
+        around the checks), the rest stop together."""
+        m = self.manager
+        while self._to_stop:
+            pending = set(self._to_stop)
+            live = {p.template for p in m._by_pid.values()}
+            ready = [t for t in self._to_stop
+                     if not any(d in pending or d in live for d in self._needed_by.get(t, ()))]
+            if not ready:
+                if live - pending:
+                    return                              # wait for their exits
+                ready = list(self._to_stop)
+            for t in ready:
+                self._to_stop.remove(t)
+                m._stop(t)
+
+    def _dependents_map(self) -> dict:
+        """Template -> the templates that depend on it (directly or by its
+        group)."""
+        m = self.manager
+        out = {t: [] for t in m.processes.values()}
+        for d in m.processes.values():
+            for dep, _ in d.spec.depends_on:
+                for member in dependency_targets(dep, m.processes, m.groups):
+                    t = m.processes[member]
+                    if t is not d and d not in out[t]:
+                        out[t].append(d)
+        return out
+
+    def _check_stopped(self):
+        if self.manager._by_pid:
+            return
+        if self._orphan_deadline is None:
+            # orphaned descendants adopted by us as subreaper had SIGTERM at
+            # the start; they get at least 1 s, then SIGKILL
+            if self.kill_orphans(signal.SIGTERM):
+                when = self.loop.time() if self.hurry else max(
+                    self.loop.time(), self._started + 1.0)
+                self._orphan_deadline = self.loop.call_at(when, self._finish_orphans)
+                return
+        self._orphan_deadline = True
+        self.loop.call_soon(self._stopped)
+
+    def _finish_orphans(self, rounds=0):
+        """SIGKILL what is left below the daemon, and look again until
+        nothing is: a process forked between a look and the kill becomes
+        ours only once its killed parent is gone."""
+        if self.kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
+            self._orphan_deadline = self.loop.call_later(
+                ORPHAN_KILL_INTERVAL, self._finish_orphans, rounds + 1)
+            return
+        self._orphan_deadline = True
+        self.loop.call_soon(self._stopped)
+
+    def kill_orphans(self, signum) -> int:
+        """Send ``signum`` to every adopted orphan and to everything below
+        it (its children are not ours until it dies, and would be left
+        running if it died last); returns how many live ones got it."""
+        me = os.getpid()
+        kids = children_map()
+        ours = self.manager._by_pid
+        todo = [pid for pid in kids.get(me, ())
+                if pid not in ours and pid not in self.loop._child_watchers]
+        seen, count = set(), 0
+        while todo:
+            pid = todo.pop()
+            if pid in seen or pid == me:
+                continue
+            seen.add(pid)
+            todo.extend(kids.get(pid, ()))
+            fields = read_proc_stat(pid)
+            if fields is None or fields[0] == b"Z":
+                continue
+            try:
+                os.kill(pid, signum)
+                count += 1
+            except OSError:
+                pass
+        return count
+
+    def _stopped(self):
+        m = self.manager
+        try:
+            for app in m.apps:
+                try:
+                    app.stop()
+                except Exception:
+                    log.exception("application %r failed to stop", app)
+            m.spawner.close_logs()
+            m.log_writer.stop()
+        finally:                                         # the daemon must exit, whatever failed
+            callbacks, self._callbacks = self._callbacks, []
+            for callback in callbacks:
+                callback()
+
+
+class Reaper:
+    """What happens when a process of a Manager ends: its exit, or a
+    failed exec that counts as one.
+
+    Owns the accounting of exits (``t.exits``, ``t.restarts``,
+    ``t.last_exit``, ``t.recent``), the crash lines in the log and their
+    once-a-second summary in a storm (``t.storm``).
+
+    Callers may rely on: ``on_exit`` frees the process's resources (pipes,
+    stdin, custom streams, kill timer, readiness watches), feeds the exit
+    to its slot, publishes ``exit``, runs the process's exit callbacks on
+    a later iteration, has the orphans looked at, and during a shutdown
+    tells ``Shutdown``; a process stopped alone is replaced.  The rest of
+    its process group is ``GroupCleaner``'s, which the loop calls first,
+    while the leader is still a zombie.  ``after_exit`` returns the table
+    event the exit was classified as.
+
+    Called by ``_ChildWatcher`` (``on_exit``, for the loop's reaper) and
+    by ``Spawner.spawn`` (``after_exit`` with status 127 for a failed
+    exec).
+    """
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+
+
+    def on_exit(self, proc, exit_status, term_signal):
         self.loop.trimmer.touch()
         proc.exit_status, proc.term_signal = exit_status, term_signal
         proc.core_dumped = bool(self.loop.core_dumped)
-        self._by_pid.pop(proc.pid, None)
+        self.manager._by_pid.pop(proc.pid, None)
         if proc.kill_handle is not None:
             proc.kill_handle.cancel()
         proc._drain()
@@ -5092,25 +5548,24 @@ class Manager:
         t = proc.template
         if proc in t.running:
             t.running.remove(proc)
-        self.running.pop(proc.id, None)
+        self.manager.running.pop(proc.id, None)
         t.recent.append(proc)
         uptime = self.loop.time() - proc.started
-        event = self._after_exit(t, proc.slot, proc, exit_status, term_signal, uptime,
+        event = self.after_exit(t, proc.slot, proc, exit_status, term_signal, uptime,
                                  proc.requested)
         for callback in proc._exit_callbacks:
             self.loop.call_soon(callback, proc)
         proc._exit_callbacks = []
-        self.orphans.scan_soon()        # what it left running is ours now
-        if self.stopping:
-            self._stop_in_order()
-            self._check_stopped()
-        elif event == STOPPED_EVENT and self._eligible(t):
-            self.loop.call_soon(self._manage, t)    # a process stopped alone is replaced
+        self.manager.orphans.scan_soon()        # what it left running is ours now
+        if self.manager.stopping:
+            self.manager.shutdown.child_exited()
+        elif event == STOPPED_EVENT and self.manager._eligible(t):
+            self.loop.call_soon(self.manager._manage, t)    # a process stopped alone is replaced
 
     _EXIT_REASONS = {STOPPED_EVENT: "stopped", EXIT_RESTART: "crashed",
                      EXIT_RETRY: "failed_start", EXIT_GIVE_UP: "gave_up"}
 
-    def _after_exit(self, t, slot, proc, exit_status, term_signal, uptime, asked) -> str:
+    def after_exit(self, t, slot, proc, exit_status, term_signal, uptime, asked) -> str:
         """Feed the exit (or failed exec) of ``proc`` to its slot; log it,
         count it and publish ``exit``.  Returns the table event."""
         before = slot.bucket
@@ -5121,7 +5576,7 @@ class Manager:
             log.error("%s slot %d: %s; exit ignored (a bug in gafferd)", t.name, slot.index, exc)
             event, actions = None, ()
         if proc.watch:
-            self._unwatch(t, slot)
+            self.manager.lifecycle.unwatch(t, slot)
         if slot.proc is proc:
             slot.proc = None
         restart_in = slot.delay if A_SCHEDULE in actions else None
@@ -5135,11 +5590,11 @@ class Manager:
                            "time": self.loop.unix_time(self.loop.time())}
             self._log_exit(t, slot, proc, event, exit_status, term_signal, uptime, restart_in)
         if proc.pid is not None:
-            self._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
+            self.manager._emit("exit", proc.name, pid=proc.id, exit_status=exit_status,
                        term_signal=term_signal, os_pid=proc.pid,
                        uptime=round(uptime, 3), restart_in=restart_in)
         if event is not None:
-            self._transitioned(t, slot, before, actions)
+            self.manager.lifecycle.transitioned(t, slot, before, actions)
         return event
 
     def _log_exit(self, t, slot, proc, event, exit_status, term_signal, uptime, restart_in):
@@ -5178,276 +5633,6 @@ class Manager:
         if storm[2]:
             log.warning("%s: %d more exits in the last second", t.name, storm[2])
             storm[2] = 0
-
-    # -- dependencies ----------------------------------------------------------------------
-    # Contract: ``depends_on`` gates a start.  At each start ``_held_back``
-    # puts the template in ``waiting`` (``set_waiting``) or ``failed`` (a
-    # dependency can never meet its condition: ``blocked``); every template
-    # state change schedules one ``_check_waiting`` on a later iteration,
-    # which releases, updates or blocks the waiting ones.  Once a template
-    # has started, its dependencies' later failures do not stop it.  The
-    # graph stays sound: ``check_dependencies`` refuses a template that
-    # would name an unknown template, itself, or close a cycle, and
-    # ``dependents_of`` tells a removal who still needs what it removes.
-    # At shutdown ``_stop_in_order`` stops a template once every template
-    # that depends on it has exited.
-
-    def _dependency_report(self, t) -> tuple:
-        """``(missing, never)``: the ``NAME:CONDITION`` items of ``t`` that
-        do not hold yet, and why one never can (or None)."""
-        missing = []
-        for name, condition in t.spec.depends_on:
-            members = dependency_targets(name, self.processes, self.groups)
-            if not members:                     # start-up: not added yet
-                missing.append("%s:%s" % (name, condition))
-            for member in members:
-                d = self.processes[member]
-                status = dependency_status(condition, d.state, d.counts)
-                if status == "never":
-                    return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
-                        member, d.state, member, condition,
-                        " (%s)" % d.blocked if d.blocked else "")
-                if status == "waits":
-                    missing.append("%s:%s" % (member, condition))
-        return missing, None
-
-    def _held_back(self, t) -> bool:
-        """At a start of ``t``: ``waiting`` while its dependencies do not
-        hold, ``failed`` if one never can; True in both cases.  A template
-        with live processes has started already and is never held back."""
-        t.blocked = None
-        if not t.spec.depends_on or t.running:
-            t.waiting, t.waiting_for = False, []
-            return False
-        missing, never = self._dependency_report(t)
-        if never:
-            self._block(t, never)
-            return True
-        t.waiting, t.waiting_for = bool(missing), missing
-        self._update_state(t)
-        return t.waiting
-
-    def _block(self, t, reason):
-        t.blocked, t.last_error = reason, reason
-        t.waiting, t.waiting_for = False, []
-        log.error("%s cannot start: %s", t.name, reason)
-        previous = t.state
-        self._update_state(t)
-        if t.state == previous:                 # failed already: say why it still is
-            self._emit("state", t.name, state=t.state, previous=previous, reason=reason)
-
-    def _dependencies_changed(self):
-        if not self._deps_check_scheduled and not self.stopping:
-            self._deps_check_scheduled = True
-            self.loop.call_soon(self._check_waiting)
-
-    def _check_waiting(self):
-        """Release, update or block every waiting template."""
-        self._deps_check_scheduled = False
-        if self.stopping:
-            return
-        for t in list(self.processes.values()):
-            if t.waiting and t.wanted and self.processes.get(t.name) is t:
-                missing, never = self._dependency_report(t)
-                if never:
-                    self._block(t, never)
-                elif missing != t.waiting_for:
-                    self.set_waiting(t.name, missing)
-
-    def _dependencies_to_start(self, t) -> list:
-        """The dependencies of ``t``, transitively, dependencies first,
-        that a start of ``t`` starts: stopped ones and ones whose condition
-        can never hold as they are (failed, completed unsuccessfully)."""
-        out, seen, stack = [], {t.name}, [(t, iter(t.spec.depends_on))]
-        while stack:
-            item = next(stack[-1][1], None)
-            if item is None:
-                node = stack.pop()[0]
-                if node is not t:
-                    out.append(node)
-                continue
-            name, condition = item
-            for member in dependency_targets(name, self.processes, self.groups):
-                d = self.processes[member]
-                if member in seen:
-                    continue
-                seen.add(member)
-                if not d.wanted or d.blocked or \
-                        dependency_status(condition, d.state, d.counts) == "never":
-                    stack.append((d, iter(d.spec.depends_on)))
-                else:
-                    stack.append((None, iter(d.spec.depends_on)))
-        return [d for d in out if d is not None]
-
-    def check_dependencies(self, spec) -> None:
-        """ValueError naming the problem if ``spec``, added or put in place
-        of the template of its name, would make ``depends_on`` name an
-        unknown template or group, the template itself, or a cycle."""
-        specs = [spec] + [t.spec for name, t in self.processes.items() if name != spec.name]
-        problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
-        if problems:
-            raise ValueError("depends_on: " + "; ".join(problems))
-
-    def dependents_of(self, names) -> list:
-        """The templates, outside ``names``, with a dependency that only
-        templates of ``names`` stand for: what removing them would leave
-        depending on nothing."""
-        names, out = set(names), []
-        for t in self.processes.values():
-            if t.name not in names and any(
-                    set(members) <= names for members in (
-                        dependency_targets(dep, self.processes, self.groups)
-                        for dep, _ in t.spec.depends_on) if members):
-                out.append(t.name)
-        return out
-
-    def _stop_in_order(self):
-        """Shutdown: stop each template that no template still to stop or
-        with a process left depends on, until every one is stopped.  Each
-        waits for its dependents' exits (each within its own
-        graceful_timeout, then SIGKILL), so the chain ends; if nothing can
-        be stopped and only processes of templates still to stop are
-        left (a cycle, made around the checks), the rest stop together."""
-        while self._to_stop:
-            pending = set(self._to_stop)
-            live = {p.template for p in self._by_pid.values()}
-            ready = [t for t in self._to_stop
-                     if not any(d in pending or d in live for d in self._needed_by.get(t, ()))]
-            if not ready:
-                if live - pending:
-                    return                              # wait for their exits
-                ready = list(self._to_stop)
-            for t in ready:
-                self._to_stop.remove(t)
-                self._stop(t)
-
-    def _dependents_map(self) -> dict:
-        """Template -> the templates that depend on it (directly or by its
-        group)."""
-        out = {t: [] for t in self.processes.values()}
-        for d in self.processes.values():
-            for dep, _ in d.spec.depends_on:
-                for member in dependency_targets(dep, self.processes, self.groups):
-                    t = self.processes[member]
-                    if t is not d and d not in out[t]:
-                        out[t].append(d)
-        return out
-
-    # -- whole-manager operations and shutdown ------------------------------------------
-    # Contract: ``stop`` is the only way down: every template is stopped
-    # (its slots fed ``stop``), adopted orphans get the same grace, and
-    # once no child of ours is left the applications stop and the
-    # callbacks run, exactly once.  A second ``stop`` hurries (SIGKILL).
-    def start(self):
-        """Start the applications in list order; one that raises is disabled."""
-        for app in list(self.apps):
-            try:
-                app.start(self.loop, self)
-            except Exception:
-                log.exception("application %r failed to start; it is disabled", app)
-                self.apps.remove(app)
-
-    def restart(self, callback=None):
-        """SIGHUP without a config: restart every running template and call
-        each application's restart()."""
-        for app in self.apps:
-            try:
-                app.restart()
-            except Exception:
-                log.exception("application %r failed to restart", app)
-        for t in list(self.processes.values()):
-            if t.wanted:
-                self.restart_process(t.name)
-        if callback:
-            self.loop.call_soon(callback)
-
-    def stop(self, callback=None):
-        """Graceful shutdown: templates, then applications.  A second call skips the rest of
-        every grace period."""
-        if callback:
-            self._stop_callbacks.append(callback)
-        if self.stopping:
-            log.warning("second stop request: killing what is left now")
-            self._hurry = self.groups_left.hurry = True
-            for t in self._to_stop:
-                self._stop(t)
-            self._to_stop = []
-            for proc in list(self._by_pid.values()):
-                proc.kill(signal.SIGKILL)
-            self._kill_orphans(signal.SIGKILL)
-            return
-        self.stopping = True
-        self._shutdown_started = self.loop.time()
-        self._kill_orphans(signal.SIGTERM)      # adopted orphans: same grace as the rest
-        self._to_stop = list(self.processes.values())
-        self._needed_by = self._dependents_map()
-        self._stop_in_order()                   # dependents first
-        self._check_stopped()
-
-    def _check_stopped(self):
-        if self._by_pid:
-            return
-        if self._orphan_deadline is None:
-            # orphaned descendants adopted by us as subreaper had SIGTERM at
-            # the start; they get at least 1 s, then SIGKILL
-            if self._kill_orphans(signal.SIGTERM):
-                when = self.loop.time() if self._hurry else max(
-                    self.loop.time(), self._shutdown_started + 1.0)
-                self._orphan_deadline = self.loop.call_at(when, self._finish_orphans)
-                return
-        self._orphan_deadline = True
-        self.loop.call_soon(self._stopped)
-
-    def _finish_orphans(self, rounds=0):
-        """SIGKILL what is left below the daemon, and look again until
-        nothing is: a process forked between a look and the kill becomes
-        ours only once its killed parent is gone."""
-        if self._kill_orphans(signal.SIGKILL) and rounds < ORPHAN_KILL_ROUNDS:
-            self._orphan_deadline = self.loop.call_later(
-                ORPHAN_KILL_INTERVAL, self._finish_orphans, rounds + 1)
-            return
-        self._orphan_deadline = True
-        self.loop.call_soon(self._stopped)
-
-    def _kill_orphans(self, signum) -> int:
-        """Send ``signum`` to every adopted orphan and to everything below
-        it (its children are not ours until it dies, and would be left
-        running if it died last); returns how many live ones got it."""
-        me = os.getpid()
-        kids = children_map()
-        todo = [pid for pid in kids.get(me, ())
-                if pid not in self._by_pid and pid not in self.loop._child_watchers]
-        seen, count = set(), 0
-        while todo:
-            pid = todo.pop()
-            if pid in seen or pid == me:
-                continue
-            seen.add(pid)
-            todo.extend(kids.get(pid, ()))
-            fields = read_proc_stat(pid)
-            if fields is None or fields[0] == b"Z":
-                continue
-            try:
-                os.kill(pid, signum)
-                count += 1
-            except OSError:
-                pass
-        return count
-
-    def _stopped(self):
-        try:
-            for app in self.apps:
-                try:
-                    app.stop()
-                except Exception:
-                    log.exception("application %r failed to stop", app)
-            for logfile in self._logfiles.values():
-                self.log_writer.reopen(logfile)          # i.e. close; nothing follows
-            self.log_writer.stop()
-        finally:                                         # the daemon must exit, whatever failed
-            callbacks, self._stop_callbacks = self._stop_callbacks, []
-            for callback in callbacks:
-                callback()
 
 
 class GroupCleaner:
@@ -5520,7 +5705,7 @@ class _ChildWatcher:
         self.manager.groups_left.before_reap(self.proc)
 
     def __call__(self, pid, exit_status, term_signal):
-        self.manager._on_exit(self.proc, exit_status, term_signal)
+        self.manager.reaper.on_exit(self.proc, exit_status, term_signal)
 
 
 def _signal_name(signum: int) -> str:
@@ -10078,7 +10263,7 @@ class Daemon:
                         break
                     except OSError:
                         pass
-            manager._kill_orphans(signum)
+            manager.shutdown.kill_orphans(signum)
             deadline = time.monotonic() + wait
             while True:
                 self._reap_now(pids)
