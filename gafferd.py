@@ -8516,8 +8516,10 @@ class CtlTarget:
                "-c CONFIG (the daemon's INI file) or GAFFERD_URL"
         if "CERTIFICATE" in str(exc).upper():
             hint = "trust its certificate with --cafile FILE, or skip the check with --insecure"
+        # one line, and a password written into the URL is not repeated
+        url = re.sub(r"//[^/@]*@", "//***@", self.url)
         return CtlExit(CTL_UNREACHABLE, "gafferd ctl: cannot reach gafferd at %s (%s): %s; %s"
-                       % (self.url, self.origin, reason, hint))
+                       % (url, self.origin, " ".join(str(reason).split()), hint))
 
 
 def _token_from_file(path, what) -> str:
@@ -8585,6 +8587,10 @@ def ctl_target(args, environ) -> CtlTarget:
         token = _token_from_file(args.token_file, "--token-file")
     if args.token:
         token = args.token
+    if token is not None and not re.fullmatch(r"[ -~\xa0-\xff]+", token):
+        # said without the token itself: an error message must never show it
+        raise CtlExit(CTL_USAGE, "gafferd ctl: the token holds a control character or one "
+                      "beyond Latin-1, which an HTTP header cannot carry")
     return CtlTarget(url, origin, token, args.cafile, args.insecure, certfile)
 
 
@@ -8725,6 +8731,11 @@ class CtlFeed:
                 data = b""
             conn.close()
             raise _refusal(resp.status, data)
+        if not (resp.getheader("Content-Type") or "").startswith("text/event-stream"):
+            conn.close()                    # not gafferd: reconnecting would never end
+            raise CtlExit(CTL_REFUSED, "gafferd ctl: %s answered %s with %r, not an event "
+                          "stream: is gafferd listening there?" % (
+                              self.target.url, self.path, resp.getheader("Content-Type")))
         if self.on_connect is not None:
             try:
                 self.on_connect()
@@ -9594,6 +9605,12 @@ terminal, never with NO_COLOR set.""" % DEFAULT_BIND
 class _CtlParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
+        typo = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
+        if typo:
+            close = lazy_import("difflib").get_close_matches(
+                typo.group(1), [c[0] for c in CTL_COMMANDS], 1)
+            message = "unknown command %r%s (gafferd ctl --help lists them)" % (
+                typo.group(1), "; did you mean %r?" % close[0] if close else "")
         raise CtlExit(CTL_USAGE, "%s: error: %s" % (self.prog, message))
 
 
@@ -9629,12 +9646,14 @@ def ctl_main(argv, environ=None) -> int:
     quietly, as it does cat)."""
     environ = os.environ if environ is None else environ
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    url = None
     try:
         args = build_ctl_parser().parse_args(argv)
         if not args.command:
             build_ctl_parser().print_help(sys.stderr)
             return CTL_USAGE
         target = ctl_target(args, environ)
+        url = target.url
         status = args.function(target, args)
         sys.stdout.flush()
         return status
@@ -9644,6 +9663,12 @@ def ctl_main(argv, environ=None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        # a reply of the wrong shape: something other than gafferd answers there
+        print("gafferd ctl: unexpected reply from %s (%s: %s): is gafferd listening there?"
+              % (re.sub(r"//[^/@]*@", "//***@", str(url)), type(exc).__name__, exc),
+              file=sys.stderr)
+        return CTL_REFUSED
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")      # nothing more to flush at exit
