@@ -9192,7 +9192,9 @@ def ctl_cmd_add(target, args):
     status = CTL_OK
     for definition in ctl_templates_from_file(args.file):
         try:
-            ctl_call(target, "POST", "/processes", definition)
+            reply = ctl_call(target, "POST", "/processes", definition).json()
+            for warning in (reply.get("warnings") if isinstance(reply, dict) else None) or []:
+                print("warning: %s: %s" % (definition.get("name"), warning), file=sys.stderr)
             _out("%s: added" % definition.get("name"))
         except CtlExit as exc:
             if exc.status != CTL_REFUSED:

@@ -119,3 +119,13 @@ def test_an_unknown_command_suggests_the_nearest():
     assert r.returncode == 2 and "unknown command 'xyzzy'" in r.stderr, r
     assert "did you mean" not in r.stderr
     no_traceback(r)
+
+
+def test_add_shows_the_daemons_unknown_key_warnings(gafferd, tmp_path):
+    d = gafferd("")
+    (tmp_path / "new.ini").write_text("[process:extra]\ncmd = sleep 100\nnumproceses = 3\n")
+    r = ctl(["add", str(tmp_path / "new.ini")], "http://127.0.0.1:%d" % d.port)
+    assert r.returncode == 0, r
+    assert "numproceses" in r.stderr and "did you mean 'numprocesses'" in r.stderr, r
+    assert r.stdout == "extra: added\n"
+    no_traceback(r)
