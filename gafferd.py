@@ -991,11 +991,14 @@ def _output_labels(redirect_output, logfiles) -> list:
     """The labels of stdout and stderr: ``redirect_output``'s first two,
     and a default label (``stdout``, ``stderr``) for a stream that has a
     log file but no label, since naming a file for a stream asks for it
-    to be captured."""
+    to be captured.  Labels are positional: a log file for stderr alone
+    captures stdout too (into its ring, with no file), which the child
+    would otherwise write to /dev/null."""
     labels = list(redirect_output[:2])
-    for index, default in enumerate(("stdout", "stderr")):
-        if len(labels) == index and logfiles[index]:
-            labels.append(default if default not in labels else default + "2")
+    wanted = 2 if logfiles[1] else 1 if logfiles[0] else 0
+    while len(labels) < wanted:
+        default = ("stdout", "stderr")[len(labels)]
+        labels.append(default if default not in labels else default + "2")
     return labels
 
 
