@@ -991,11 +991,14 @@ def _output_labels(redirect_output, logfiles) -> list:
     """The labels of stdout and stderr: ``redirect_output``'s first two,
     and a default label (``stdout``, ``stderr``) for a stream that has a
     log file but no label, since naming a file for a stream asks for it
-    to be captured."""
+    to be captured.  Labels are positional: a log file for stderr alone
+    captures stdout too (into its ring, with no file), which the child
+    would otherwise write to /dev/null."""
     labels = list(redirect_output[:2])
-    for index, default in enumerate(("stdout", "stderr")):
-        if len(labels) == index and logfiles[index]:
-            labels.append(default if default not in labels else default + "2")
+    wanted = 2 if logfiles[1] else 1 if logfiles[0] else 0
+    while len(labels) < wanted:
+        default = ("stdout", "stderr")[len(labels)]
+        labels.append(default if default not in labels else default + "2")
     return labels
 
 
@@ -8732,8 +8735,10 @@ class CtlTarget:
                "-c CONFIG (the daemon's INI file) or GAFFERD_URL"
         if "CERTIFICATE" in str(exc).upper():
             hint = "trust its certificate with --cafile FILE, or skip the check with --insecure"
+        # one line, and a password written into the URL is not repeated
+        url = re.sub(r"//[^/@]*@", "//***@", self.url)
         return CtlExit(CTL_UNREACHABLE, "gafferd ctl: cannot reach gafferd at %s (%s): %s; %s"
-                       % (self.url, self.origin, reason, hint))
+                       % (url, self.origin, " ".join(str(reason).split()), hint))
 
 
 def _token_from_file(path, what) -> str:
@@ -8801,6 +8806,10 @@ def ctl_target(args, environ) -> CtlTarget:
         token = _token_from_file(args.token_file, "--token-file")
     if args.token:
         token = args.token
+    if token is not None and not re.fullmatch(r"[ -~\xa0-\xff]+", token):
+        # said without the token itself: an error message must never show it
+        raise CtlExit(CTL_USAGE, "gafferd ctl: the token holds a control character or one "
+                      "beyond Latin-1, which an HTTP header cannot carry")
     return CtlTarget(url, origin, token, args.cafile, args.insecure, certfile)
 
 
@@ -8941,6 +8950,11 @@ class CtlFeed:
                 data = b""
             conn.close()
             raise _refusal(resp.status, data)
+        if not (resp.getheader("Content-Type") or "").startswith("text/event-stream"):
+            conn.close()                    # not gafferd: reconnecting would never end
+            raise CtlExit(CTL_REFUSED, "gafferd ctl: %s answered %s with %r, not an event "
+                          "stream: is gafferd listening there?" % (
+                              self.target.url, self.path, resp.getheader("Content-Type")))
         if self.on_connect is not None:
             try:
                 self.on_connect()
@@ -9397,7 +9411,9 @@ def ctl_cmd_add(target, args):
     status = CTL_OK
     for definition in ctl_templates_from_file(args.file):
         try:
-            ctl_call(target, "POST", "/processes", definition)
+            reply = ctl_call(target, "POST", "/processes", definition).json()
+            for warning in (reply.get("warnings") if isinstance(reply, dict) else None) or []:
+                print("warning: %s: %s" % (definition.get("name"), warning), file=sys.stderr)
             _out("%s: added" % definition.get("name"))
         except CtlExit as exc:
             if exc.status != CTL_REFUSED:
@@ -9810,6 +9826,12 @@ terminal, never with NO_COLOR set.""" % DEFAULT_BIND
 class _CtlParser(argparse.ArgumentParser):
     def error(self, message):
         self.print_usage(sys.stderr)
+        typo = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
+        if typo:
+            close = lazy_import("difflib").get_close_matches(
+                typo.group(1), [c[0] for c in CTL_COMMANDS], 1)
+            message = "unknown command %r%s (gafferd ctl --help lists them)" % (
+                typo.group(1), "; did you mean %r?" % close[0] if close else "")
         raise CtlExit(CTL_USAGE, "%s: error: %s" % (self.prog, message))
 
 
@@ -9845,12 +9867,14 @@ def ctl_main(argv, environ=None) -> int:
     quietly, as it does cat)."""
     environ = os.environ if environ is None else environ
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    url = None
     try:
         args = build_ctl_parser().parse_args(argv)
         if not args.command:
             build_ctl_parser().print_help(sys.stderr)
             return CTL_USAGE
         target = ctl_target(args, environ)
+        url = target.url
         status = args.function(target, args)
         sys.stdout.flush()
         return status
@@ -9860,6 +9884,12 @@ def ctl_main(argv, environ=None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        # a reply of the wrong shape: something other than gafferd answers there
+        print("gafferd ctl: unexpected reply from %s (%s: %s): is gafferd listening there?"
+              % (re.sub(r"//[^/@]*@", "//***@", str(url)), type(exc).__name__, exc),
+              file=sys.stderr)
+        return CTL_REFUSED
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")      # nothing more to flush at exit

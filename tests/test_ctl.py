@@ -202,6 +202,10 @@ def test_events_lines_json_and_pattern(gafferd, tmp_path):
     events = [json.loads(line) for line in out.splitlines()]
     assert [e["event"] for e in events] == ["proc.web:api.stop", "proc.web:api.stop_pid"] or \
         all(e["name"] == "web:api" for e in events), events
+    # the first client's connection lingers a moment after it exits: wait for
+    # it to go, so that the count below is the second client's
+    wait_for(lambda: "gafferd_http_connections 1" in d.get("/metrics").body.decode(),
+             message="the first events client gone")
     client = subprocess.Popen([PY, GAFFERD, "ctl", "--url", url_of(d), "events", "-n", "1",
                                "create"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True)
