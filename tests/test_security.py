@@ -500,21 +500,23 @@ class TestFetchMetadata:
         assert error_code(r, 404) == "not_found"
 
 
+@pytest.fixture(scope="class")
+def guarded(tmp_path_factory):
+    """A daemon with a token and one allowed origin, shared by a class."""
+    d = Daemon(tmp_path_factory.mktemp("creds"),
+               "[gaffer]\nauth_token = %s\ncors_origins = %s\n\n"
+               "[process:victim]\ncmd = sleep 300\n" % (TOKEN, ALLOWED[0]))
+    try:
+        d.start()
+        yield d
+    finally:
+        d.close()
+
+
 class TestBrowserCredentials:
     """A browser resends cached Basic credentials by itself, also on a
     cross-origin form post: for a foreign origin's change only a Bearer
     token, which the page must set itself, counts."""
-
-    @pytest.fixture(scope="class")
-    def guarded(self, tmp_path_factory):
-        d = Daemon(tmp_path_factory.mktemp("creds"),
-                   "[gaffer]\nauth_token = %s\ncors_origins = %s\n\n"
-                   "[process:victim]\ncmd = sleep 300\n" % (TOKEN, ALLOWED[0]))
-        try:
-            d.start()
-            yield d
-        finally:
-            d.close()
 
     def authed(self, d, method, path, credentials, origin=None, body=None):
         headers = [("Authorization", credentials)] + ([("Origin", origin)] if origin else [])
