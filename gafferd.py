@@ -7204,7 +7204,11 @@ class Api:
                 proc.remove_exit_callback(gone)
             sink.on_close(cleanup)
         ctype = _FEED_TYPES.get(mode, "application/octet-stream")
-        return Feed(ctype, opener)
+        # Where the first byte sent sits in the stream: with it, a client
+        # can tell whether each chunk ends a line (see the event ids).
+        headers = [("Gafferd-Stream-Offset", "%d" % (ring.total - len(backlog)))] \
+            if ring is not None else []
+        return Feed(ctype, opener, headers)
 
     def write_stream(self, req, pid, label):
         proc = self._live(pid, stopping_too=True)
@@ -8922,6 +8926,8 @@ class CtlFeed:
         self.still_wanted = still_wanted
         self.closed = False
         self._conn = None
+        self.connections = 0            # counts (re)connections
+        self.start_offset = None        # the last one's Gafferd-Stream-Offset
 
     def close(self):
         self.closed = True
@@ -8961,6 +8967,9 @@ class CtlFeed:
             except BaseException:
                 conn.close()
                 raise
+        offset = resp.getheader("Gafferd-Stream-Offset") or ""
+        self.start_offset = int(offset) if is_ascii_digits(offset) else None
+        self.connections += 1
         self._conn, self._resp = conn, resp
 
     def events(self):
@@ -9247,10 +9256,17 @@ class CtlLogs:
                        still_wanted=lambda: self._still_there(pid, os_pid))
         with self.lock:
             self.feeds.append(feed)
-        offset = feed.last_id
+        offset, connection = feed.last_id, 0
         partial = ""
         try:
             for event_id, _, data in feed.events():
+                if feed.connections != connection:
+                    connection = feed.connections
+                    if feed.start_offset is not None:
+                        if partial and feed.start_offset != offset:
+                            self.put((name, pid, partial))      # the rest is lost
+                            partial = ""
+                        offset = feed.start_offset
                 text = "\n".join(data)
                 new = int(event_id) if event_id and event_id.isdigit() else None
                 # The event id is the byte offset after the chunk: one more

@@ -540,6 +540,48 @@ def test_logs_follow_survives_a_daemon_restart(daemon_factory, tmp_path):
     assert "Traceback" not in client.stderr.read()
 
 
+def test_logs_follow_joins_a_line_cut_before_it_connected(gafferd, tmp_path):
+    """A line half written when ``logs -f`` connects is printed whole once
+    it ends: the stream says at which byte offset it starts
+    (``Gafferd-Stream-Offset``), so the client knows the backlog did not
+    end a line.  (Unbuffered children write a line in several pieces.)"""
+    (tmp_path / "half.py").write_text(
+        "import os, sys, time\n"
+        "sys.stdout.write('half'); sys.stdout.flush()\n"
+        "while not os.path.exists('go'):\n"
+        "    time.sleep(0.01)\n"
+        "print('-rest', flush=True)\n"
+        "time.sleep(3600)\n")
+    d = gafferd("""
+        [process:half]
+        cmd = %s half.py
+        redirect_output = stdout
+        """ % PY)
+    pid = wait_for(lambda: d.pids("half"))[0]
+    wait_for(lambda: d.json("GET", "/processes/half/_log")["lines"], message="half a line")
+    r = d.get("/streams/%d/stdout?tail=1" % pid)
+    assert (r.status, r.body, r.headers["gafferd-stream-offset"]) == (200, b"half", "0"), r
+
+    def open_connections():
+        text = d.get("/metrics").body.decode()
+        return int(re.search(r"^gafferd_http_connections (\d+)$", text, re.M).group(1))
+    client = subprocess.Popen([PY, GAFFERD, "ctl", "--url", url_of(d), "logs", "-f",
+                               "-n", "5", "half"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True)
+    try:
+        out = Lines(client.stdout)
+        # its event feed, its stream and this request
+        wait_for(lambda: open_connections() >= 3, message="the client's stream")
+        (tmp_path / "go").write_text("")
+        wait_for(lambda: out.lines, message="the line")
+        with out.lock:
+            assert out.lines == ["half#%d | half-rest" % pid], out.lines
+    finally:
+        client.kill()
+        client.wait()
+    assert "Traceback" not in client.stderr.read()
+
+
 def test_colour_on_a_terminal_only_and_never_with_no_color(gafferd, tmp_path):
     d = make(gafferd, tmp_path)
     wait_for(lambda: d.json("GET", "/processes/ticker/_log")["lines"])
