@@ -3525,7 +3525,7 @@ class Process:
     time), ``monitor_io(label, listener)``, ``unmonitor_io(label,
     listener)``, ``on_exit(callback)``, ``write(bytes)``,
     ``writelines(list)``, ``kill(signum)``, ``info`` (stats dict),
-    ``rings`` (label -> OutputRing), ``alive``.
+    ``rings`` (label -> OutputRing), ``alive``, ``resources()``.
     """
 
     def __init__(self, manager, template, internal_id):
@@ -3565,6 +3565,19 @@ class Process:
     @property
     def alive(self) -> bool:
         return self.exit_status is None
+
+    def resources(self):
+        """``(cpu_seconds, rss_bytes, open_fds)`` read from /proc now, or
+        None when the process is gone; ``open_fds`` is None when its fd
+        table cannot be listed (another user's process)."""
+        fields = read_proc_stat(self.pid) if self.pid is not None else None
+        if fields is None:
+            return None
+        try:
+            fds = len(os.listdir("/proc/%d/fd" % self.pid))
+        except OSError:
+            fds = None
+        return cpu_seconds(fields), int(fields[21]) * PAGE_SIZE, fds
 
     # -- output -----------------------------------------------------------------
     def monitor_io(self, label, listener):
@@ -4482,6 +4495,17 @@ class Manager:
         del self.groups[name]
 
     # -- information ---------------------------------------------------------------
+    def live_processes(self):
+        """Every live process, the ones being stopped included."""
+        return list(self._by_pid.values())
+
+    def resource_samples(self):
+        """``[(process, resources)]`` for each running process (not the
+        ones being stopped), where ``resources`` is what
+        ``Process.resources()`` read: (cpu_seconds, rss_bytes, open_fds),
+        or None for a process that has just exited."""
+        return [(proc, proc.resources()) for proc in list(self.running.values())]
+
     def get_process_info(self, name) -> dict:
         return self.get_template(name).spec.definition()
 
@@ -6324,8 +6348,8 @@ class Webhooks:
 # failing plugin from hurting the daemon, and finding a plugin's static
 # site.  Uses §1-§8.  Used by the HTTP API (§11) and main() (§15).
 #
-# The plugin API, all in one place:
-#   class Plugin: name, version, description, mandatory, app(cfg)
+# The plugin API, all in one place (its version is PLUGIN_API_VERSION):
+#   class Plugin: name, api, version, description, mandatory, app(cfg)
 #   the application app(cfg) returns: start(loop, manager), stop(),
 #       restart(); optional routes() -> [(method, regex, handler)] served
 #       under /_plugin/<dir>/api/<regex>, handler(request, *groups) ->
@@ -6333,16 +6357,33 @@ class Webhooks:
 #   loop: see the module docstring; manager: see ``Manager``.
 
 
+# The version of the contract between the daemon and its plugins: the
+# Plugin attributes, the application's methods, the routes' handler
+# signature, and the loop and manager APIs they are given.  A change a
+# plugin written for an older version could trip on gets a new number;
+# the daemon keeps serving the old numbers it still can, listed in
+# PLUGIN_API_VERSIONS, and refuses (logs and skips) a plugin that asks
+# for any other.
+PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSIONS = (1,)
+
+
 class Plugin:
     """Base class of plugins: list subclasses in a module's ``__all__``.
 
     ``name`` must be set (it is what ``mandatory`` lists refer to).
+    ``api`` is the plugin contract version the plugin was written for
+    (PLUGIN_API_VERSION when it was written; gaffer 0.4.4 plugins, which
+    do not set it, get 1).  A version not in PLUGIN_API_VERSIONS makes
+    discovery log one error naming the plugin and the versions supported,
+    and skip the plugin; the daemon goes on.
     ``app(cfg)`` returns an application object or None; ``cfg`` is the
     daemon's configparser (plugins read their own sections from it), or
     None when the daemon runs without a config file.
     """
 
     name = ""
+    api = 1
     version = "?"
     description = ""
     mandatory = []
@@ -6375,6 +6416,7 @@ class PluginDir:
         self.root, self.dirname = root, dirname
         self.path = os.path.join(root, dirname)
         self.plugins = []
+        self.refused = []          # plugins skipped for their contract version
 
     def site_root(self):
         """``_site/``, or the directory itself when it has an index.html
@@ -6383,7 +6425,8 @@ class PluginDir:
         site = os.path.join(self.path, "_site")
         if os.path.isdir(site):
             return site
-        if not self.plugins and os.path.isfile(os.path.join(self.path, "index.html")):
+        if not self.plugins and not self.refused and \
+                os.path.isfile(os.path.join(self.path, "index.html")):
             return self.path
         return None
 
@@ -6490,8 +6533,24 @@ class Plugins:
                         log.error("plugin class %s.%s (dir %r) has no name; skipped",
                                   module.__name__, attr, pdir.dirname)
                         continue
+                    if not self._supported(plugin, pdir):
+                        pdir.refused.append(plugin)
+                        continue
                     if all(type(p) is not obj for p in pdir.plugins):
                         pdir.plugins.append(plugin)
+
+    @staticmethod
+    def _supported(plugin, pdir) -> bool:
+        """Whether the plugin's ``api`` is a contract version this daemon
+        serves; if not, say so in one line (the plugin is then skipped)."""
+        api = getattr(plugin, "api", 1)
+        if type(api) is int and api in PLUGIN_API_VERSIONS:
+            return True
+        log.error("plugin %r (dir %r) is written for plugin API version %r; this gafferd "
+                  "supports version%s %s; plugin skipped", plugin.name, pdir.dirname, api,
+                  "" if len(PLUGIN_API_VERSIONS) == 1 else "s",
+                  ", ".join(str(v) for v in PLUGIN_API_VERSIONS))
+        return False
 
     def _import_package(self, pdir, package, pkg_path):
         """Import ``package`` and its top-level modules; a package name
@@ -6603,6 +6662,18 @@ class Feed:
         self.status = 200
         self.content_type, self.opener = content_type, opener
         self.headers = [("Cache-Control", "no-cache")] + list(headers or [])
+
+
+class StaticFile:
+    """A file to serve from a directory tree: ``path`` (the URL path
+    after the tree's prefix, percent-decoded) under ``root``.  The server
+    (§12, ``serve_file``) resolves and reads it, so the rules that keep a
+    reply inside ``root`` live in one place."""
+
+    __slots__ = ("root", "path")
+
+    def __init__(self, root, path):
+        self.root, self.path = root, path
 
 
 class Upgrade:
@@ -6777,6 +6848,67 @@ class _Heartbeat:
     def cancel(self):
         if self.handle is not None:
             self.handle.cancel()
+
+
+def feed_message(sink, mode, data):
+    """Write one message of a feed in ``mode``: a long-poll feed (any
+    mode but ``eventsource`` and ``continuous``) ends after its first."""
+    sink.write(data)
+    if mode not in ("eventsource", "continuous"):
+        sink.end()
+
+
+def open_feed(loop, sink, subscriptions=(), processes=(), end=None, mode=None,
+              heartbeat=None, producer=None):
+    """Wire an opened feed or websocket to its sources, with one clean-up.
+
+    sink           a Feed's sink or an Upgrade's websocket (see ``Feed``,
+                   ``Upgrade``): anything with ``on_close(cb)``, and with
+                   ``write`` and ``closed`` when ``heartbeat`` is given.
+    subscriptions  (subscribe, unsubscribe, args) triples: ``subscribe(*args)``
+                   is called now, in order, ``unsubscribe(*args)`` once the
+                   sink closes.
+    processes      the processes the feed follows: when the last of them has
+                   exited (after its last output), ``end()`` is called.
+    end            how the feed ends; default ``sink.end``.
+    mode, heartbeat
+                   every ``heartbeat`` seconds (None: never) a keep-alive is
+                   written: an SSE comment (``:``) in ``eventsource`` mode,
+                   a bare newline otherwise.
+    producer       the Process whose output is paused while the client
+                   lags (see ``Connection._throttle``); None: a lagging
+                   client is dropped instead.
+
+    A caller may rely on this: whoever closes the sink (the client, the
+    feed's own end, the daemon), every subscription, exit callback and
+    timer made here is undone exactly once, and nothing is written to
+    the sink after it closed.  A sink already closed is cleaned up at
+    once.  Returns nothing; exceptions from ``subscribe`` travel (the
+    server ends the feed and logs them).
+    """
+    sink.producer = producer
+    for subscribe, _, args in subscriptions:
+        subscribe(*args)
+    end = sink.end if end is None else end
+    remaining = {id(proc) for proc in processes}
+
+    def gone(proc):
+        remaining.discard(id(proc))
+        if not remaining:
+            end()
+    for proc in processes:
+        proc.on_exit(gone)
+    beat = _Heartbeat(loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n") \
+        if heartbeat else None
+
+    def cleanup():
+        if beat is not None:
+            beat.cancel()
+        for _, unsubscribe, args in subscriptions:
+            unsubscribe(*args)
+        for proc in processes:
+            proc.remove_exit_callback(gone)
+    sink.on_close(cleanup)
 
 
 class Api:
@@ -6989,28 +7121,49 @@ class Api:
             return 1
         return parse_number("count", rest)
 
+    def _scale_up(self, t, rest) -> int:
+        try:
+            return self.manager.ttin(t.name, self._count(rest))
+        except ValueError as exc:                   # above MAX_NUMPROCESSES
+            raise ApiError(400, "bad_value", str(exc)) from None
+
+    # The POST actions are tables: action -> do(api, req, target, arg), whose
+    # result is None (the reply is {"ok": true}) or the fields added to it.
+    # ``arg`` is the path after the action (``_add/2``, ``_signal/HUP``), or
+    # None.  docs/http-api.md lists every row; tests/test_api_tables.py checks.
+    TEMPLATE_ACTIONS = {
+        "_start": lambda api, req, t, arg: api.manager.start_process(
+            t.name, deps=req.query.get("no_deps", "0").strip().lower() not in _TRUE),
+        "_stop": lambda api, req, t, arg: api.manager.stop_process(t.name),
+        "_restart": lambda api, req, t, arg: api.manager.restart_process(t.name),
+        "_add": lambda api, req, t, arg: {"numprocesses": api._scale_up(t, arg)},
+        "_sub": lambda api, req, t, arg: {
+            "numprocesses": api.manager.ttou(t.name, api._count(arg))},
+        "_signal": lambda api, req, t, arg: api.manager.send_signal(t.name, parse_signal(arg)),
+    }
+    PROCESS_ACTIONS = {
+        "_stop": lambda api, req, proc, arg: api.manager.stop_process(proc.id),
+        "_signal": lambda api, req, proc, arg: proc.kill(parse_signal(arg)),
+    }
+    GROUP_ACTIONS = {
+        "_start": lambda api, req, group, arg: api.manager.start_group(group),
+        "_stop": lambda api, req, group, arg: api.manager.stop_group(group),
+        "_restart": lambda api, req, group, arg: api.manager.restart_group(group),
+    }
+
+    def _act(self, table, what, action, req, target, arg=None):
+        """Run row ``action`` of ``table`` on ``target()`` (a thunk, so that
+        an unknown action is a 404 before the target is looked up, where
+        the handler wants that order) and reply ``{"ok": true, ...}``."""
+        do = table.get(action)
+        if do is None:
+            raise ApiError(404, "resource_not_found", "unknown %s %r" % (what, action))
+        extra = do(self, req, target(), arg)
+        return json_reply(200, dict(OK, **extra) if extra else OK)
+
     def template_action(self, req, name, action, rest):
         t = self._template(name)
-        m = self.manager
-        if action == "_start":
-            m.start_process(name, deps=req.query.get("no_deps", "0").strip().lower()
-                            not in _TRUE)
-        elif action == "_stop":
-            m.stop_process(name)
-        elif action == "_restart":
-            m.restart_process(name)
-        elif action == "_add":
-            try:
-                return json_reply(200, {"ok": True, "numprocesses": m.ttin(name, self._count(rest))})
-            except ValueError as exc:
-                raise ApiError(400, "bad_value", str(exc)) from None
-        elif action == "_sub":
-            return json_reply(200, {"ok": True, "numprocesses": m.ttou(name, self._count(rest))})
-        elif action == "_signal":
-            m.send_signal(t.name, parse_signal(rest))
-        else:
-            raise ApiError(404, "resource_not_found", "unknown action %r" % action)
-        return json_reply(200, OK)
+        return self._act(self.TEMPLATE_ACTIONS, "action", action, req, lambda: t, rest)
 
     # -- processes by id ----------------------------------------------------------------------
     def head_process(self, req, pid):
@@ -7028,13 +7181,7 @@ class Api:
 
     def process_action(self, req, pid, action, rest):
         proc = self._live(pid)
-        if action == "_stop":
-            self.manager.stop_process(proc.id)
-        elif action == "_signal":
-            proc.kill(parse_signal(rest))
-        else:
-            raise ApiError(404, "resource_not_found", "unknown action %r" % action)
-        return json_reply(200, OK)
+        return self._act(self.PROCESS_ACTIONS, "action", action, req, lambda: proc, rest)
 
     def _log(self, req, t):
         labels = t.spec.labels
@@ -7045,7 +7192,7 @@ class Api:
             raise ApiError(404, "io_not_found", "%s has no output label %r" % (t.name, label))
         count = parse_number("lines", req.query.get("lines", "100"))
         procs = {p.id: p for p in itertools.chain(
-            t.recent, t.running, (p for p in self.manager._by_pid.values() if p.template is t))}
+            t.recent, t.running, (p for p in self.manager.live_processes() if p.template is t))}
         if "pid" in req.query:
             wanted = parse_number("pid", req.query["pid"], range_name="id")
             procs = {k: v for k, v in procs.items() if k == wanted}
@@ -7071,17 +7218,13 @@ class Api:
 
         def opener(sink):
             def listener(name, payload):
-                if sink.closed:
-                    return
-                sink.write(format_event(name, payload, mode, manager.bus.current_id
-                                        if mode == "eventsource" else None))
-                if mode not in ("eventsource", "continuous"):
-                    sink.end()
+                if not sink.closed:
+                    feed_message(sink, mode, format_event(name, payload, mode, manager.bus.current_id
+                                                          if mode == "eventsource" else None))
             if last_id is not None:         # the history, then live: no gap, no repeat
                 sink.write(watch_backlog(manager.bus, pattern, last_id))
-            manager.subscribe(pattern, listener)
-            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
-            sink.on_close(lambda: (manager.unsubscribe(pattern, listener), beat.cancel()))
+            open_feed(self.loop, sink, [(manager.subscribe, manager.unsubscribe,
+                                         (pattern, listener))], mode=mode, heartbeat=heartbeat)
         return Feed(_FEED_TYPES.get(mode, "application/json"), opener)
 
     def stats_all(self, req):
@@ -7109,37 +7252,17 @@ class Api:
         manager = self.manager
 
         def opener(sink):
-            remaining = {p.id for p in procs}
-
             def listener(event, stats):
-                if sink.closed:
-                    return
-                data = json_dumps(stats)
-                if mode == "eventsource":
-                    sink.write(sse_event("stat", [data.decode("utf-8")]))
-                else:
-                    sink.write(data + b"\r\n")
-                    if mode != "continuous":
-                        sink.end()
-
-            def gone(proc):
-                remaining.discard(proc.id)
-                if not remaining:
-                    sink.end()
+                if not sink.closed:
+                    data = json_dumps(stats)
+                    feed_message(sink, mode, sse_event("stat", [data.decode("utf-8")])
+                                 if mode == "eventsource" else data + b"\r\n")
             if not procs:
                 sink.end()
                 return
-            for proc in procs:
-                manager.monitor(proc.id, listener)
-                proc.on_exit(gone)
-            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
-
-            def cleanup():
-                beat.cancel()
-                for proc in procs:
-                    manager.unmonitor(proc.id, listener)
-                    proc.remove_exit_callback(gone)
-            sink.on_close(cleanup)
+            open_feed(self.loop, sink, [(manager.monitor, manager.unmonitor, (proc.id, listener))
+                                        for proc in procs],
+                      processes=procs, mode=mode, heartbeat=heartbeat)
         return Feed(_FEED_TYPES.get(mode, "application/json"), opener)
 
     def _stream_target(self, pid, label):
@@ -7171,21 +7294,15 @@ class Api:
             backlog = ring.tail(tail)
 
         def send(sink, data):
-            if mode == "eventsource":
-                sink.write(sse_event(label, split_lines(data) or [""],
-                                     ring.total if ring is not None else None))
-            else:
-                sink.write(data)
-                if mode != "continuous":
-                    sink.end()
+            # an SSE event's id is the stream offset just after its data
+            feed_message(sink, mode, sse_event(label, split_lines(data) or [""],
+                                               ring.total if ring is not None else None)
+                         if mode == "eventsource" else data)
 
         def opener(sink):
             def listener(event, payload):
                 if not sink.closed:
                     send(sink, payload["data"])
-
-            def gone(_proc):
-                sink.end()
             if backlog:
                 send(sink, backlog)
                 if sink.closed:
@@ -7193,16 +7310,8 @@ class Api:
             if not proc.alive:
                 sink.end()
                 return
-            sink.producer = proc
-            proc.monitor_io(label, listener)
-            proc.on_exit(gone)
-            beat = _Heartbeat(self.loop, sink, heartbeat, b":\n" if mode == "eventsource" else b"\n")
-
-            def cleanup():
-                beat.cancel()
-                proc.unmonitor_io(label, listener)
-                proc.remove_exit_callback(gone)
-            sink.on_close(cleanup)
+            open_feed(self.loop, sink, [(proc.monitor_io, proc.unmonitor_io, (label, listener))],
+                      processes=[proc], mode=mode, heartbeat=heartbeat, producer=proc)
         ctype = _FEED_TYPES.get(mode, "application/octet-stream")
         # Where the first byte sent sits in the stream: with it, a client
         # can tell whether each chunk ends a line (see the event ids).
@@ -7256,20 +7365,11 @@ class Api:
                     if exc.status == 403:
                         ws.close(1000)
 
-            def gone(_proc):
-                ws.close(1000, "process exited")
-            ws.producer = proc
-            labels = list(dict.fromkeys(proc.redirect_output))
-            for label in labels:
-                proc.monitor_io(label, listener)
-            proc.on_exit(gone)
             ws.on_message(on_message)
-
-            def cleanup():
-                for label in labels:
-                    proc.unmonitor_io(label, listener)
-                proc.remove_exit_callback(gone)
-            ws.on_close(cleanup)
+            open_feed(self.loop, ws, [(proc.monitor_io, proc.unmonitor_io, (label, listener))
+                                      for label in dict.fromkeys(proc.redirect_output)],
+                      processes=[proc], end=lambda: ws.close(1000, "process exited"),
+                      producer=proc)
         return Upgrade(opener)
 
     # -- groups ------------------------------------------------------------------------------
@@ -7298,12 +7398,10 @@ class Api:
             return self.group(req, name)
         if req.method == "DELETE":
             return self.delete_group(req, name)
-        operation = {"_start": self.manager.start_group, "_stop": self.manager.stop_group,
-                     "_restart": self.manager.restart_group}.get(action)
-        if operation is None:
-            raise ApiError(404, "resource_not_found", "unknown group action %r" % action)
-        operation(self._group(name))
-        return json_reply(200, OK)
+        # the action is checked before the group: an unknown action is a
+        # resource_not_found whether or not the group exists
+        return self._act(self.GROUP_ACTIONS, "group action", action, req,
+                         lambda: self._group(name))
 
     # -- metrics ------------------------------------------------------------------------------
     def metrics(self, req):
@@ -7320,7 +7418,8 @@ class Api:
         templates = list(m.processes.values())
         metric("gafferd_uptime_seconds", "gauge", "Seconds since the daemon started.",
                [({}, round(now - m.started, 3))])
-        metric("gafferd_children", "gauge", "Live child processes.", [({}, len(m._by_pid))])
+        metric("gafferd_children", "gauge", "Live child processes.",
+               [({}, len(m.live_processes()))])
         metric("gafferd_spawns_total", "counter", "Processes spawned.", [({}, m.spawned_total)])
         metric("gafferd_spawn_failures_total", "counter", "Spawns that failed.",
                [({}, m.spawn_failures)])
@@ -7347,20 +7446,16 @@ class Api:
         metric("gafferd_template_flapping_giveups_total", "counter",
                "Processes that gave up after start_retries failed starts.", [({"name": t.name}, t.give_ups)
                                                       for t in templates])
-        procs = list(m.running.values())
         uptime, cpu, rss, fds = [], [], [], []
-        for p in procs:
+        for p, sample in m.resource_samples():
             labels = {"name": p.name, "id": p.id}
             uptime.append((labels, round(now - p.started, 3)))
-            fields = read_proc_stat(p.pid)
-            if fields is None:
+            if sample is None:
                 continue
-            cpu.append((labels, round(cpu_seconds(fields), 2)))
-            rss.append((labels, int(fields[21]) * PAGE_SIZE))
-            try:
-                fds.append((labels, len(os.listdir("/proc/%d/fd" % p.pid))))
-            except OSError:
-                pass
+            cpu.append((labels, round(sample[0], 2)))
+            rss.append((labels, sample[1]))
+            if sample[2] is not None:
+                fds.append((labels, sample[2]))
         metric("gafferd_process_uptime_seconds", "gauge", "Seconds since the process started.", uptime)
         metric("gafferd_process_cpu_seconds_total", "counter", "CPU time used.", cpu)
         metric("gafferd_process_resident_memory_bytes", "gauge", "Resident memory.", rss)
@@ -7407,67 +7502,7 @@ class Api:
         root = pdir.site_root() if pdir else None
         if root is None:
             raise ApiError(404, "not_found", "no plugin site %r" % dirname)
-        segments = [s for s in rest.split("/") if s not in ("", ".")]
-        if any(s == ".." or "\\" in s or "\0" in s for s in segments):
-            raise ApiError(403, "forbidden", "path outside the site")
-        real_root = os.path.realpath(root)
-        path = os.path.realpath(os.path.join(real_root, *segments))
-        if path != real_root and not path.startswith(real_root + os.sep):
-            raise ApiError(403, "forbidden", "path outside the site")
-        if os.path.isdir(path):
-            if not req.path.endswith("/"):
-                location = req.path + "/" + ("?" + req.target.split("?", 1)[1]
-                                             if "?" in req.target else "")
-                return Reply(302, b"", "text/plain", [("Location", location)])
-            path = os.path.join(path, "index.html")
-            if os.path.realpath(path) != path and not os.path.realpath(path).startswith(
-                    real_root + os.sep):
-                raise ApiError(403, "forbidden", "path outside the site")
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise ApiError(404, "not_found", "no such file") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise ApiError(403, "forbidden", "not a regular file")
-        etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
-        headers = [("Last-Modified", http_date(st.st_mtime)), ("ETag", etag),
-                   ("Cache-Control", "public, max-age=315360000" if "v" in req.query else "public")]
-        inm = req.headers.get("if-none-match")
-        ims = req.headers.get("if-modified-since")
-        if inm is not None:
-            if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
-                return Reply(304, b"", None, headers)
-        elif ims:
-            try:
-                since = lazy_import("email.utils").parsedate_to_datetime(ims).timestamp()
-            except (TypeError, ValueError, IndexError, OverflowError):
-                since = None
-            if since is not None and int(st.st_mtime) <= since:
-                return Reply(304, b"", None, headers)
-        ctype, encoding = lazy_import("mimetypes").guess_type(path)
-        ctype = ctype or "application/octet-stream"
-        if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
-            ctype += "; charset=UTF-8"
-        try:
-            # O_NONBLOCK: a FIFO swapped in since the checks never blocks
-            # the loop; then what was really opened is checked again
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-        except OSError:
-            raise ApiError(403, "forbidden", "cannot read file") from None
-        try:
-            try:
-                opened = os.readlink("/proc/self/fd/%d" % fd)
-            except OSError:
-                opened = path                    # no /proc: the checks above stand
-            if not stat.S_ISREG(os.fstat(fd).st_mode) or not opened.startswith(real_root + os.sep):
-                raise ApiError(403, "forbidden", "path outside the site")
-            with open(fd, "rb", closefd=False) as f:
-                body = f.read()
-        except OSError:
-            raise ApiError(403, "forbidden", "cannot read file") from None
-        finally:
-            os.close(fd)
-        return Reply(200, body, ctype, headers)
+        return StaticFile(root, rest)
 
 
 # § 12 HTTP server (I/O) --------------------------------------------------------
@@ -7919,6 +7954,91 @@ class _WebSocket:
             except Exception:
                 log.exception("websocket clean-up failed")
         self._callbacks = []
+
+
+def serve_file(req, root, rest) -> Reply:
+    """The reply to a GET or HEAD of ``rest`` (a percent-decoded URL path)
+    in the directory tree ``root``.
+
+    Returns a Reply: 200 with the file, 304 when ``If-None-Match`` or
+    ``If-Modified-Since`` says the client has it, 302 to ``DIR/`` for a
+    directory asked without its slash (a directory is its index.html).
+    Raises ApiError: 404 for what does not exist, 403 for anything
+    outside ``root`` or not a regular file.
+
+    What a caller may rely on: no byte from outside ``root`` is ever
+    served.  ``..``, backslashes and NULs are refused before any lookup;
+    the real path (symlinks resolved) must lie under the real root; and
+    the file is checked again after it is opened (what ``/proc/self/fd``
+    says was opened, and that it is a regular file), so a file or link
+    swapped in between the checks and the open is refused too.  The open
+    never blocks the loop (O_NONBLOCK: a FIFO swapped in returns at
+    once).  The reply's type says charset=UTF-8 for text, and the server
+    adds ``X-Content-Type-Options: nosniff`` (SECURITY_HEADERS) to it, as
+    to every reply.  ``?v=...`` in the URL marks a versioned asset:
+    cached for ten years.
+    """
+    segments = [s for s in rest.split("/") if s not in ("", ".")]
+    if any(s == ".." or "\\" in s or "\0" in s for s in segments):
+        raise ApiError(403, "forbidden", "path outside the site")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, *segments))
+    if path != real_root and not path.startswith(real_root + os.sep):
+        raise ApiError(403, "forbidden", "path outside the site")
+    if os.path.isdir(path):
+        if not req.path.endswith("/"):
+            location = req.path + "/" + ("?" + req.target.split("?", 1)[1]
+                                         if "?" in req.target else "")
+            return Reply(302, b"", "text/plain", [("Location", location)])
+        path = os.path.join(path, "index.html")
+        if os.path.realpath(path) != path and not os.path.realpath(path).startswith(
+                real_root + os.sep):
+            raise ApiError(403, "forbidden", "path outside the site")
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ApiError(404, "not_found", "no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ApiError(403, "forbidden", "not a regular file")
+    etag = '"%x-%x"' % (st.st_mtime_ns, st.st_size)
+    headers = [("Last-Modified", http_date(st.st_mtime)), ("ETag", etag),
+               ("Cache-Control", "public, max-age=315360000" if "v" in req.query else "public")]
+    inm = req.headers.get("if-none-match")
+    ims = req.headers.get("if-modified-since")
+    if inm is not None:
+        if etag in [t.strip() for t in inm.split(",")] or inm.strip() == "*":
+            return Reply(304, b"", None, headers)
+    elif ims:
+        try:
+            since = lazy_import("email.utils").parsedate_to_datetime(ims).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            since = None
+        if since is not None and int(st.st_mtime) <= since:
+            return Reply(304, b"", None, headers)
+    ctype, encoding = lazy_import("mimetypes").guess_type(path)
+    ctype = ctype or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/javascript", "application/json"):
+        ctype += "; charset=UTF-8"
+    try:
+        # O_NONBLOCK: a FIFO swapped in since the checks never blocks
+        # the loop; then what was really opened is checked again
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        raise ApiError(403, "forbidden", "cannot read file") from None
+    try:
+        try:
+            opened = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            opened = path                    # no /proc: the checks above stand
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not opened.startswith(real_root + os.sep):
+            raise ApiError(403, "forbidden", "path outside the site")
+        with open(fd, "rb", closefd=False) as f:
+            body = f.read()
+    except OSError:
+        raise ApiError(403, "forbidden", "cannot read file") from None
+    finally:
+        os.close(fd)
+    return Reply(200, body, ctype, headers)
 
 
 def _public_path(path) -> bool:
@@ -8431,6 +8551,8 @@ class Connection:
             return
         try:
             result = self.server.api.dispatch(req)
+            if isinstance(result, StaticFile):
+                result = serve_file(req, result.root, result.path)
         except ApiError as exc:
             result = json_reply(exc.status, {"error": exc.code, "message": exc.message},
                                 exc.headers)
