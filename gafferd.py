@@ -2703,11 +2703,62 @@ def _is_real(number) -> bool:
 
 
 class Loop:
-    """Single-threaded event loop; see the module docstring for its API.
+    """Single-threaded event loop: ready callbacks, timers, fd watchers,
+    signals and child exits, over one ``selectors`` selector.
 
-    ``time_func`` is its clock (monotonic seconds) and ``wall_func`` the
-    Unix time used only to report loop times as dates; tests pass their
-    own instead of patching the module."""
+    Loop(time_func=time.monotonic, wall_func=time.time): ``time_func`` is
+    its clock (monotonic seconds) and ``wall_func`` the Unix time used
+    only to report loop times as dates (``unix_time``); tests pass their
+    own instead of patching the module.
+
+    One iteration (``run_once``): select() until the first live timer is
+    due (at once when callbacks are ready; never a fixed tick, at most
+    SELECT_TIMEOUT_MAX), run the watchers of the ready fds, move the due
+    timers to the ready queue, then run the callbacks that were ready.
+
+    Methods for the caller (plugins get the first group; see the module
+    docstring):
+        time() -> float                        the clock, monotonic seconds
+        call_soon(cb, *args) -> Handle         run on the next iteration
+        call_later(delay, cb, *args) -> Handle ValueError for a delay that
+                                               is not a finite number up
+                                               to MAX_DELAY (a week)
+        call_at(when, cb, *args) -> Handle     the same, in loop time
+        cancel(handle)                         also accepts None
+        add_reader(fd, cb, *args), remove_reader(fd)
+        add_writer(fd, cb, *args), remove_writer(fd)
+        watch_child(pid, cb)                   cb(pid, exit_status, term_signal)
+        add_signal_handler(signum, cb)         cb(signum) on the loop
+        run(), run_once(), stop(), close()     for main() and tests
+        call_soon_threadsafe(cb, *args)        the one thread-safe method
+
+    What a caller may rely on:
+      * Every callback runs on the loop's thread, one at a time, never
+        re-entrantly: one scheduled while the loop runs callbacks waits
+        for the next iteration.  call_soon callbacks run in the order
+        they were queued; timers due together run in ``when`` order,
+        ties in the order they were scheduled.
+      * An exception a callback raises is logged with its traceback and
+        goes no further (``Handle._run`` is that error boundary).
+      * A cancelled handle never runs; cancelling twice, or a handle
+        that already ran, does nothing.
+      * One reader and one writer per fd: adding replaces the previous
+        one; removing one that is not there (or of an fd already closed)
+        does nothing.  A watcher removed or replaced by an earlier
+        callback of the same iteration is not run, even if the fd number
+        was reused meanwhile.
+      * A signal handler runs as a callback, never inside the Python
+        signal handler, so it may do anything a callback may.  SIGCHLD is
+        the loop's own: it reaps every child (``reap_children``) and hands
+        each exit to its ``watch_child`` callback, once, after the child's
+        pid was reaped; nobody else may wait for children.
+      * Nothing here blocks but select() itself.
+
+    Instance variables others read: ``iteration`` (run_once calls, for
+    per-iteration budgets), ``trimmer`` (the MemoryTrimmer),
+    ``unwatched_child`` (watcher of children nobody watches, set by the
+    manager), ``core_dumped`` (of the exit being reported).
+    """
 
     MAX_DELAY = RANGES["delay"][1]       # call_later / call_at, one week
 
@@ -3001,7 +3052,15 @@ class MemoryTrimmer:
     connections' buffers) back to the kernel once the daemon has been
     quiet for QUIET seconds; glibc keeps it otherwise, and RSS stayed
     15 % up after soak scenario 8.  One timer while there is activity,
-    none when idle."""
+    none when idle.
+
+    Methods for the caller: ``touch()`` after freeing something big (a
+    process's rings, a connection's buffers).  It is cheap enough to call
+    on every such event: it only notes the time, and arms a timer when
+    none is armed.  ``malloc_trim`` runs on the loop once nothing has
+    been touched for QUIET seconds, never more than once per quiet
+    spell, and never while a burst goes on (it costs a walk of the heap).
+    """
 
     QUIET = 1.0
 
@@ -4179,6 +4238,8 @@ class Manager:
         ttin(name, n=1), ttou(name, n=1), send_signal(name_or_id, signum),
         get_process_info(name), get_process_status(name),
         get_process_stats(name_or_id), processes_stats(),
+        live_processes() (stopping ones too), resource_samples() ->
+            [(process, (cpu_seconds, rss_bytes, open_fds) or None)],
         get_groups(), get_group(name), start_group / stop_group /
             restart_group / remove_group (name),
         processes (name -> Template), running (id -> Process),
@@ -6655,8 +6716,21 @@ OK = {"ok": True}
 
 class Feed:
     """A streaming reply.  The server sends the head, then calls
-    ``opener(sink)``; the sink offers ``write(bytes)``, ``end()``,
-    ``closed`` and ``on_close(callback)``."""
+    ``opener(sink)`` once, at once, on the loop.  The sink offers:
+
+        write(bytes)       queue bytes (framed as a chunk on HTTP/1.1);
+                           ignored once closed
+        end()              the last chunk; the connection goes on with
+                           pipelined requests or closes
+        closed             True once ended or the client went away
+        on_close(cb)       cb() once when the sink closes, whoever closes
+                           it (at once if it is closed already)
+        producer           a Process to pause while the client lags
+                           (None: a lagging client is dropped)
+
+    ``open_feed`` wires a sink to its sources; an exception the opener
+    raises is logged and ends the feed.
+    """
 
     def __init__(self, content_type, opener, headers=None):
         self.status = 200
@@ -6680,7 +6754,10 @@ class Upgrade:
     """A websocket reply: after the handshake the server calls
     ``opener(ws)``; ``ws`` offers ``send_text(str)``, ``send_binary(bytes)``,
     ``close(code=1000, reason="")``, ``on_message(cb(opcode, payload))``,
-    ``on_close(cb)`` and ``closed``."""
+    ``on_close(cb)``, ``closed`` and ``producer``, as a Feed's sink does.
+    Messages reach ``on_message`` whole, text ones checked to be UTF-8;
+    pings are answered by the server.  An exception the opener raises is
+    logged and closes the websocket with 1011."""
 
     def __init__(self, opener):
         self.opener = opener
@@ -6912,8 +6989,41 @@ def open_feed(loop, sink, subscriptions=(), processes=(), end=None, mode=None,
 
 
 class Api:
-    """The route handlers.  ``reload(dry_run, who)`` and ``server`` are
-    set by the daemon (§15) and the server (§12)."""
+    """The route handlers: one method per handler name in ROUTES.
+
+    Api(manager, plugins=None, reload=None): ``plugins`` is the Plugins
+    registry (§10) or None; ``reload(dry_run, who) -> dict`` re-reads the
+    config (main(), §15), None when the daemon has no config file.
+
+    Methods for the caller (the HTTP server, §12):
+        dispatch(req) -> Reply | Feed | Upgrade | StaticFile
+            ``req`` is a parsed Request (§6) whose ``remote`` and
+            ``endpoint`` the server has set.  HEAD is routed as GET (the
+            server drops the body); OPTIONS is answered with 204 and
+            ``Allow`` except on the NO_OPTIONS routes.  Raises ApiError
+            for a client's mistake (404 no such route, 405 with ``Allow``,
+            400 a bad parameter, 409 a conflict, ...), which the server
+            turns into a JSON error reply; any other exception is a bug,
+            logged by the server and answered with a 500.
+        match(path) -> (methods, params)
+            the first ROUTES row whose regex matches the whole path; the
+            params are percent-decoded (strict UTF-8), None for an
+            optional group that did not match.
+
+    What a caller may rely on:
+      * A handler never touches a socket: it returns what to send.  It
+        runs on the loop's thread and never waits for the network or a
+        child; a StaticFile is read by the server, not here.
+      * Every change of state goes through the Manager's public methods
+        (§8); a handler keeps no state of its own between requests.
+      * A Feed's or an Upgrade's opener is called once, right after the
+        head went out; everything it subscribes to is undone when the
+        client goes (``open_feed``).
+
+    Instance variables: ``manager``, ``plugins``, ``loop`` (the manager's),
+    ``reload_config``, and ``server``, the HttpServer (set by it; None
+    until then), whose request counters /metrics reports.
+    """
 
     def __init__(self, manager, plugins=None, reload=None):
         self.manager, self.plugins, self.reload_config = manager, plugins, reload
@@ -7697,7 +7807,38 @@ _TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/jso
 
 
 class HttpServer:
-    """The HTTP application: every endpoint's listeners, one route table."""
+    """The HTTP application: every endpoint's listeners and connections,
+    answered through one Api.
+
+    HttpServer(endpoints, api): ``endpoints`` are EndpointSpecs (§3), each
+    with one or more addresses; sets ``api.server`` to itself.
+
+    Methods for the caller (main(), §15; the server is an application):
+        bind()               bind every listener now, before any child is
+                             started, so a port taken fails the start-up
+                             and not a running daemon.  Raises BindError,
+                             having closed whatever it had bound.
+        start(loop, manager) bind what bind() did not, and accept.
+        stop()               stop accepting and close every connection
+                             (a stream ends without its last chunk).
+        restart()            nothing: listeners outlive a reload.
+        date() -> str        the Date header, formatted once a second.
+
+    What a caller may rely on:
+      * Accepting never blocks and never starves the loop: at most 64
+        connections per wake-up.  Out of fds, a spare fd is spent to
+        accept and close one waiting client (the backlog drains instead
+        of spinning); other accept errors pause that listener for 0.1 s.
+      * Beyond an endpoint's max_connections a client gets a 503 and is
+        closed; nothing about it is kept.
+      * A slow or hostile client only ever delays itself (see
+        Connection): every state has a deadline, every buffer a bound.
+
+    Instance variables others read: ``connections`` (the open
+    Connections), ``per_endpoint`` (endpoint name -> open connections)
+    and ``requests`` (status class such as "2xx" -> replies sent), for
+    /metrics.
+    """
 
     def __init__(self, endpoints, api):
         self.endpoints, self.api = endpoints, api
@@ -7790,7 +7931,7 @@ class HttpServer:
             self.connections.add(Connection(self, listener, sock, remote))
 
     def _refuse_one(self, listener, exc) -> bool:
-        now = time.monotonic()
+        now = self.loop.time()
         if now - self._emfile_logged > 10:
             log.error("out of file descriptors (%s): refusing connections on %s",
                       exc.strerror, listener.url)
@@ -8074,6 +8215,29 @@ class Connection:
 
     Not reading leaves the bytes in the kernel's buffers: a client that
     sends without reading then blocks in its own send().
+
+    Connection(server, listener, sock, remote) takes over an accepted
+    non-blocking socket (TLS is set up here when the listener has it).
+    Methods for the server and for the stream in progress (``busy``, a
+    Feed's sink or a websocket):
+        write(data)      queue bytes in order; while a stream is open, what
+                         one loop iteration writes goes out in one send().
+                         Ignored once closed.
+        flush()          after the last write of a closing connection.
+        feed_done()      a Feed ended: go on with pipelined requests, or
+                         close when the feed had no keep-alive.
+        close()          idempotent; the stream's on_close callbacks run.
+
+    What a caller may rely on:
+      * Replies leave in the order of the requests, one request answered
+        at a time; a Feed or a websocket holds the connection until it
+        ends.
+      * A handler's error never reaches the connection: ApiError becomes
+        its JSON reply, anything else a 500 and a logged traceback
+        (``_handle`` is that error boundary).
+      * Once closed, the connection is out of the selector and of
+        ``server.connections``, its timer is cancelled and its buffers
+        are released: nothing it held outlives it.
     """
 
     def __init__(self, server, listener, sock, remote):
