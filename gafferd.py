@@ -8735,6 +8735,8 @@ class Connection:
         self.server.requests["%dxx" % (reply.status // 100)] += 1
         keep = req.keep_alive and not self.closing
         headers = [("Date", self.server.date()), ("Server", "gafferd/" + GAFFERD_VERSION)]
+        # 1xx, 204 and 304 have no body and must not say they have one
+        # (RFC 9110 8.6); a HEAD reply gives the GET's length
         if reply.status not in (204, 304) and not 100 <= reply.status < 200:
             headers.append(("Content-Length", len(reply.body)))
         if reply.content_type:
@@ -8757,9 +8759,12 @@ class Connection:
                    ("Content-Type", feed.content_type)] + feed.headers + list(extra) + \
             SECURITY_HEADERS
         if req.method == "HEAD":
+            # a stream has no length to announce: say 0, so that the
+            # client does not wait for a body, and do not open the stream
             headers.append(("Content-Length", 0))
             self.write(render_head(feed.status, headers))
             return
+        # HTTP/1.0 has no chunked encoding: the body ends with the connection
         if chunked:
             headers.append(("Transfer-Encoding", "chunked"))
         if not chunked or not req.keep_alive:
@@ -8812,6 +8817,8 @@ class Connection:
                                      ("Sec-WebSocket-Accept", ws_accept_key(key))]
                                + SECURITY_HEADERS))
         ws = self.busy = _WebSocket(self)
+        # a client may send its first frames right behind the handshake,
+        # in the same read: they are in the HTTP parser's buffer
         leftover = bytes(self.parser.buf)
         self.parser.buf.clear()
         try:
