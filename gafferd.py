@@ -6689,8 +6689,9 @@ class Plugins:
 # Owns: the route table (gaffer 0.4.4's routes plus /status, /metrics, /reload and
 # _log) and one handler per route.  A handler gets the Request and the
 # percent-decoded path parameters and returns a ``Reply`` (status, body),
-# a ``Feed`` (a streaming reply the server opens with a sink), or an
-# ``Upgrade`` (a websocket).  Client mistakes raise ApiError.  Handlers are
+# a ``Feed`` (a streaming reply the server opens with a sink; ``open_feed``
+# wires every one), an ``Upgrade`` (a websocket), or a ``StaticFile`` (the
+# server reads it).  Client mistakes raise ApiError.  Handlers are
 # thin: every decision lives in the Manager (§8).  Uses §1-§10.  Used by
 # the HTTP server (§12), which adds framing, security and error replies.
 
@@ -7329,8 +7330,8 @@ class Api:
         def opener(sink):
             def listener(name, payload):
                 if not sink.closed:
-                    feed_message(sink, mode, format_event(name, payload, mode, manager.bus.current_id
-                                                          if mode == "eventsource" else None))
+                    event_id = manager.bus.current_id if mode == "eventsource" else None
+                    feed_message(sink, mode, format_event(name, payload, mode, event_id))
             if last_id is not None:         # the history, then live: no gap, no repeat
                 sink.write(watch_backlog(manager.bus, pattern, last_id))
             open_feed(self.loop, sink, [(manager.subscribe, manager.unsubscribe,
@@ -7622,7 +7623,8 @@ class Api:
 # origins read, never change), optional token authentication, headers
 # against sniffing and framing.  A connection reads into the §6 parser,
 # answers pipelined requests in order, streams Feeds with chunked
-# encoding, and switches to websocket framing for an Upgrade.  A slow or
+# encoding, switches to websocket framing for an Upgrade, and serves a
+# StaticFile (``serve_file``, which never leaves its root).  A slow or
 # hostile client only ever delays itself: every connection state has a
 # deadline and every buffer a bound (see Connection).  Uses §1-§11.
 
