@@ -4430,8 +4430,7 @@ class Manager:
                               origin="api", environ=self.environ, warnings=warnings)
         except (ConfigError, ConfigErrors) as exc:
             raise ValueError(api_config_message(exc)) from None
-        for _, message in socket_problems([spec], self.sockets.names() if self.sockets else []):
-            raise ValueError("sockets: " + message)
+        self.check_sockets(spec)
         for warning in warnings:
             log.warning("template %s: %s", name, warning)
         return spec
@@ -4952,6 +4951,11 @@ class Manager:
         of the template of its name, would make ``depends_on`` name an
         unknown template or group, the template itself, or a cycle."""
         self.dependencies.check(spec)
+
+    def check_sockets(self, spec) -> None:
+        """ValueError if ``spec`` names a socket the daemon does not hold."""
+        for _, message in socket_problems([spec], self.sockets.names() if self.sockets else []):
+            raise ValueError("sockets: " + message)
 
     def dependents_of(self, names) -> list:
         """The templates, outside ``names``, with a dependency that only
@@ -7352,6 +7356,7 @@ class Api:
             raise ApiError(400, "invalid_process_info", api_config_message(exc)) from None
         try:
             self.manager.check_dependencies(spec)
+            self.manager.check_sockets(spec)
         except ValueError as exc:
             raise ApiError(400, "invalid_process_info", str(exc)) from None
         for warning in warnings:
