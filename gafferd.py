@@ -18,16 +18,17 @@ but the Python standard library (CPython 3.8 and newer).
 Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
-    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
+    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec / SocketSpec
     § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
-    § 8  processes (I/O)                spawning, pipes, log files, readiness, the manager
+    § 8  processes (I/O)                spawning, pipes, log files, readiness, rollouts,
+                                        the manager
     § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, tcp:/http: checks, webhooks
     § 10 plugins                        Plugin, discovery, sites, routes
     § 11 HTTP API                       the route table and its handlers
-    § 12 HTTP server (I/O)              listeners, connections, streaming
+    § 12 HTTP server (I/O)              listeners, connections, streaming, held sockets
     § 13 console output                 -v and -vv
     § 14 command-line client (ctl)      gafferd.py ctl: commands, feeds, top
     § 15 daemon and command line        signals, reload, pidfile, main()
@@ -3186,7 +3187,8 @@ class MemoryTrimmer:
 # groups.  The Manager keeps the API and the template operations and hands
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
-# ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
+# ``Spawner`` (spawn queue, budget, exec), ``Rollout`` (a rolling restart),
+# ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
 # Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
@@ -4314,12 +4316,14 @@ class Manager:
         remove_process(name), start_process(name, deps=True) (its stopped
             or failed dependencies first), check_dependencies(spec)
             (ValueError), dependents_of(names),
-        stop_process(name_or_id), restart_process(name),
+        stop_process(name_or_id), restart_process(name, rolling=None,
+            watcher=None) (a ``Rollout`` when rolling), rollout(names,
+            watcher=None), check_sockets(spec) (ValueError),
         ttin(name, n=1), ttou(name, n=1), send_signal(name_or_id, signum),
         get_process_info(name), get_process_status(name),
         get_process_stats(name_or_id), processes_stats(),
         get_groups(), get_group(name), start_group / stop_group /
-            restart_group / remove_group (name),
+            restart_group (name, rolling=None, watcher=None) / remove_group (name),
         processes (name -> Template), running (id -> Process),
         get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
         stop(callback=None), restart(callback=None), loop.
@@ -4982,7 +4986,7 @@ class Manager:
             except Exception:
                 log.exception("application %r failed to restart", app)
         for t in list(self.processes.values()):
-            if t.wanted:
+            if t.wanted and t.name not in self.rollouts:    # a rollout goes on
                 self.restart_process(t.name)
         if callback:
             self.loop.call_soon(callback)
@@ -7959,7 +7963,10 @@ class Api:
 # answers pipelined requests in order, streams Feeds with chunked
 # encoding, and switches to websocket framing for an Upgrade.  A slow or
 # hostile client only ever delays itself: every connection state has a
-# deadline and every buffer a bound (see Connection).  Uses §1-§11.
+# deadline and every buffer a bound (see Connection).  Also the
+# [socket:NAME] sockets held for the programs (``HeldSockets``), made
+# like the listeners' and handed to the spawner through
+# ``Manager.sockets``.  Uses §1-§11.
 
 CORS_METHODS = "POST, GET, PUT, DELETE, OPTIONS"       # to an origin listed in cors_origins
 CORS_READ_METHODS = "GET, HEAD"                         # to any origin, with cors_origins = *
@@ -11103,7 +11110,8 @@ class Daemon:
             for name in result["unchanged"]:      # their processes listen on the old address
                 if set(manager.processes[name].spec.sockets) & set(rebound) and \
                         manager.processes[name].wanted:
-                    manager.restart_process(name)
+                    manager.restart_process(name, rolling=False if name in manager.rollouts
+                                            else None)
                     result["changed"].append(name)
         result.update(dry_run=dry_run, warnings=new.warnings)
         if dry_run:
