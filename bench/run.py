@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark gafferd beside supervisord, Circus and the machine's floor.
 
-Runs the scenarios S1-S7 and prints a Markdown table of medians
+Runs the scenarios S1-S8 and prints a Markdown table of medians
 (with min and max over the repetitions), each figure also given as a ratio
 to the floor and to the best peer measured in the same run.
 
@@ -2306,7 +2306,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Benchmark gafferd beside supervisord, Circus and the machine's "
-                    "floor (scenarios S1-S7). Prints a Markdown table and "
+                    "floor (scenarios S1-S8). Prints a Markdown table and "
                     "writes it to bench/results-<date>.md.")
     ap.add_argument("--quick", action="store_true",
                     help="short windows and 1 repetition (under 3 minutes)")

@@ -19,7 +19,8 @@ from conftest import PY, EventWatcher, wait_for
 # A small HTTP server on the socket of the systemd protocol: it checks the
 # variables, answers with its pid, and on SIGTERM finishes the request in
 # hand and exits.  With the file named by argv[1] present it never gets
-# ready: it prints nothing and accepts nothing.
+# ready: it prints nothing and accepts nothing; if the file of that name
+# + ".crash" lists its slot, it exits at once with status 3.
 SERVER = r'''
 import os, signal, socket, sys, time
 assert int(os.environ["LISTEN_PID"]) == os.getpid(), "LISTEN_PID is not mine"
@@ -28,6 +29,10 @@ sock = socket.socket(fileno=3)
 sock.settimeout(0.2)
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+if os.path.exists(sys.argv[1] + ".crash"):
+    with open(sys.argv[1] + ".crash") as f:
+        if os.environ["GAFFERD_SLOT"] in f.read().split():
+            sys.exit(3)
 if os.path.exists(sys.argv[1]):
     while not stop:
         time.sleep(0.05)
@@ -218,3 +223,24 @@ def test_group_rolling_restart_and_reload(gafferd, tmp_path):
     assert d.json("GET", "/processes/site:web")["graceful_timeout"] == 9
     watcher.close()
     assert json.loads(d.get("/status/site:web").body)["ready"] == 2
+
+
+def test_new_process_that_exits_stops_the_rollout_after_the_replaced_ones(gafferd, tmp_path):
+    d, address = start(gafferd, tmp_path, "rolling_max_surge = 2")
+    before = os_pids(d)
+    with open(os.path.join(str(tmp_path), "broken.crash"), "w") as f:
+        f.write("2 3")                  # the new processes of the second step exit
+    watcher = EventWatcher(d, "rollout")
+    r = d.post("/processes/web/_restart?rolling=1&wait=0")
+    assert r.status == 202
+    events = watcher.wait(lambda es: any(e["event"] in ("rollout.failed", "rollout.done")
+                                         for e in es), 30, message="the end of the rollout")
+    end = events[-1]
+    assert end["event"] == "rollout.failed", events
+    assert end["replaced"] == 2 and end["total"] == 4
+    assert "exited before it was ready" in end["reason"], end
+    status = d.status("web")
+    assert status["ready"] == 4 and "rollout" not in status
+    after = os_pids(d)
+    assert len(after) == 4 and len(after & before) == 2      # two replaced, two kept
+    watcher.close()
