@@ -18,16 +18,17 @@ but the Python standard library (CPython 3.8 and newer).
 Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
-    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
+    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec / SocketSpec
     § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
     § 7  event loop (I/O)               selector, timers, signals, children
-    § 8  processes (I/O)                spawning, pipes, log files, readiness, the manager
+    § 8  processes (I/O)                spawning, pipes, log files, readiness, rollouts,
+                                        the manager
     § 9  HTTP client and webhooks (I/O) non-blocking client, DNS, tcp:/http: checks, webhooks
     § 10 plugins                        Plugin, discovery, sites, routes
     § 11 HTTP API                       the route table and its handlers
-    § 12 HTTP server (I/O)              listeners, connections, streaming
+    § 12 HTTP server (I/O)              listeners, connections, streaming, held sockets
     § 13 console output                 -v and -vv
     § 14 command-line client (ctl)      gafferd.py ctl: commands, feeds, top
     § 15 daemon and command line        signals, reload, pidfile, main()
@@ -230,6 +231,8 @@ RANGES = {
     "logfile_maxbytes": (0, MAX_FILE_SIZE),
     "logfile_backups": (0, 1000),
     "output_buffer": (0, MAX_BUFFER),
+    "rolling_max_surge": (1, MAX_NUMPROCESSES),
+    "sockets": (0, 64),                  # names in one sockets list
     # config keys: [gaffer] and [endpoint:*]
     "backlog": (0, 65535),
     "max_body_size": (0, MAX_BUFFER),
@@ -859,6 +862,36 @@ def _c_depends_on(value, ctx):
     return tuple(out)
 
 
+RESTART_MODES = ("restart", "rolling")
+
+
+def _c_restart_mode(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text not in RESTART_MODES:
+        raise ValueError("%r: use %s" % (value, ", ".join(RESTART_MODES)))
+    return text
+
+
+def _c_sockets(value, ctx):
+    """``web, admin`` or a JSON list: names of [socket:NAME] sections, in
+    the order their fds are passed (3, 4, ...).  Whether each exists is
+    checked with the sockets (``socket_problems``)."""
+    items = parse_list(value) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or \
+            not all(isinstance(i, str) and i.strip() for i in items):
+        raise ValueError("%r: use NAME, NAME, ... ([socket:NAME] sections)" % (value,))
+    items = [i.strip() for i in items]
+    minimum, maximum = RANGES["sockets"]
+    if len(items) > maximum:
+        raise ValueError("%d names: at most %d" % (len(items), maximum))
+    if len(set(items)) != len(items):
+        raise ValueError("%r names a socket twice" % (value,))
+    for item in items:
+        if _socket_name_problem(item):
+            raise ValueError(_socket_name_problem(item))
+    return items
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -903,7 +936,14 @@ PROCESS_KEYS = collections.OrderedDict([
     ("redirect_input", (_c_bool, False, "give the process a stdin pipe")),
     ("graceful_timeout", (_c_ranged(parse_float, "graceful_timeout"),
                           DEFAULT_GRACEFUL_TIMEOUT, "seconds from SIGTERM to SIGKILL")),
-    ("custom_streams", (_c_labels, [], "extra two-way pipes on fd 3, 4, ...")),
+    ("custom_streams", (_c_labels, [], "extra two-way pipes on the fds after the sockets "
+                        "(3, 4, ... without sockets)")),
+    ("sockets", (_c_sockets, [], "[socket:NAME] sockets passed as fds 3, 4, ... with "
+                 "LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES")),
+    ("restart_mode", (_c_restart_mode, "restart", "restart: new processes, then the old "
+                      "stop; rolling: one at a time, each new one ready first")),
+    ("rolling_max_surge", (_c_ranged(parse_int, "rolling_max_surge"), 1,
+                           "new processes a rolling restart starts at once")),
     ("stdout_logfile", (_c_logfile, None, "file for the first output label ('-' = stdout)")),
     ("stderr_logfile", (_c_logfile, None, "file for the second output label")),
     ("logfile", (_c_logfile, None, "file for every output label")),
@@ -1085,6 +1125,10 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
         settings["group"] = name.split(":", 1)[0]
     if "group" in raw and origin != "config" and raw["group"] != settings.get("group"):
         raise fail("group", "is derived from the name (group:name)")
+    clash = set(values.get("sockets", ())) & set(values.get("custom_streams", ()))
+    if clash:
+        raise fail("custom_streams", "%s is also in sockets: LISTEN_FDNAMES and the custom "
+                   "stream labels would name two fds alike" % ", ".join(sorted(clash)))
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
@@ -1363,6 +1407,103 @@ def token_file_warning(spec: EndpointSpec):
             % (spec.name, spec.auth_token_file, stat.S_IMODE(mode)))
 
 
+# -- sockets held for the programs ---------------------------------------------
+# A [socket:NAME] section is a listening socket the daemon binds itself and
+# passes to the templates that name it in ``sockets`` (the systemd
+# socket-activation protocol).  Parsed here; bound by ``HeldSockets`` (§12).
+
+SOCKET_KEYS = collections.OrderedDict([
+    ("bind", (None, "HOST:PORT, [V6]:PORT or unix:PATH")),
+    ("backlog", (DEFAULT_BACKLOG, "listen() backlog")),
+    ("mode", (0o600, "permissions of a unix socket file (octal)")),
+    ("reuseport", (False, "set SO_REUSEPORT before bind()")),
+])
+
+
+def _socket_name_problem(name):
+    if not name or not re.match(r"^[A-Za-z0-9_.-]{1,64}$", name):
+        return ("invalid socket name %r (letters, digits, '_', '.', '-'; LISTEN_FDNAMES "
+                "separates names with ':')" % (name,))
+    return None
+
+
+class SocketSpec:
+    """One [socket:NAME]: ``address`` (an Address with an explicit port,
+    or a unix path), ``backlog``, ``mode`` (unix only), ``reuseport``."""
+
+    def __init__(self, name, address, backlog, mode, reuseport, source=None):
+        self.name, self.address, self.backlog = name, address, backlog
+        self.mode, self.reuseport, self.source = mode, reuseport, source
+
+    def key(self) -> tuple:
+        """What must be equal for a reload to keep the bound socket."""
+        return (self.address.text, self.address.kind, self.address.path, self.mode,
+                self.reuseport)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "bind": self.address.text, "backlog": self.backlog}
+        if self.address.kind == "unix":
+            out["mode"] = "%04o" % self.mode
+        if self.reuseport:
+            out["reuseport"] = True
+        return out
+
+
+def build_socket(name, items, source=None, section=None, base_dir=None) -> SocketSpec:
+    """Validate one [socket:NAME]; ConfigError naming the bad key."""
+    def fail(key, message):
+        return ConfigError(source, section, key, message)
+    problem = _socket_name_problem(name)
+    if problem:
+        raise fail(None, problem)
+    for key in items:
+        if key not in SOCKET_KEYS:
+            raise fail(key, unknown_key_message(key, SOCKET_KEYS).replace(
+                "unknown key, ignored", "unknown socket key"))
+    text = str(items.get("bind", "")).strip()
+    if not text:
+        raise fail("bind", "missing: HOST:PORT, [V6]:PORT or unix:PATH")
+    if text.startswith("unix:") and text[5:] and not text[5:].startswith("/"):
+        text = "unix:" + os.path.join(base_dir or os.getcwd(), text[5:])
+    if text.startswith("unix:"):
+        pass
+    elif not re.search(r":[0-9]+$", text):
+        raise fail("bind", "%r has no port: write HOST:PORT, [V6]:PORT or unix:PATH" % text)
+    try:
+        address = Address.parse(text)
+    except ValueError as exc:
+        raise fail("bind", str(exc)) from None
+    values = {}
+    for key, convert in (("backlog", lambda v: parse_int(v, *RANGES["backlog"])),
+                         ("mode", lambda v: _parse_mode(v)),
+                         ("reuseport", parse_bool)):
+        if key in items:
+            try:
+                values[key] = convert(items[key])
+            except ValueError as exc:
+                raise fail(key, str(exc)) from None
+    if "mode" in values and address.kind != "unix":
+        raise fail("mode", "only a unix: socket has a mode")
+    return SocketSpec(name, address, values.get("backlog") or DEFAULT_BACKLOG,
+                      values.get("mode", SOCKET_KEYS["mode"][0]),
+                      values.get("reuseport", False), source)
+
+
+def _parse_mode(value) -> int:
+    text = str(value).strip()
+    if not re.match(r"^0?[0-7]{3}$", text):
+        raise ValueError("%r is not an octal mode such as 660" % (value,))
+    return int(text, 8)
+
+
+def socket_problems(specs, sockets) -> list:
+    """``(template name, message)`` for each ``sockets`` entry of
+    ``specs`` that names no [socket:NAME] of ``sockets`` (names)."""
+    return [(spec.name, "names %r, which is no [socket:NAME] section%s" % (
+        name, " (sockets: %s)" % ", ".join(sorted(sockets)) if sockets else ""))
+        for spec in specs for name in spec.sockets if name not in sockets]
+
+
 # -- dependencies between templates ------------------------------------------
 # ``depends_on`` makes a directed graph over templates (a group name stands
 # for every template of the group).  It must name only templates or groups
@@ -1442,6 +1583,7 @@ class Config:
         self.parser = None                 # configparser given to plugins
         self.templates = []                # TemplateSpec, in start-up order
         self.endpoints = []                # EndpointSpec
+        self.sockets = collections.OrderedDict()   # name -> SocketSpec
         self.webhooks = []                 # (event, url)
         self.plugins_dirs = []
         self.defaults = {}                 # [gaffer] endpoint defaults
@@ -1451,7 +1593,7 @@ class Config:
         self.logfile_backups = 10
 
 
-_SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
+_SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint", "socket")
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -1609,7 +1751,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
                 errors.append(ConfigError(flabel, section, None, "unknown section type "
                               "%r; did you mean [%s]?" % (kind, close + colon + rest)))
             continue                     # a plugin's section
-        if kind in ("process", "env", "endpoint") and not rest:
+        if kind in ("process", "env", "endpoint", "socket") and not rest:
             errors.append(ConfigError(flabel, section, None, "needs a name: [%s:NAME]" % kind))
         elif kind in ("gaffer", "webhooks") and colon:
             errors.append(ConfigError(flabel, section, None, "did you mean [%s]?" % kind))
@@ -1617,6 +1759,13 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
             env_sections[rest] = {k.upper(): v for k, v in combined.items(section)}
         elif kind == "process":
             process_sections.append((section, rest, flabel, fdir))
+        elif kind == "socket":
+            try:
+                items = {k: v for k, v in combined.items(section)     # [DEFAULT] is not theirs
+                         if k in SOCKET_KEYS or k not in combined.defaults()}
+                cfg.sockets[rest] = build_socket(rest, items, flabel, section, fdir)
+            except ConfigError as exc:
+                errors.append(exc)
     for name in env_sections:
         if not combined.has_section("process:" + name):
             cfg.warnings.append("%s: [env:%s] no [process:%s] section, ignored" % (label, name, name))
@@ -1636,6 +1785,8 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     by_name = {spec.name: spec for spec in cfg.templates}
     for name, message in dependency_problems(cfg.templates):
         errors.append(ConfigError(by_name[name].source, "process:" + name, "depends_on", message))
+    for name, message in socket_problems(cfg.templates, cfg.sockets):
+        errors.append(ConfigError(by_name[name].source, "process:" + name, "sockets", message))
     names = [n.strip() for n in g.get("http_endpoints", "").split(",") if n.strip()]
     for name in names:
         section = "endpoint:" + name
@@ -2216,9 +2367,11 @@ def summarize_stats(name: str, stats: list) -> dict:
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
-                  "stop_pid", "exit", "flap", "restart", "state", "ready")
+                  "stop_pid", "exit", "flap", "restart", "state", "ready",
+                  "rollout.start", "rollout.step", "rollout.done", "rollout.failed")
 PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart",
-                  "state", "ready")
+                  "state", "ready", "rollout.start", "rollout.step", "rollout.done",
+                  "rollout.failed")
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -3093,7 +3246,8 @@ class MemoryTrimmer:
 # groups.  The Manager keeps the API and the template operations and hands
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
-# ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
+# ``Spawner`` (spawn queue, budget, exec), ``Rollout`` (a rolling restart),
+# ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
 # Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
@@ -4234,14 +4388,16 @@ class Manager:
         remove_process(name), start_process(name, deps=True) (its stopped
             or failed dependencies first), check_dependencies(spec)
             (ValueError), dependents_of(names),
-        stop_process(name_or_id), restart_process(name),
+        stop_process(name_or_id), restart_process(name, rolling=None,
+            watcher=None) (a ``Rollout`` when rolling), rollout(names,
+            watcher=None), check_sockets(spec) (ValueError),
         ttin(name, n=1), ttou(name, n=1), send_signal(name_or_id, signum),
         get_process_info(name), get_process_status(name),
         get_process_stats(name_or_id), processes_stats(),
         live_processes() (stopping ones too), resource_samples() ->
             [(process, (cpu_seconds, rss_bytes, open_fds) or None)],
         get_groups(), get_group(name), start_group / stop_group /
-            restart_group / remove_group (name),
+            restart_group (name, rolling=None, watcher=None) / remove_group (name),
         processes (name -> Template), running (id -> Process),
         get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
         stop(callback=None), restart(callback=None), loop.
@@ -4281,6 +4437,8 @@ class Manager:
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
+        self.sockets = None                            # HeldSockets (§12), given by the daemon
+        self.rollouts = {}                             # template name -> its Rollout
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
 
@@ -4350,6 +4508,7 @@ class Manager:
                               origin="api", environ=self.environ, warnings=warnings)
         except (ConfigError, ConfigErrors) as exc:
             raise ValueError(api_config_message(exc)) from None
+        self.check_sockets(spec)
         for warning in warnings:
             log.warning("template %s: %s", name, warning)
         return spec
@@ -4427,6 +4586,11 @@ class Manager:
                 if t.waiting and not t.spec.depends_on:
                     self.set_waiting(name, [])
                 self.dependencies.changed()
+            elif spec.restart_mode == "rolling" and t.wanted and name not in self.rollouts \
+                    and any(s.proc is not None for s in t.slots):
+                t.take_spec(spec)                       # new processes get the new spec
+                self._emit("update", t.name, per_process=False)
+                self.rollout([name])
             else:
                 self.update_template(t, spec)
         for name in added:
@@ -4457,8 +4621,19 @@ class Manager:
         else:
             self._stop(self.get_template(name))
 
-    def restart_process(self, name):
+    def restart_process(self, name, rolling=None, watcher=None):
+        """Restart ``name``: all new processes first, then the old ones
+        stop; or, with ``rolling`` (None: the template's restart_mode), a
+        ``Rollout``, which is returned (ValueError if one is running).
+        A plain restart ends a rollout in progress."""
         t = self.get_template(name)
+        if rolling is None:
+            rolling = t.spec.restart_mode == "rolling"
+        if rolling:
+            return self.rollout([name], watcher)
+        current = self.rollouts.get(name)
+        if current is not None:
+            current.abort("superseded by a restart")
         self._emit("restart", t.name)
         if not t.wanted or t.waiting or t.blocked:
             self._start(t, events=False)    # nothing to replace; through its dependencies
@@ -4467,6 +4642,18 @@ class Manager:
         for slot in [s for s in t.slots if s.proc is None]:
             self.lifecycle.feed(t, slot, START)            # backoff, failed, exited: again now
         self._replace(t, [], old)
+
+    def rollout(self, names, watcher=None):
+        """Start a rolling restart of the templates ``names``, one after
+        the other (``Rollout``); ValueError if one of them is being rolled
+        already.  ``watcher(event, payload)`` gets its events as they are
+        published."""
+        busy = [n for n in names if n in self.rollouts]
+        if busy:
+            raise ValueError("a rolling restart of %s is in progress" % ", ".join(busy))
+        for name in names:
+            self.get_template(name)
+        return Rollout(self, names, watcher).begin()
 
     def _replace(self, t, pairs, rest):
         """Restart step, new before old as in gaffer 0.4.4: a replacement slot (same slot
@@ -4545,9 +4732,19 @@ class Manager:
         for member in self.get_group(name):
             self.stop_process(member)
 
-    def restart_group(self, name):
-        for member in self.get_group(name):
-            self.restart_process(member)
+    def restart_group(self, name, rolling=None, watcher=None):
+        """Restart each template of group ``name``; the rolled ones (by
+        ``rolling``, or each one's restart_mode when None) one after the
+        other in one Rollout, which is returned (or None)."""
+        members = self.get_group(name)
+        rolled = [m for m in members if (rolling if rolling is not None
+                                         else self.processes[m].spec.restart_mode == "rolling")]
+        if rolled and any(m in self.rollouts for m in rolled):
+            self.rollout(rolled)                         # the ValueError
+        for member in members:
+            if member not in rolled:
+                self.restart_process(member, rolling=False)
+        return self.rollout(rolled, watcher) if rolled else None
 
     def remove_group(self, name):
         for member in self.get_group(name):
@@ -4672,6 +4869,8 @@ class Manager:
 
     def _stop(self, t):
         """Stop every slot of ``t``; no events if it was already stopped."""
+        if t.name in self.rollouts:
+            self.rollouts[t.name].abort("the template was stopped")
         was_wanted = t.wanted or t.never_started
         t.wanted, t.never_started = False, False
         t.waiting, t.waiting_for, t.blocked = False, [], None   # judged again at the next start
@@ -4842,6 +5041,11 @@ class Manager:
         unknown template or group, the template itself, or a cycle."""
         self.dependencies.check(spec)
 
+    def check_sockets(self, spec) -> None:
+        """ValueError if ``spec`` names a socket the daemon does not hold."""
+        for _, message in socket_problems([spec], self.sockets.names() if self.sockets else []):
+            raise ValueError("sockets: " + message)
+
     def dependents_of(self, names) -> list:
         """The templates, outside ``names``, with a dependency that only
         templates of ``names`` stand for."""
@@ -4867,7 +5071,7 @@ class Manager:
             except Exception:
                 log.exception("application %r failed to restart", app)
         for t in list(self.processes.values()):
-            if t.wanted:
+            if t.wanted and t.name not in self.rollouts:    # a rollout goes on
                 self.restart_process(t.name)
         if callback:
             self.loop.call_soon(callback)
@@ -5345,10 +5549,15 @@ class Spawner:
                 proc.custom_fds[label] = mine
                 theirs.append(child.detach())
                 custom.append(theirs[-1])
+            if spec.sockets:                 # first, on 3..: the systemd protocol's place
+                argv, executable, listen = socket_activation(self.manager.sockets, spec.sockets,
+                                                             argv, executable, env)
+                custom = listen + custom
             if custom:
-                # close_fds stays on: the child gets 0-2, the custom streams
-                # on 3.. (kept through pass_fds once preexec_fn put them
-                # there) and nothing else the daemon holds or inherited
+                # close_fds stays on: the child gets 0-2, the sockets and
+                # custom streams on 3.. (kept through pass_fds once
+                # preexec_fn put them there) and nothing else the daemon
+                # holds or inherited
                 kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
                 held = _hold_fd_numbers(3 + len(custom))
@@ -5434,6 +5643,189 @@ class Spawner:
         for logfile in self._logfiles.values():
             self.manager.log_writer.reopen(logfile)      # i.e. close; nothing follows
 
+
+
+class Rollout:
+    """A rolling restart of templates, one template after the other.
+
+    For each template: start ``rolling_max_surge`` new processes (each in
+    a new slot with the slot number of the old one it replaces), wait
+    until every one is *ready* (its slot ``running``: the ``ready`` key),
+    then stop as many old ones, and repeat until every process that was
+    live at the start has been replaced.  A new process that exits before
+    it is ready, misses ``ready_timeout`` or cannot be execed ends the
+    rollout: the new processes of that step are stopped, the old ones
+    keep serving, the templates not reached yet are not restarted, and
+    ``rollout.failed`` says why.  Slots without a process (backoff,
+    failed) are started again at once, as a plain restart does.
+
+    Events (payload ``name`` and ``replaced`` / ``total`` processes):
+    ``rollout.start`` (with ``max_surge``), ``rollout.step`` (``old`` and
+    ``new`` internal ids), ``rollout.done``, ``rollout.failed``
+    (``reason``).  ``watcher(event, payload)`` gets each as it happens,
+    then ``(None, rollout)`` once ``outcome`` is ``"done"`` or ``"failed"``.
+
+    Owned by the manager (``Manager.rollouts``: template name -> the
+    rollout of it) while it runs; ``abort`` ends it (a stop, a plain
+    restart).  It only uses the manager's slot operations, so the slot
+    states stay the lifecycle's: it never blocks, it is woken by the
+    template's events and by its own deadline.
+    """
+
+    def __init__(self, manager, names, watcher=None):
+        self.manager, self.loop = manager, manager.loop
+        self.names = list(names)
+        self.watcher = watcher
+        self.t = None
+        self.old = []                  # old slots still to replace
+        self.batch = []                # (old slot, new slot) of the step
+        self.replaced = self.total = 0
+        self.timer = None
+        self.outcome = None            # "done" or "failed" once over
+        self.reason = None
+        self.rolled = list(names)
+
+    def begin(self):
+        self._next_template()
+        return self
+
+    def _emit(self, event, **fields):
+        fields.update(replaced=self.replaced, total=self.total)
+        self.manager._emit(event, self.t.name, **fields)
+        payload = dict(fields, name=self.t.name)
+        if self.watcher is not None:
+            try:
+                self.watcher(event, dict(payload))
+            except Exception:
+                log.exception("rollout watcher failed")
+
+    def _next_template(self):
+        m = self.manager
+        while self.names:
+            t = m.processes.get(self.names.pop(0))
+            if t is None:
+                continue
+            self.t = t
+            self.batch, self.replaced = [], 0
+            m._emit("restart", t.name)
+            if not t.wanted or t.waiting or t.blocked:
+                self.total = 0
+                self._emit("rollout.start", max_surge=t.spec.rolling_max_surge)
+                m._start(t, events=False)       # nothing to replace: it just starts
+                self._emit("rollout.done")
+                continue
+            for slot in [s for s in t.slots if s.proc is None]:
+                m.lifecycle.feed(t, slot, START)
+            self.old = sorted((s for s in t.slots if s.proc is not None), key=lambda s: s.index)
+            self.total = len(self.old)
+            m.rollouts[t.name] = self
+            t.replacing = True
+            m.subscribe("proc." + t.name, self._on_event)
+            self._emit("rollout.start", max_surge=t.spec.rolling_max_surge)
+            self._step()
+            return
+        self._over("done")
+
+    def _over(self, outcome):
+        """The rollout has ended: the watcher gets ``(None, self)``."""
+        self.outcome = outcome
+        if self.watcher is not None:
+            try:
+                self.watcher(None, self)
+            except Exception:
+                log.exception("rollout watcher failed")
+
+    def _step(self):
+        t, m = self.t, self.manager
+        self.batch = []
+        while self.old and not self.batch:
+            batch, self.old = self.old[:t.spec.rolling_max_surge], \
+                self.old[t.spec.rolling_max_surge:]
+            self.batch = [(old, m._add_slot(t, old.index)) for old in batch if old.member]
+        if not self.batch:
+            self._end("rollout.done")
+            return
+        kind, wait = t.spec.ready.kind, None
+        if kind in ("startsecs", "spawn"):
+            wait = t.spec.startsecs
+        elif t.spec.ready_timeout > 0:
+            wait = t.spec.ready_timeout
+        if wait is not None:           # the lifecycle's own timeout acts first
+            self.timer = self.loop.call_later(min(wait + 2.0, MAX_DURATION), self.check, True)
+        self.check()
+
+    def _on_event(self, event, payload):
+        if not event.startswith("proc.%s.rollout." % self.t.name):
+            self.check()
+
+    def check(self, deadline=False):
+        """Judge the step: go on when every new process is ready, fail
+        when one cannot be."""
+        if self.outcome is not None or self.manager.rollouts.get(self.t.name) is not self:
+            return
+        t, m = self.t, self.manager
+        if not m._eligible(t):
+            self.abort("the template was stopped")
+            return
+        for _, new in self.batch:
+            why = None
+            if not new.member:
+                why = "its new process in slot %d was stopped" % new.index
+            elif new.failing:
+                why = "the new process in slot %d was not ready within ready_timeout " \
+                      "(%gs)" % (new.index, t.spec.ready_timeout)
+            elif new.failed_starts or new.state not in (STARTING, RUNNING):
+                why = "the new process in slot %d exited before it was ready%s" % (
+                    new.index, " (%s)" % t.last_error if t.last_error else
+                    " (exit status %s)" % t.last_exit if t.last_exit is not None else "")
+            elif deadline and new.state != RUNNING:
+                why = "the new process in slot %d was not ready in time" % new.index
+            if why:
+                self.abort(why)
+                return
+        if any(new.state != RUNNING for _, new in self.batch):
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        old_ids = [old.proc.id for old, _ in self.batch if old.proc is not None]
+        for old, _ in self.batch:
+            if old.member:
+                m._stop_slot(t, old, "reap")
+        self.replaced += len(self.batch)
+        self._emit("rollout.step", old=old_ids,
+                   new=[new.proc.id for _, new in self.batch if new.proc is not None])
+        self._step()
+
+    def abort(self, reason):
+        """End the rollout as failed: the new processes of the step stop,
+        the old ones stay."""
+        if self.outcome is not None or self.manager.rollouts.get(self.t.name) is not self:
+            return
+        for _, new in self.batch:
+            if new.member:
+                self.manager._stop_slot(self.t, new, "reap")
+        self.names = []
+        self.reason = reason
+        log.warning("rolling restart of %s stopped after %d of %d process(es): %s",
+                    self.t.name, self.replaced, self.total, reason)
+        self._end("rollout.failed", reason=reason)
+
+    def _end(self, event, **fields):
+        t, m = self.t, self.manager
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.batch = []
+        m.unsubscribe("proc." + t.name, self._on_event)
+        m.rollouts.pop(t.name, None)
+        t.replacing = False
+        self._emit(event, **fields)
+        m._manage(t)
+        if event == "rollout.failed":
+            self._over("failed")
+        else:
+            self._next_template()
 
 
 class Shutdown:
@@ -5871,6 +6263,32 @@ class Orphans:
                  "killed by %s" % _signal_name(term_signal) if term_signal
                  else "exit status %d" % exit_status)
         self.scan_soon()                  # its own children are ours now
+
+
+# LISTEN_PID must be the child's own pid, which exists only after the
+# fork, and subprocess builds execve's environment before it: so the
+# child runs /bin/sh, which sets it to its own pid ($$) and execs the
+# program in the same process (argv[0] becomes the program's path).
+_LISTEN_PID_TRAMPOLINE = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"'
+
+
+def socket_activation(held, names, argv, executable, env):
+    """The systemd socket-activation protocol for the sockets ``names``
+    (held by ``held``, a HeldSockets): sets LISTEN_FDS and
+    LISTEN_FDNAMES in ``env`` and returns ``(argv, executable, fds)``,
+    the fds to put on 3, 4, ... in ``names`` order and the argv that sets
+    LISTEN_PID.  SpawnError for a socket that is not held (any more)."""
+    try:
+        fds = held.fds(names) if held is not None else None
+    except KeyError as exc:
+        fds, names = None, [exc.args[0]]
+    if fds is None:
+        raise SpawnError("socket %s is not held by the daemon (no [socket:%s])"
+                         % (names[0], names[0]))
+    env.pop("LISTEN_PID", None)
+    env.update(LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
+    return (["/bin/sh", "-c", _LISTEN_PID_TRAMPOLINE, executable] + list(argv[1:]),
+            "/bin/sh", fds)
 
 
 def _chain_preexec(first, custom_fds):
@@ -7115,7 +7533,16 @@ class Api:
         return json_reply(200, {"ready": True})
 
     def status(self, req, name):
-        return json_reply(200, self._template(name).status(self.loop))
+        t = self._template(name)
+        out = t.status(self.loop)
+        held = self.manager.sockets
+        if t.spec.sockets:
+            out["sockets"] = [held.describe(n) if held is not None and n in held else {"name": n}
+                              for n in t.spec.sockets]
+        rollout = self.manager.rollouts.get(t.name)
+        if rollout is not None:
+            out["rollout"] = {"replaced": rollout.replaced, "total": rollout.total}
+        return json_reply(200, out)
 
     def status_all(self, req):
         return json_reply(200, {name: t.summary(self.loop)
@@ -7176,6 +7603,7 @@ class Api:
             raise ApiError(400, "invalid_process_info", api_config_message(exc)) from None
         try:
             self.manager.check_dependencies(spec)
+            self.manager.check_sockets(spec)
         except ValueError as exc:
             raise ApiError(400, "invalid_process_info", str(exc)) from None
         for warning in warnings:
@@ -7246,7 +7674,7 @@ class Api:
         "_start": lambda api, req, t, arg: api.manager.start_process(
             t.name, deps=req.query.get("no_deps", "0").strip().lower() not in _TRUE),
         "_stop": lambda api, req, t, arg: api.manager.stop_process(t.name),
-        "_restart": lambda api, req, t, arg: api.manager.restart_process(t.name),
+        "_restart": lambda api, req, t, arg: api._restart(req, t.name),
         "_add": lambda api, req, t, arg: {"numprocesses": api._scale_up(t, arg)},
         "_sub": lambda api, req, t, arg: {
             "numprocesses": api.manager.ttou(t.name, api._count(arg))},
@@ -7259,7 +7687,7 @@ class Api:
     GROUP_ACTIONS = {
         "_start": lambda api, req, group, arg: api.manager.start_group(group),
         "_stop": lambda api, req, group, arg: api.manager.stop_group(group),
-        "_restart": lambda api, req, group, arg: api.manager.restart_group(group),
+        "_restart": lambda api, req, group, arg: api._restart(req, group, group=True),
     }
 
     def _act(self, table, what, action, req, target, arg=None):
@@ -7270,11 +7698,65 @@ class Api:
         if do is None:
             raise ApiError(404, "resource_not_found", "unknown %s %r" % (what, action))
         extra = do(self, req, target(), arg)
+        if isinstance(extra, (Reply, Feed)):     # a row that makes its own reply
+            return extra
         return json_reply(200, dict(OK, **extra) if extra else OK)
 
     def template_action(self, req, name, action, rest):
         t = self._template(name)
         return self._act(self.TEMPLATE_ACTIONS, "action", action, req, lambda: t, rest)
+
+    def _restart(self, req, name, group=False):
+        """``_restart`` of a template or group.  ``rolling=1`` (or the
+        template's ``restart_mode = rolling``, unless ``rolling=0``) makes
+        it a rolling restart, whose reply is one JSON object streamed as
+        the rollout goes: ``{"rolling": [names], "events": [...], "ok":
+        true|false, "result": "done"|"failed", "reason": ...}``, sent to
+        its end when the rollout ends (``wait=0``: 202 at once, the
+        events tell the rest).  409 while the template is being rolled."""
+        text = req.query.get("rolling")
+        rolling = None if text is None else text.strip().lower() in _TRUE
+        wait = req.query.get("wait", "1").strip().lower() in _TRUE
+        m = self.manager
+        start = (lambda watcher: m.restart_group(name, rolling, watcher)) if group else \
+            (lambda watcher: m.restart_process(name, rolling, watcher))
+        members = m.get_group(name) if group else [name]
+        if not any(rolling if rolling is not None else
+                   m.processes[n].spec.restart_mode == "rolling" for n in members):
+            start(None)
+            return json_reply(200, OK)
+        busy = [n for n in members if n in m.rollouts]
+        if busy:
+            raise ApiError(409, "conflict", "a rolling restart of %s is in progress"
+                           % ", ".join(busy))
+        if not wait:
+            rollout = start(None)
+            return json_reply(202, {"ok": True, "rolling": rollout.rolled})
+
+        def opener(sink):
+            first = [True]
+
+            def watcher(event, payload):
+                if sink.closed:
+                    return
+                if event is None:
+                    finish(payload)
+                    return
+                sink.write(b"%s\n  %s" % (b"" if first[0] else b",",
+                                          json_dumps(dict(payload, event=event)).strip()))
+                first[0] = False
+
+            def finish(rollout):
+                tail = {"ok": rollout.outcome == "done", "result": rollout.outcome}
+                if rollout.reason:
+                    tail["reason"] = rollout.reason
+                sink.write(b"\n], " + json_dumps(tail).strip()[1:] + b"\n")
+                sink.end()
+            rolled = [n for n in members if (rolling if rolling is not None else
+                                             m.processes[n].spec.restart_mode == "rolling")]
+            sink.write(b'{"rolling": %s, "events": [' % json_dumps(rolled).strip())
+            start(watcher)
+        return Feed("application/json; charset=UTF-8", opener)
 
     # -- processes by id ----------------------------------------------------------------------
     def head_process(self, req, pid):
@@ -7626,7 +8108,10 @@ class Api:
 # encoding, switches to websocket framing for an Upgrade, and serves a
 # StaticFile (``serve_file``, which never leaves its root).  A slow or
 # hostile client only ever delays itself: every connection state has a
-# deadline and every buffer a bound (see Connection).  Uses §1-§11.
+# deadline and every buffer a bound (see Connection).  Also the
+# [socket:NAME] sockets held for the programs (``HeldSockets``), made
+# like the listeners' and handed to the spawner through
+# ``Manager.sockets``.  Uses §1-§11.
 
 CORS_METHODS = "POST, GET, PUT, DELETE, OPTIONS"       # to an origin listed in cors_origins
 CORS_READ_METHODS = "GET, HEAD"                         # to any origin, with cors_origins = *
@@ -7799,6 +8284,199 @@ class Listener:
             if self.sock_file is not None:
                 remove_socket_file(self.address.path, self.sock_file)
                 self.sock_file = None
+
+
+class HeldSockets:
+    """The [socket:NAME] listening sockets the daemon binds for its
+    programs (with its own privileges) and passes to them on exec.
+
+    The daemon never accepts on them: they stay in blocking mode, as a
+    program started by systemd expects its fds.  ``bind_all`` at start-up
+    may resolve a host name (like the HTTP endpoints); ``reload`` runs in
+    the loop, so a changed address must be an IP address or a name of
+    /etc/hosts (no DNS query ever blocks the loop).  Callers may rely on:
+    ``fds(names)`` gives the held fds in the order of ``names`` (KeyError
+    for an unknown one); a reload keeps the very socket (same fd) of a
+    section whose address did not change, a new backlog is applied with
+    a new listen(); ``close_all`` closes each and removes the unix socket
+    files the daemon made, and only those.
+
+    Used by the Spawner (§8, through ``Manager.sockets``), the HTTP API
+    (§11, ``describe``) and the daemon (§15)."""
+
+    def __init__(self):
+        self.specs = collections.OrderedDict()      # name -> SocketSpec
+        self._socks = {}                             # name -> socket.socket
+        self._files = {}                             # name -> (st_dev, st_ino) of a unix file
+
+    def __contains__(self, name):
+        return name in self.specs
+
+    def names(self):
+        return list(self.specs)
+
+    def fds(self, names) -> list:
+        return [self._socks[name].fileno() for name in names]
+
+    def describe(self, name) -> dict:
+        """``{"name", "bind", "address", "fd"}`` (the address it is bound to)."""
+        out = self.specs[name].to_dict()
+        sock = self._socks.get(name)
+        if sock is not None:
+            out["fd"] = sock.fileno()
+            out["address"] = self._bound(self.specs[name], sock)
+        return out
+
+    @staticmethod
+    def _bound(spec, sock) -> str:
+        if spec.address.kind == "unix":
+            return "unix:" + spec.address.path
+        host, port = sock.getsockname()[:2]
+        return ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % (host, port)
+
+    def bind_all(self, specs):
+        """Bind every socket of ``specs`` (start-up); BindError (and none
+        kept) if one cannot be."""
+        made = {}
+        try:
+            for name, spec in specs.items():
+                made[name] = self._bind(spec, resolve=True)
+        except BindError:
+            for name, (sock, ident) in made.items():
+                self._close(specs[name], sock, ident)
+            raise
+        for name, (sock, ident) in made.items():
+            self.specs[name], self._socks[name] = specs[name], sock
+            if ident:
+                self._files[name] = ident
+
+    def reload(self, specs) -> list:
+        """Make the held sockets those of ``specs``; returns the names
+        rebound (address changed).  BindError, and nothing changes, if a
+        new address cannot be bound.  A removed one is closed (its
+        processes keep their own copy until they exit)."""
+        fresh = {}
+        try:
+            for name, spec in specs.items():
+                old = self.specs.get(name)
+                if old is None or old.address.text != spec.address.text:
+                    fresh[name] = self._bind(spec, resolve=False)
+                elif old.key() != spec.key():
+                    log.warning("[socket:%s]: a new mode or reuseport takes effect when its "
+                                "address changes or the daemon starts again", name)
+        except BindError:
+            for name, (sock, ident) in fresh.items():
+                self._close(specs[name], sock, ident)
+            raise
+        for name, spec in specs.items():
+            if name in fresh:
+                old_spec, old_sock = self.specs.get(name), self._socks.get(name)
+                if old_sock is not None:
+                    self._close(old_spec, old_sock, self._files.pop(name, None))
+                self._socks[name], ident = fresh[name]
+                if ident:
+                    self._files[name] = ident
+            elif spec.backlog != self.specs[name].backlog:
+                self._socks[name].listen(spec.backlog)
+        removed = {n: (self.specs[n], self._socks.pop(n), self._files.pop(n, None))
+                   for n in self.specs if n not in specs}
+        self.specs = collections.OrderedDict(specs)
+        for spec, sock, ident in removed.values():
+            self._close(spec, sock, ident)
+        return list(fresh)
+
+    def close_all(self):
+        for name in list(self._socks):
+            self._close(self.specs[name], self._socks.pop(name), self._files.pop(name, None))
+
+    @staticmethod
+    def _close(spec, sock, ident):
+        sock.close()
+        if ident is not None:
+            remove_socket_file(spec.address.path, ident)
+
+    @staticmethod
+    def _sockaddr(spec, resolve):
+        """(family, sockaddr) of a TCP bind; at run time without DNS."""
+        host, port = spec.address.host, spec.address.port
+        flags = socket.AI_PASSIVE | (0 if resolve else socket.AI_NUMERICHOST)
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags)
+        except socket.gaierror as exc:
+            if resolve:
+                raise BindError("[socket:%s] cannot resolve %s: %s"
+                                % (spec.name, spec.address.text, exc.strerror)) from None
+            found = _hosts_lookup(host)
+            if found is None:
+                raise BindError("[socket:%s] %s: a host name is resolved at start-up only "
+                                "(or from /etc/hosts); use an IP address, or restart the "
+                                "daemon" % (spec.name, spec.address.text)) from None
+            infos = socket.getaddrinfo(found, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                                       socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+        return infos[0][0], infos[0][4]
+
+    def _bind(self, spec, resolve):
+        """A new listening socket for ``spec``: (socket, unix file ident)."""
+        address, ident, sock = spec.address, None, None
+        try:
+            if address.kind == "unix":
+                # made as Listener makes its unix sockets: a stale socket
+                # removed and the new inode noted through the directory fd;
+                # the mode comes from the umask, never a chmod by path
+                path = address.path
+                dir_fd, name = open_directory_of(path)
+                try:
+                    try:
+                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        st = None
+                    if st is not None:
+                        if not stat.S_ISSOCK(st.st_mode):
+                            raise BindError("[socket:%s] %s exists and is not a socket"
+                                            % (spec.name, path))
+                        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                        try:
+                            probe.setblocking(False)
+                            probe.connect(path)
+                            live = True
+                        except OSError:
+                            live = False
+                        finally:
+                            probe.close()
+                        if live:
+                            raise BindError("[socket:%s] cannot listen on %s: a program is "
+                                            "listening there already" % (spec.name, path))
+                        os.unlink(name, dir_fd=dir_fd)
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    old = os.umask(0o777 & ~spec.mode)
+                    try:
+                        sock.bind(path)
+                    finally:
+                        os.umask(old)
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    ident = (st.st_dev, st.st_ino)
+                finally:
+                    os.close(dir_fd)
+            else:
+                family, sockaddr = self._sockaddr(spec, resolve)
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if spec.reuseport:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+            sock.listen(spec.backlog)
+        except BindError:
+            if sock is not None:
+                sock.close()
+            raise
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise BindError("[socket:%s] cannot listen on %s: %s" % (
+                spec.name, address.text, exc.strerror or exc)) from None
+        return sock, ident
 
 
 _TOO_MANY_BODY = b'{"error": "too_many_connections", "message": "try again later"}\n'
@@ -10512,6 +11190,8 @@ class Daemon:
                                                " (TLS)" if ep.tls else ""))
         for event, url in self.config.webhooks:
             out.append("[webhooks] %s -> %s" % (event, url))
+        for spec in self.config.sockets.values():
+            out.append("[socket:%s] %s" % (spec.name, json.dumps(spec.to_dict())))
         for spec in self.config.templates:
             env = checked_environment(spec, os.environ)
             argv = command_line(spec, env)
@@ -10545,6 +11225,8 @@ class Daemon:
                        self.logged_reload if self.config_path else None)
         self.server = HttpServer(self.config.endpoints, self.api)
         self.server.bind()
+        self.manager.sockets = HeldSockets()
+        self.manager.sockets.bind_all(self.config.sockets)
 
     def run(self) -> int:
         _prctl(PR_SET_NAME, b"gafferd")
@@ -10568,7 +11250,10 @@ class Daemon:
             manager.add_template(spec)
         release_memory()
         log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
-        loop.run()
+        try:
+            loop.run()
+        finally:
+            manager.sockets.close_all()        # their unix socket files go too
         log.info("gafferd stopped (pid %d): shutdown took %.2fs; %d adopted orphan(s) "
                  "reaped since start", os.getpid(), loop.time() - (self._stop_asked or
                                                                  loop.time()),
@@ -10702,7 +11387,25 @@ class Daemon:
         manager = self.manager
         if manager.stopping:
             raise ConfigError(self.config_path, None, None, "the daemon is shutting down")
-        result = manager.reload_templates(new.templates, dry_run)
+        kept = [t.spec for n, t in manager.processes.items()
+                if t.spec.origin != "config" and n not in {s.name for s in new.templates}]
+        problems = socket_problems(kept, new.sockets)
+        if problems:
+            raise ConfigErrors([ConfigError("(made over HTTP)", "process:" + n, "sockets", message)
+                                for n, message in problems])
+        result = manager.reload_templates(new.templates, dry_run=True)
+        if not dry_run:
+            try:
+                rebound = manager.sockets.reload(new.sockets)
+            except BindError as exc:
+                raise ConfigError(self.config_path, None, None, str(exc)) from None
+            result = manager.reload_templates(new.templates)
+            for name in result["unchanged"]:      # their processes listen on the old address
+                if set(manager.processes[name].spec.sockets) & set(rebound) and \
+                        manager.processes[name].wanted:
+                    manager.restart_process(name, rolling=False if name in manager.rollouts
+                                            else None)
+                    result["changed"].append(name)
         result.update(dry_run=dry_run, warnings=new.warnings)
         if dry_run:
             return result

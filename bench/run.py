@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark gafferd beside supervisord, Circus and the machine's floor.
 
-Runs the scenarios S1-S7 and prints a Markdown table of medians
+Runs the scenarios S1-S8 and prints a Markdown table of medians
 (with min and max over the repetitions), each figure also given as a ratio
 to the floor and to the best peer measured in the same run.
 
@@ -34,7 +34,7 @@ REPO = os.path.dirname(HERE)
 THIS = os.path.abspath(__file__)
 GAFFERD = os.path.join(REPO, "gafferd.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-ALL_SCENARIOS = ["S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7"]
+ALL_SCENARIOS = ["S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7", "S8"]
 ALL_MANAGERS = ["gafferd", "supervisord", "circus"]
 PEERS = ["supervisord", "circus"]
 COLUMNS = ["floor", "gafferd", "supervisord", "circus"]
@@ -49,6 +49,51 @@ b = (b'x' * 1023 + b'\\n') * 256   # 256 KiB per write, 1 KiB lines
 w = os.write
 while True:
     w(1, b)
+"""
+
+
+# S8's web server: answers GET with its pid; on SIGTERM it finishes the
+# request in hand and exits.  Where its listening socket comes from:
+# `fd` (gafferd: fd 3, LISTEN_FDS, LISTEN_PID checked), `circus FD`
+# ($(circus.sockets.web)), `bind PORT` (supervisord: each process binds
+# the port itself, SO_REUSEPORT, since supervisord holds no socket).
+WEB_CODE = """\
+import os, signal, socket, sys
+mode = sys.argv[2]
+if mode == "fd":
+    assert int(os.environ["LISTEN_PID"]) == os.getpid()
+    sock = socket.socket(fileno=3)
+elif mode == "circus":
+    sock = socket.socket(fileno=int(sys.argv[3]))
+else:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", int(sys.argv[3])))
+    sock.listen(128)
+sock.settimeout(0.2)
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+print("serving", flush=True)
+body = str(os.getpid()).encode()
+while not stop:
+    try:
+        conn, _ = sock.accept()
+    except socket.timeout:
+        continue
+    conn.settimeout(10)
+    data = b""
+    try:
+        while b"\\r\\n\\r\\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s"
+                     % (len(body), body))
+    except OSError:
+        pass
+    conn.close()
 """
 
 
@@ -354,6 +399,9 @@ class Ctx:
         self.flood_script = os.path.join(self.tmp_root, "flood.py")
         with open(self.flood_script, "w") as f:
             f.write(FLOOD_CODE)
+        self.web_script = os.path.join(self.tmp_root, "web.py")
+        with open(self.web_script, "w") as f:
+            f.write(WEB_CODE)
         self.counter = 0
         self.verbose = args.verbose
 
@@ -517,9 +565,12 @@ class Program:
     """What a scenario asks a manager to run (one template / program)."""
 
     def __init__(self, name, argv, numprocesses=1, stdout_logfile=None,
-                 capture=False, immediate=False):
+                 capture=False, immediate=False, web_port=None):
         self.name = name
         self.argv = argv
+        # S8: a web server on this port; each manager passes (or lets it
+        # bind) the socket its own way, see WEB_CODE
+        self.web_port = web_port
         self.numprocesses = numprocesses
         self.stdout_logfile = stdout_logfile
         self.capture = capture or bool(stdout_logfile)
@@ -636,7 +687,7 @@ class Manager:
 
 class Gafferd(Manager):
     name = "gafferd"
-    scenarios = {"S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7"}
+    scenarios = {"S1", "S2", "S3", "S4", "S4b", "S5", "S6", "S7", "S8"}
 
     def available(self):
         if not os.path.exists(GAFFERD):
@@ -656,8 +707,14 @@ class Gafferd(Manager):
         lines = ["[gaffer]", "http_endpoints = bench", "",
                  "[endpoint:bench]", "bind = 127.0.0.1:%d" % self.port, ""]
         for pr in programs:
-            lines += ["[process:%s]" % pr.name,
-                      "cmd = %s" % pr.argv[0],
+            if pr.web_port:
+                lines += ["[socket:%s]" % pr.name, "bind = 127.0.0.1:%d" % pr.web_port, "",
+                          "[process:%s]" % pr.name, "sockets = %s" % pr.name,
+                          "ready = log:^serving", "ready_timeout = 20"]
+                pr = Program(pr.name, pr.argv + ["fd"], pr.numprocesses)
+            else:
+                lines.append("[process:%s]" % pr.name)
+            lines += ["cmd = %s" % pr.argv[0],
                       "args = %s" % shlex.join(pr.argv[1:]),
                       "numprocesses = %d" % pr.numprocesses,
                       "graceful_timeout = 5"]
@@ -677,6 +734,12 @@ class Gafferd(Manager):
 
     def command(self):
         return [self.ctx.python, GAFFERD, self.cfg]
+
+    def restart_web(self, name):
+        """S8: a rolling restart; returns once it is over."""
+        res = self.http("POST", "/processes/%s/_restart?rolling=1" % name, timeout=120)
+        if not res.get("ok"):
+            raise BenchError("rolling restart failed: %s" % res.get("reason"))
 
     def http(self, method, path, timeout=5.0):
         import http.client
@@ -702,6 +765,7 @@ class Gafferd(Manager):
 
 class Supervisord(Manager):
     name = "supervisord"
+    scenarios = Manager.scenarios | {"S8"}
 
     def bin(self, name):
         return os.path.join(self.ctx.venv, "bin", name)
@@ -731,6 +795,8 @@ class Supervisord(Manager):
                  "supervisor.rpcinterface:make_main_rpcinterface", "",
                  "[supervisorctl]", "serverurl = http://127.0.0.1:%d" % self.port, ""]
         for pr in programs:
+            if pr.web_port:
+                pr = Program(pr.name, pr.argv + ["bind", str(pr.web_port)], pr.numprocesses)
             lines += ["[program:%s]" % pr.name,
                       "command = %s" % shlex.join(pr.argv),
                       "numprocs = %d" % pr.numprocesses,
@@ -761,6 +827,13 @@ class Supervisord(Manager):
             raise BenchError("state %s" % state)
         return proxy.supervisor.getAllProcessInfo()
 
+    def restart_web(self, name):
+        """S8: what `supervisorctl restart web:*` does: stop the group, start it."""
+        import xmlrpc.client
+        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % self.port)
+        proxy.supervisor.stopProcessGroup(name, True)
+        proxy.supervisor.startProcessGroup(name, True)
+
     def status_worker(self, duration, start_at, interval=0.0):
         return Worker(self.ctx, "xmlrpcstatus",
                       {"port": self.port, "duration": duration,
@@ -769,6 +842,7 @@ class Supervisord(Manager):
 
 class Circus(Manager):
     name = "circus"
+    scenarios = Manager.scenarios | {"S8"}
 
     def bin(self, name):
         return os.path.join(self.ctx.venv, "bin", name)
@@ -794,8 +868,15 @@ class Circus(Manager):
                  "statsd = false", "httpd = false", "loglevel = warning",
                  "logoutput = %s" % os.path.join(self.dir, "circusd.log"), ""]
         for pr in programs:
-            lines += ["[watcher:%s]" % pr.name,
-                      "cmd = %s" % pr.argv[0],
+            if pr.web_port:
+                lines += ["[socket:%s]" % pr.name, "host = 127.0.0.1",
+                          "port = %d" % pr.web_port, ""]
+                lines += ["[watcher:%s]" % pr.name, "use_sockets = True"]
+                pr = Program(pr.name, pr.argv + ["circus", "$(circus.sockets.%s)" % pr.name],
+                             pr.numprocesses)
+            else:
+                lines.append("[watcher:%s]" % pr.name)
+            lines += ["cmd = %s" % pr.argv[0],
                       "args = %s" % shlex.join(pr.argv[1:]),
                       "numprocesses = %d" % pr.numprocesses,
                       "graceful_timeout = 5"]
@@ -827,6 +908,21 @@ class Circus(Manager):
 
     def status_start_delay(self):
         return 2.0          # importing zmq + tornado in the venv takes a while
+
+    def restart_web(self, name):
+        """S8: `circusctl restart web` (the watcher's processes stop, new
+        ones start; circusd keeps the socket open meanwhile)."""
+        w = Worker(self.ctx, "circuscmd", {"endpoint": self.endpoint,
+                                           "command": {"command": "restart",
+                                                       "properties": {"name": name,
+                                                                      "waiting": True}}},
+                   python=self.bin("python"))
+        try:
+            res = w.result(120)
+        finally:
+            w.stop()
+        if res.get("status") != "ok":
+            raise BenchError("circus restart: %s" % res)
 
     def status_worker(self, duration, start_at, interval=0.0):
         return Worker(self.ctx, "circusstatus",
@@ -1322,7 +1418,51 @@ def worker_statussampler(p):
              "min_ready": min_ready, "states": states})
 
 
+def worker_circuscmd(p):
+    from circus.client import CircusClient
+    client = CircusClient(endpoint=p["endpoint"], timeout=120)
+    try:
+        _result(client.call(p["command"]))
+    finally:
+        client.stop()
+
+
+def worker_webclient(p):
+    """S8's client: GET / on a new connection each time, without pause,
+    until "stop" on stdin; counts answers, failures and the pids seen."""
+    import http.client
+    ok, failed, first_error, pids = 0, 0, None, {}
+    last_ok, gap = None, 0.0
+    print("ready", flush=True)
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        c = http.client.HTTPConnection("127.0.0.1", p["port"], timeout=10)
+        try:
+            c.request("GET", "/")
+            r = c.getresponse()
+            body = r.read()
+            if r.status != 200:
+                raise RuntimeError("HTTP %d" % r.status)
+            ok += 1
+            now = time.monotonic()
+            if last_ok is not None:
+                gap = max(gap, now - last_ok)
+            last_ok = now
+            pids[body.decode()] = pids.get(body.decode(), 0) + 1
+            if ok == 1:
+                print("answered", flush=True)
+        except Exception as e:
+            failed += 1
+            if first_error is None:
+                first_error = "%s: %s" % (type(e).__name__, e)
+        finally:
+            c.close()
+    _result({"ok": ok, "failed": failed, "first_error": first_error,
+             "pids": sorted(int(x) for x in pids), "gap_ms": round(gap * 1000.0, 1)})
+
+
 WORKERS = {
+    "circuscmd": worker_circuscmd,
+    "webclient": worker_webclient,
     "statussampler": worker_statussampler,
     "httpstatus": worker_httpstatus,
     "xmlrpcstatus": worker_xmlrpcstatus,
@@ -1365,6 +1505,8 @@ class Settings:
         self.s6_window = 4.0 if quick else 10.0
         self.s7_pairs = 4 if quick else 12     # half timed, half sampled
         self.settle_past_startsecs = 1.5      # > gafferd's default startsecs (1 s)
+        self.s8_before = 0.5 if quick else 1.0   # S8: client alone before the restart
+        self.s8_after = 0.5 if quick else 1.0    # and after it
 
 
 def start_column(ctx, col, programs, floor_kind=None, floor_params=None):
@@ -1856,11 +1998,76 @@ def s7_once(ctx, S, col):
         ctx.sweep()
 
 
+def _web_pids(m, port, old, timeout=30.0):
+    """The pids of 4 web servers not in ``old`` that answer GET /."""
+    import http.client
+    deadline = time.monotonic() + timeout
+    seen = set()
+    while len(seen) < 4:
+        m.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError("only %d of 4 new web servers answered" % len(seen))
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/")
+            pid = int(c.getresponse().read())
+            c.close()
+            if pid not in old:
+                seen.add(pid)
+        except (OSError, ValueError, http.client.HTTPException):
+            time.sleep(0.01)
+    return seen
+
+
+def s8_once(ctx, S, col):
+    """Rolling restart of 4 web processes while a client sends requests
+    without pause (a new connection each): the requests that failed.
+    gafferd holds the socket ([socket:web], LISTEN_FDS) and restarts with
+    `_restart?rolling=1` (each new process ready, `ready = log:`, before
+    an old one stops); Circus holds it too (`use_sockets`) and restarts
+    the watcher (`restart`); supervisord holds none, so each process binds
+    the port itself (SO_REUSEPORT) and the group is stopped and started
+    (`supervisorctl restart web:*`).  Every old process must have been
+    replaced (the client's answers carry the server's pid)."""
+    port = free_port()
+    argv = [ctx.python, ctx.web_script, ctx.token]
+    m = MANAGER_CLASSES[col](ctx)
+    m.start([Program("web", argv, 4, web_port=port)])
+    client = None
+    try:
+        m.wait_ready()
+        old = _web_pids(m, port, set())
+        client = Worker(ctx, "webclient", {"port": port})
+        client.expect("answered", 30)
+        time.sleep(S.s8_before)
+        t0 = time.monotonic()
+        m.restart_web("web")
+        took = time.monotonic() - t0
+        _web_pids(m, port, old)             # until 4 new servers answer
+        time.sleep(S.s8_after)
+        client.send("stop\n")
+        res = client.result(30)
+        new = set(res["pids"]) - old
+        left = [pid for pid in old if _alive_not_zombie(pid)]
+        if left:
+            raise BenchError("old web servers still running: %s" % left)
+        return {"S8": float(res["failed"]), "_S8ok": res["ok"],
+                "_S8restart_s": round(took, 2), "_S8new_pids_answering": len(new),
+                "_S8longest_gap_ms": res["gap_ms"],
+                "_S8first_error": res["first_error"]}
+    finally:
+        if client is not None:
+            client.stop()
+        m.stop()
+        ctx.sweep()
+
+
 SCENARIO_FUNCS = {"S1": s1_once, "S2": s2_once, "S3": s3_once, "S4": s4_once,
-                  "S4b": s4b_once, "S5": s5_once, "S6": s6_once, "S7": s7_once}
+                  "S4b": s4b_once, "S5": s5_once, "S6": s6_once, "S7": s7_once,
+                  "S8": s8_once}
 SCENARIO_COLUMNS = {"S1": COLUMNS, "S2": COLUMNS, "S3": COLUMNS, "S4": COLUMNS,
                     "S4b": ["floor", "gafferd"], "S5": COLUMNS, "S6": ["floor", "gafferd"],
-                    "S7": COLUMNS}
+                    "S7": COLUMNS, "S8": ["gafferd", "supervisord", "circus"]}
 
 
 # --------------------------------------------------------------------------
@@ -1909,13 +2116,18 @@ ROWS = [
      "higher", "≥ 18", lambda g, f: g >= 18),
     ("S7run", "S7 fewest `running` in the manager's own status, sampled every "
      "10 ms (of 20)", "processes", "higher", "≥ 18", lambda g, f: g >= 18),
+    ("S8", "S8 requests failed during a rolling restart of 4 web processes "
+     "(client without pause; gafferd `_restart?rolling=1`, Circus `restart` "
+     "with its socket, supervisord `restart web:*`)", "requests", "lower", "0",
+     lambda g, f: g == 0),
 ]
 ROW_SCENARIO = {"S1": "S1", "S2": "S2", "S2p99": "S2", "S3": "S3", "S3p99": "S3",
                 "S3c10": "S3", "S4": "S4", "S4p99": "S4", "S4b": "S4b",
                 "S5idle": "S5", "S5cpu": "S5", "S5wake": "S5", "S5rss": "S5",
                 "S6rate": "S6", "S6deliv": "S6", "S6cpu": "S6",
-                "S7": "S7", "S7max": "S7", "S7sib": "S7", "S7live": "S7", "S7run": "S7"}
-NO_RATIO = {"S7sib", "S7live", "S7run"}   # counts: a ratio means nothing
+                "S7": "S7", "S7max": "S7", "S7sib": "S7", "S7live": "S7", "S7run": "S7",
+                "S8": "S8"}
+NO_RATIO = {"S7sib", "S7live", "S7run", "S8"}   # counts: a ratio means nothing
 FLOOR_ALIAS = {"S5rss": "S5idle"}     # RSS targets are against bare python
 
 
@@ -2094,7 +2306,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Benchmark gafferd beside supervisord, Circus and the machine's "
-                    "floor (scenarios S1-S7). Prints a Markdown table and "
+                    "floor (scenarios S1-S8). Prints a Markdown table and "
                     "writes it to bench/results-<date>.md.")
     ap.add_argument("--quick", action="store_true",
                     help="short windows and 1 repetition (under 3 minutes)")
