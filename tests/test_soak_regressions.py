@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import sys
 import time
 import weakref
@@ -122,15 +123,20 @@ def test_api_answers_while_hundreds_of_processes_start(daemon_factory):
     conn = d.connection()
     conn.request("POST", "/processes/many/_add/300", body=b"")
     assert conn.getresponse().read()
-    worst = 0.0
+    latencies = []
     while d.status("many")["running"] < 301:
         t0 = time.monotonic()
         assert d.get("/ping").status == 200
-        worst = max(worst, time.monotonic() - t0)
+        latencies.append(time.monotonic() - t0)
     conn.close()
     # spawning gets a time budget per loop iteration, so /ping is never
-    # stuck behind all 300 spawns (generous bound: this is not a benchmark)
-    assert worst < 1.0, worst
+    # stuck behind all 300 spawns: pings are answered all along (one loop
+    # iteration spawning them all would leave room for one or two) and
+    # their p90 is low (generous bound: this is not a benchmark; the budget
+    # itself is counted per iteration in test_a_restart_keeps_to_the_spawn_budget)
+    assert len(latencies) >= 5, latencies
+    p90 = statistics.quantiles(latencies, n=10, method="inclusive")[-1]
+    assert p90 < 0.25, sorted(latencies)
 
 
 def test_no_request_is_lost_while_every_process_is_replaced(daemon_factory):
