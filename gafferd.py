@@ -3203,22 +3203,24 @@ def malloc_trim() -> None:
 class MemoryTrimmer:
     """Gives the memory a burst freed (exited processes' rings, closed
     connections' buffers) back to the kernel once the daemon has been
-    quiet for QUIET seconds; glibc keeps it otherwise, and RSS stayed
-    15 % up after soak scenario 8.  One timer while there is activity,
-    none when idle.
+    quiet for ``quiet`` seconds (QUIET unless given); glibc keeps it
+    otherwise, and RSS stayed 15 % up after soak scenario 8.  One timer
+    while there is activity, none when idle.  ``trim`` is what gives the
+    memory back (``malloc_trim``; tests pass a recorder).
 
     Methods for the caller: ``touch()`` after freeing something big (a
     process's rings, a connection's buffers).  It is cheap enough to call
     on every such event: it only notes the time, and arms a timer when
-    none is armed.  ``malloc_trim`` runs on the loop once nothing has
-    been touched for QUIET seconds, never more than once per quiet
-    spell, and never while a burst goes on (it costs a walk of the heap).
+    none is armed.  ``trim`` runs on the loop once nothing has been
+    touched for ``quiet`` seconds, never more than once per quiet spell,
+    and never while a burst goes on (it costs a walk of the heap).
     """
 
     QUIET = 1.0
 
-    def __init__(self, loop):
+    def __init__(self, loop, trim=malloc_trim, quiet=QUIET):
         self.loop = loop
+        self.trim, self.quiet = trim, quiet
         self._handle = None
         self._last = 0.0
 
@@ -3226,15 +3228,15 @@ class MemoryTrimmer:
         """Something big was freed."""
         self._last = self.loop.time()
         if self._handle is None:
-            self._handle = self.loop.call_later(self.QUIET, self._fire)
+            self._handle = self.loop.call_later(self.quiet, self._fire)
 
     def _fire(self):
-        wait = self._last + self.QUIET - self.loop.time()
+        wait = self._last + self.quiet - self.loop.time()
         if wait > 0:
             self._handle = self.loop.call_later(wait, self._fire)
             return
         self._handle = None
-        malloc_trim()
+        self.trim()
 
 
 # § 8 processes (I/O) ------------------------------------------------------
@@ -4414,7 +4416,10 @@ class Manager:
     (``GroupCleaner``).  Applications and plugins do not call them.
     """
 
-    def __init__(self, loop: Loop, environ=None):
+    def __init__(self, loop: Loop, environ=None, spawn_budget=SPAWN_BUDGET,
+                 session_ids=session_ids):
+        # spawn_budget: seconds of spawning per loop iteration (Spawner);
+        # session_ids: the /proc scan GroupCleaner uses (tests count it).
         self.loop = loop
         self.bus = EventBus(loop.call_soon)
         self.environ = os.environ if environ is None else environ
@@ -4425,7 +4430,7 @@ class Manager:
         self.cfg = None                                # the configparser plugins read
         self._by_pid = {}                              # os pid -> Process (every live one)
         self.log_writer = LogWriter(loop)
-        self.spawner = Spawner(self)
+        self.spawner = Spawner(self, spawn_budget)
         self.reaper = Reaper(self)
         self.lifecycle = Lifecycle(self)
         self._monitors = {}                            # process id -> (handle, [listeners])
@@ -4435,7 +4440,7 @@ class Manager:
         self.spawn_failures = 0
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
-        self.groups_left = GroupCleaner(loop, self._by_pid)
+        self.groups_left = GroupCleaner(loop, self._by_pid, session_ids)
         self.on_critical = None                        # callback(name): a critical template failed
         self.sockets = None                            # HeldSockets (§12), given by the daemon
         self.rollouts = {}                             # template name -> its Rollout
@@ -5384,8 +5389,9 @@ class Spawner:
 
     Callers may rely on: a slot given to ``queue`` is execed at the
     latest on a later loop iteration while its template is eligible, in
-    template (priority) order, within SPAWN_BUDGET seconds of each loop
-    iteration (the first spawn of an iteration always goes); ``spawn``
+    template (priority) order, within ``budget`` seconds (SPAWN_BUDGET
+    unless given) of each loop iteration (the first spawn of an iteration
+    always goes); ``spawn``
     feeds ``spawned`` to the slot, or on a failed exec an exit with
     status 127 (a failed start), and returns whether the exec succeeded.
     ``identity`` and ``process_environment`` give what a child (or its
@@ -5396,8 +5402,9 @@ class Spawner:
     by ``_CmdAttempt`` (``identity``) and at shutdown (``close_logs``).
     """
 
-    def __init__(self, manager):
+    def __init__(self, manager, budget=SPAWN_BUDGET):
         self.manager, self.loop = manager, manager.loop
+        self.budget = budget                           # seconds per loop iteration
         self._ids = itertools.count(1)
         self._logfiles = {}                            # path -> LogFile (shared)
         self._spawn_queue = collections.deque()        # templates waiting for spawns
@@ -5422,12 +5429,12 @@ class Spawner:
             self.pump()
 
     def budget_left(self) -> bool:
-        """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
+        """Spawning may use ``budget`` seconds of each loop iteration, so
         that a crash storm or a mass start never starves the API.  The
         first spawn of an iteration is always allowed (progress)."""
         if self._budget_iteration != self.loop.iteration:
             self._budget_iteration = self.loop.iteration
-            self._budget_end = self.loop.time() + SPAWN_BUDGET
+            self._budget_end = self.loop.time() + self.budget
             return True
         return self.loop.time() < self._budget_end
 
@@ -6124,10 +6131,13 @@ class GroupCleaner:
     rest of the grace period, then SIGKILL, as systemd does for the
     processes of a unit.  ``leaders`` (os pid -> Process, the manager's)
     tells a group of a live process of ours, never killed.
+    ``session_ids`` lists (os pid, session id) of every process on the
+    machine (``session_ids``; tests pass a counting one).
     """
 
-    def __init__(self, loop, leaders):
+    def __init__(self, loop, leaders, session_ids=session_ids):
         self.loop, self.leaders = loop, leaders
+        self.session_ids = session_ids
         self.hurry = False                   # a second stop request: no grace left
         self._doomed_sessions = set()        # sessions to kill at the next scan
 
@@ -6165,7 +6175,7 @@ class GroupCleaner:
         the last SESSION_SCAN_DELAY (a stop of many processes scans a few
         times, not N times)."""
         doomed, self._doomed_sessions = self._doomed_sessions, set()
-        for pid, sid in session_ids():
+        for pid, sid in self.session_ids():
             if sid in doomed and sid not in self.leaders:
                 try:
                     os.kill(pid, signal.SIGKILL)

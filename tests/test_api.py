@@ -12,6 +12,7 @@ import pwd
 import re
 import select
 import shutil
+import statistics
 import sys
 import time
 from urllib.parse import quote
@@ -690,23 +691,29 @@ class TestStats:
     def test_stats_do_not_block_the_loop(self, api, tpl):
         name = tpl(numprocesses=8)
         slow = RawClient(api.port)
-        slow.send(http_request_bytes("GET", "/stats/" + name))
-        worst, pings = 0.0, 0
+        stats = http_request_bytes("GET", "/stats/" + name)
+        slow.send(stats)
+        # 50 pings, each while a /stats is being computed (a new one is
+        # asked for as soon as the last is answered); the p90 of their
+        # latencies, not the worst, which one scheduling hiccup decides
+        latencies, replies = [], []
         try:
-            while True:
+            while len(latencies) < 50:
                 t0 = time.monotonic()
                 r = api.get("/ping")
-                worst = max(worst, time.monotonic() - t0)
-                pings += 1
+                latencies.append(time.monotonic() - t0)
                 assert r.status == 200
-                if select.select([slow.sock], [], [], 0)[0] or pings > 200:
-                    break
-            resp = slow.read_response()
+                if select.select([slow.sock], [], [], 0)[0]:
+                    replies.append(slow.read_response())
+                    slow.send(stats)
+            replies.append(slow.read_response())
         finally:
             slow.close()
-        assert resp.status == 200
-        check_template_stats(resp.json(), name, 8)
-        assert worst < 0.1, "a /ping took %.3fs while /stats was computed" % worst
+        for resp in replies:
+            assert resp.status == 200
+            check_template_stats(resp.json(), name, 8)
+        p90 = statistics.quantiles(latencies, n=10, method="inclusive")[-1]
+        assert p90 < 0.1, "p90 of 50 /ping: %.3fs while /stats was computed" % p90
 
     def test_processes_that_just_exited_never_give_500(self, api):
         ok(api.post("/processes/churn/_start"))

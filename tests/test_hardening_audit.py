@@ -4,7 +4,8 @@ file) captures stderr into that file."""
 from __future__ import annotations
 
 from conftest import wait_for
-from test_config import PRINTER, _log_has, check, start, sub, write
+from test_config import sub, write
+from test_config_daemon import PRINTER, _log_has, check, start
 
 
 def test_stderr_logfile_alone_writes_stderr_to_its_file(tmp_path, gafferd):

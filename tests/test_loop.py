@@ -190,17 +190,19 @@ def test_a_watcher_removed_by_an_earlier_callback_of_the_same_batch_does_not_run
     loop.close()
 
 
-def test_freed_memory_is_given_back_once_the_daemon_is_quiet(monkeypatch):
+def test_freed_memory_is_given_back_once_the_daemon_is_quiet():
     # Found by soak scenario 8: after 100 crashes streamed to clients RSS
     # stayed 15 % above its baseline, in pages glibc had freed but kept.
     # The trimmer calls malloc_trim() once activity has stopped for QUIET
     # seconds, and arms no timer at all while nothing happens.
     trims = []
-    monkeypatch.setattr(gafferd, "malloc_trim", lambda: trims.append(time.monotonic()))
-    monkeypatch.setattr(gafferd.MemoryTrimmer, "QUIET", 0.2)
     loop = gafferd.Loop()
-    trimmer = loop.trimmer
     assert not loop._timers                       # idle: nothing scheduled
+    assert loop.trimmer.quiet == gafferd.MemoryTrimmer.QUIET == 1.0
+    assert loop.trimmer.trim is gafferd.malloc_trim
+    trimmer = gafferd.MemoryTrimmer(loop, trim=lambda: trims.append(time.monotonic()),
+                                    quiet=0.2)
+    assert not loop._timers
     touches = [time.monotonic()]
     while touches[-1] - touches[0] < 0.3:         # activity longer than QUIET postpones it
         trimmer.touch()

@@ -1,9 +1,9 @@
 """Regression tests for what the soak suite (soak/run.py) found."""
 from __future__ import annotations
 
-import collections
 import os
 import signal
+import statistics
 import sys
 import time
 import weakref
@@ -123,15 +123,20 @@ def test_api_answers_while_hundreds_of_processes_start(daemon_factory):
     conn = d.connection()
     conn.request("POST", "/processes/many/_add/300", body=b"")
     assert conn.getresponse().read()
-    worst = 0.0
+    latencies = []
     while d.status("many")["running"] < 301:
         t0 = time.monotonic()
         assert d.get("/ping").status == 200
-        worst = max(worst, time.monotonic() - t0)
+        latencies.append(time.monotonic() - t0)
     conn.close()
     # spawning gets a time budget per loop iteration, so /ping is never
-    # stuck behind all 300 spawns (generous bound: this is not a benchmark)
-    assert worst < 1.0, worst
+    # stuck behind all 300 spawns: pings are answered all along (one loop
+    # iteration spawning them all would leave room for one or two) and
+    # their p90 is low (generous bound: this is not a benchmark; the budget
+    # itself is counted per iteration in test_a_restart_keeps_to_the_spawn_budget)
+    assert len(latencies) >= 5, latencies
+    p90 = statistics.quantiles(latencies, n=10, method="inclusive")[-1]
+    assert p90 < 0.25, sorted(latencies)
 
 
 def test_no_request_is_lost_while_every_process_is_replaced(daemon_factory):
@@ -162,10 +167,10 @@ def test_no_request_is_lost_while_every_process_is_replaced(daemon_factory):
         assert pings > 0
 
 
-def _in_process_manager():
+def _in_process_manager(**limits):
     loop = gafferd.Loop()
     loop.add_signal_handler(signal.SIGCHLD, lambda signum: None)
-    return loop, gafferd.Manager(loop)
+    return loop, gafferd.Manager(loop, **limits)
 
 
 def _close_manager(loop, manager):
@@ -176,16 +181,15 @@ def _close_manager(loop, manager):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
-def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iteration(monkeypatch):
+def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iteration():
     # Found by soak scenario 2: after a restart of 300 processes each loop
     # iteration in which a grace deadline fell read /proc/N/stat of every
     # process on the machine: 0.4 s of CPU, 5.5 % of a core over the idle
     # window.  Deadlines due within SESSION_SCAN_DELAY now share one scan
     # (and the scan uses getsid(), not a read of /proc/N/stat).
     scans = []
-    real = gafferd.session_ids
-    monkeypatch.setattr(gafferd, "session_ids", lambda: scans.append(1) or real())
-    loop, manager = _in_process_manager()
+    loop, manager = _in_process_manager(
+        session_ids=lambda: scans.append(1) or gafferd.session_ids())
     try:
         manager.add_process("many", "sleep 1000", numprocesses=100, graceful_timeout=0.5)
         run_loop_until(loop, lambda: len(manager.processes["many"].running) == 100, 30,
@@ -205,32 +209,34 @@ def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iterat
         _close_manager(loop, manager)
 
 
-def test_a_restart_keeps_to_the_spawn_budget(monkeypatch):
+def test_a_restart_keeps_to_the_spawn_budget():
     # Found by soak scenario 2: restarting a group of 20 templates spawned
     # at least one process per template in the same loop iteration whatever
     # the budget said, and /ping waited 130 ms.  With no budget at all
-    # (SPAWN_BUDGET 0) each iteration may spawn exactly one process.
-    monkeypatch.setattr(gafferd, "SPAWN_BUDGET", 0.0)
-    loop, manager = _in_process_manager()
+    # (a spawn budget of 0) each iteration may spawn exactly one process.
+    loop, manager = _in_process_manager(spawn_budget=0.0)
     try:
         for i in range(10):
             manager.add_process("g:t%d" % i, "sleep 1000", numprocesses=3)
         run_loop_until(loop, lambda: len(manager.running) == 30, 30, "30 processes")
         old = set(manager.running)
-        per_iteration = collections.Counter()
-        spawn = manager._spawn
-
-        def counting_spawn(t):
-            per_iteration[loop.iteration] += 1
-            return spawn(t)
-        monkeypatch.setattr(manager, "_spawn", counting_spawn)
         events = []
         manager.subscribe(".", lambda name, payload: events.append(payload))
+        # spawns per loop iteration, read off the public spawn counter
+        # around each run_once (the restart call itself is one more step)
+        per_iteration = []
+        before = manager.spawned_total
         manager.restart_group("g")
-        run_loop_until(loop, lambda: len(manager.running) == 30 and not old & set(manager.running),
-                        30, "every process replaced")
-        assert sum(per_iteration.values()) == 30
-        assert max(per_iteration.values()) == 1, per_iteration
+        per_iteration.append(manager.spawned_total - before)
+        deadline = time.monotonic() + 30
+        while not (len(manager.running) == 30 and not old & set(manager.running)):
+            assert time.monotonic() < deadline, "timed out waiting for every process replaced"
+            loop.call_later(0.05, lambda: None)
+            before = manager.spawned_total
+            loop.run_once()
+            per_iteration.append(manager.spawned_total - before)
+        assert sum(per_iteration) == 30
+        assert max(per_iteration) == 1, per_iteration
         # each template still sees its 3 spawns before its 3 reaps (new before old)
         run_loop_until(loop, lambda: len([e for e in events if e["event"] == "reap"]) == 30,
                         10, "30 reap events")
