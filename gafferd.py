@@ -146,6 +146,7 @@ REQUEST_TIMEOUT = 30.0               # default request_timeout: handshake, reque
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 UTF8_HOLD = 0.05                     # the start of a character cut by a read waits this for its end
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
+LOG_LINE_LIMIT = 64 * 1024           # a longer line is logged (json, syslog) in pieces
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
@@ -753,6 +754,120 @@ def _c_bool(value, ctx):
     return parse_bool(value)
 
 
+# -- log formats and syslog (pure) -------------------------------------------------
+LOG_FORMATS = ("raw", "json")
+
+# RFC 3164 facility names -> numbers (the priority is facility * 8 + severity).
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+    "local4": 20, "local5": 21, "local6": 22, "local7": 23,
+}
+SYSLOG_INFO, SYSLOG_ERR = 6, 3            # severities of stdout and stderr lines
+MAX_SYSLOG_TAG = 48                       # characters; rsyslog reads up to 32 by default
+_SYSLOG_TAG_RE = re.compile(r"[!-~]{1,%d}" % MAX_SYSLOG_TAG, re.ASCII)
+
+
+def parse_syslog_address(value):
+    """``/dev/log``, ``unix:PATH`` or ``udp:HOST:PORT`` (``udp:[V6]:PORT``)
+    -> ``(AF_UNIX, path)`` or ``(AF_INET or AF_INET6, (host, port))``.
+
+    HOST must be a literal IP address (or ``localhost``, read as
+    127.0.0.1): the daemon never resolves a name synchronously, and a
+    syslog line cannot wait for an asynchronous lookup.  ValueError."""
+    text = str(value).strip() if isinstance(value, str) else ""
+    if text.startswith("/"):
+        return socket.AF_UNIX, text
+    kind, colon, rest = text.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return socket.AF_UNIX, rest
+    if kind == "udp" and rest:
+        host, colon, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("%r: the host of udp:HOST:PORT must be a literal IP address "
+                             "(names are not resolved)" % (value,)) from None
+        port_number = parse_int(port, 1, 65535) if colon and is_ascii_digits(port) else None
+        if port_number is None:
+            raise ValueError("%r: udp:HOST:PORT needs a port 1-65535" % (value,))
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return family, (str(address), port_number)
+    raise ValueError("%r: use /dev/log, unix:/PATH or udp:HOST:PORT" % (value,))
+
+
+def _c_log_format(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text not in LOG_FORMATS:
+        raise ValueError("%r: use %s" % (value, " or ".join(LOG_FORMATS)))
+    return text
+
+
+def _c_syslog_address(value, ctx):
+    parse_syslog_address(value)
+    return str(value).strip()
+
+
+def _c_syslog_facility(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text not in SYSLOG_FACILITIES:
+        raise ValueError("%r: use one of %s" % (value, ", ".join(SYSLOG_FACILITIES)))
+    return text
+
+
+def _c_syslog_tag(value, ctx):
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _SYSLOG_TAG_RE.fullmatch(value) or \
+            any(c in value for c in ":[]"):
+        raise ValueError("%r: 1-%d printable ASCII characters, no blanks, ':', '[' or ']'"
+                         % (value, MAX_SYSLOG_TAG))
+    return value
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+SYSLOG_LINE_LIMIT = 8192                  # bytes of one message; rsyslog's default maximum
+
+
+def rfc3339(unix_time: float) -> str:
+    """``unix_time`` as local RFC 3339 with milliseconds and the offset
+    (``2026-12-07T06:48:04.123+01:00``)."""
+    moment = lazy_import("datetime").datetime.fromtimestamp(unix_time).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+def syslog_datagram(priority, tag, pid, message: bytes, unix_time, hostname=None) -> bytes:
+    """One RFC 3164 message: ``<PRI>Mmm dd hh:mm:ss [HOSTNAME ]TAG[PID]: MSG``.
+    Local daemons (rsyslog, syslog-ng, journald on /dev/log) take it
+    without a HOSTNAME, as glibc's syslog() sends it; a relay over UDP
+    gets one.  ``message`` is cut at SYSLOG_LINE_LIMIT bytes."""
+    t = time.localtime(unix_time)
+    head = "<%d>%s %2d %02d:%02d:%02d %s%s%s: " % (
+        priority, _MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
+        hostname + " " if hostname else "", tag, "[%d]" % pid if pid else "")
+    return head.encode("ascii", "replace") + message[:SYSLOG_LINE_LIMIT]
+
+
+def json_log_line(unix_time, name, internal_id, os_pid, stream, line: bytes) -> bytes:
+    """A ``log_format = json`` record: one object and a newline.  ``line``
+    is the output line without its newline, decoded as UTF-8 (a byte
+    that is not UTF-8 becomes U+FFFD)."""
+    return (json.dumps({"time": rfc3339(unix_time), "name": name, "id": internal_id,
+                        "pid": os_pid, "stream": stream,
+                        "line": line.decode("utf-8", "replace")},
+                       ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+def default_syslog_tag(name: str) -> str:
+    """The tag of a template's syslog lines when ``syslog_tag`` is unset:
+    its name, ':' (a group) as '.', cut to MAX_SYSLOG_TAG."""
+    tag = re.sub(r"[^!-~]|[:\[\]]", ".", name.replace(":", "."))
+    return tag[:MAX_SYSLOG_TAG] or "gafferd"
+
+
 def _c_ranged(parse, key):
     """A coerce function: ``parse`` (parse_int, parse_float or parse_size)
     within ``RANGES[key]``."""
@@ -912,12 +1027,24 @@ PROCESS_KEYS = collections.OrderedDict([
     ("logfile_backups", (_c_ranged(parse_int, "logfile_backups"), 10,
                          "rotated log files kept (FILE.1 newest)")),
     ("log_timestamps", (_c_bool, False, "prefix each logged line with an ISO time")),
+    ("log_format", (_c_log_format, "raw", "raw, or json: one object per line with time, "
+                    "name, id, pid, stream and line")),
+    ("log_events", (_c_bool, False, "also write gafferd's spawn, ready, exit and restart "
+                    "lines for this template into its log files")),
+    ("syslog", (_c_bool, False, "send each output line to syslog (stdout at INFO, stderr at "
+                "ERR)")),
+    ("syslog_address", (_c_syslog_address, "/dev/log", "/dev/log, unix:PATH or "
+                        "udp:IP:PORT")),
+    ("syslog_facility", (_c_syslog_facility, "user", "syslog facility: user, daemon, "
+                         "local0-local7...")),
+    ("syslog_tag", (_c_syslog_tag, None, "syslog tag (default: the template name)")),
     ("output_buffer", (_c_ranged(parse_size, "output_buffer"),
                        DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
 ])
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
+             "syslog_address",
              "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on")
 
 # Keys every INI template reports in GET /processes/NAME, given or not, as gaffer 0.4.4 did.
@@ -939,7 +1066,8 @@ class TemplateSpec:
         for key, (_, default, _) in PROCESS_KEYS.items():
             setattr(self, key, values.get(key, default))
         self.labels = _output_labels(self.redirect_output, (
-            self.stdout_logfile or self.logfile, self.stderr_logfile or self.logfile))
+            self.stdout_logfile or self.logfile, self.stderr_logfile or self.logfile),
+            both=self.syslog)
 
     def definition(self) -> dict:
         out = {"name": self.name, "cmd": self.cmd}
@@ -987,15 +1115,16 @@ def _map_flapping(values) -> None:
     values.setdefault("start_retries", flapping.max_retry)
 
 
-def _output_labels(redirect_output, logfiles) -> list:
+def _output_labels(redirect_output, logfiles, both=False) -> list:
     """The labels of stdout and stderr: ``redirect_output``'s first two,
     and a default label (``stdout``, ``stderr``) for a stream that has a
     log file but no label, since naming a file for a stream asks for it
     to be captured.  Labels are positional: a log file for stderr alone
     captures stdout too (into its ring, with no file), which the child
-    would otherwise write to /dev/null."""
+    would otherwise write to /dev/null.  ``both`` (syslog) captures both
+    streams, files or not."""
     labels = list(redirect_output[:2])
-    wanted = 2 if logfiles[1] else 1 if logfiles[0] else 0
+    wanted = 2 if logfiles[1] or both else 1 if logfiles[0] else 0
     while len(labels) < wanted:
         default = ("stdout", "stderr")[len(labels)]
         labels.append(default if default not in labels else default + "2")
@@ -3512,6 +3641,54 @@ class LogWriter:
             proc.resume_output(self)
 
 
+class SyslogSender:
+    """Datagrams to one syslog address (``parse_syslog_address``), never blocking.
+
+    The socket is a non-blocking datagram socket, opened at the first
+    send; each message is one ``sendto``.  A missing socket (ENOENT,
+    ECONNREFUSED: no daemon), a full one (EAGAIN, ENOBUFS) or any other
+    error drops that message and counts it in ``dropped`` (shown in
+    /metrics); nothing is queued or retried, so a dead syslog never
+    stalls the loop nor grows memory.  ``on_drop(error)``, when given, is
+    called at most once a minute per sender (``clock`` seconds), for a
+    log line."""
+
+    def __init__(self, address, clock=time.monotonic, on_drop=None):
+        self.address = address
+        self.family, self.target = parse_syslog_address(address)
+        self.hostname = None if self.family == socket.AF_UNIX else \
+            (socket.gethostname().split(".")[0] or "-")
+        self.clock, self.on_drop = clock, on_drop
+        self.sock = None
+        self.sent = self.dropped = 0
+        self._last_report = None
+
+    def send(self, priority, tag, pid, message: bytes, unix_time) -> bool:
+        data = syslog_datagram(priority, tag, pid, message, unix_time, self.hostname)
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)          # and close-on-exec, as every socket
+            self.sock.sendto(data, self.target)
+        except OSError as exc:
+            self.dropped += 1
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS) and self.sock is not None:
+                self.close()                  # a fresh socket next time (the daemon restarted)
+            now = self.clock()
+            if self.on_drop is not None and (self._last_report is None or
+                                             now - self._last_report >= 60):
+                self._last_report = now
+                self.on_drop(exc)
+            return False
+        self.sent += 1
+        return True
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 # Labels of stdout and stderr when they are read only for a ``log:``
 # readiness check (not redirected): nothing outside the process sees them.
 _UNREDIRECTED = ("\0stdout", "\0stderr")
@@ -3557,6 +3734,8 @@ class Process:
         self._exit_callbacks = []
         self._paused = set()            # clients that asked for back-pressure
         self._logs = {}                 # label -> LogFile
+        self._partial = {}              # label -> the start of a line (json, syslog)
+        self._by_lines = self.spec.log_format == "json" or self.spec.syslog
         self.stdin_fd = None
         self._stdin = collections.deque()
         self.stdin_queued = 0
@@ -3597,9 +3776,12 @@ class Process:
         ring = self.rings.get(label)
         if ring is not None:
             ring.append(data)
-        logfile = self._logs.get(label)
-        if logfile is not None:
-            self.manager.log_writer.submit(logfile, data, self)
+        if self._by_lines and label in self.redirect_output:
+            self._log_lines(label, data)
+        else:
+            logfile = self._logs.get(label)
+            if logfile is not None:
+                self.manager.log_writer.submit(logfile, data, self)
         subs = self._listeners.get(label)
         if subs:
             payload = {"event": label if ring is not None else "READ",
@@ -3609,6 +3791,39 @@ class Process:
                     listener(payload["event"], payload)
                 except Exception:
                     log.exception("output listener of %s failed", self.name)
+
+    def _log_lines(self, label, data, final=False):
+        """Whole lines to the log file (as json records, or raw) and to
+        syslog.  The start of a line waits for its end, for the end of the
+        stream (``final``), or until it reaches LOG_LINE_LIMIT bytes."""
+        data = self._partial.pop(label, b"") + data
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if rest and (final or len(rest) >= LOG_LINE_LIMIT):
+            lines.append(rest)
+        elif rest:
+            self._partial[label] = rest
+        if not lines:
+            return
+        spec, manager = self.spec, self.manager
+        index = self.redirect_output.index(label) if label in self.redirect_output[:2] else 0
+        stream = ("stdout", "stderr")[index]
+        now = manager.loop.unix_time(manager.loop.time())
+        logfile = self._logs.get(label)
+        if logfile is not None:
+            if spec.log_format == "json":
+                out = b"".join(json_log_line(now, self.name, self.id, self.pid, stream, line)
+                               for line in lines)
+            else:
+                out = b"\n".join(lines) + b"\n"
+            manager.log_writer.submit(logfile, out, self)
+        if spec.syslog:
+            sender = manager.syslog_sender(spec.syslog_address)
+            priority = SYSLOG_FACILITIES[spec.syslog_facility] * 8 + \
+                (SYSLOG_INFO, SYSLOG_ERR)[index]
+            tag = spec.syslog_tag or default_syslog_tag(self.name)
+            for line in lines:
+                sender.send(priority, tag, self.pid, line, now)
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
@@ -3701,6 +3916,8 @@ class Process:
         label = self._fds.pop(fd, None)
         if label is None:
             return
+        if label in self._partial:
+            self._log_lines(label, b"", final=True)     # a last line without its newline
         self.manager.loop.remove_reader(fd)
         sock = self.custom_fds.get(label)
         if sock is None or sock.fileno() != fd:
@@ -4152,6 +4369,24 @@ def _parse_target(name_or_id):
     return str(name_or_id), None
 
 
+def _exit_line(p):
+    status = exit_text(p.get("exit_status"), p.get("term_signal"))
+    then = "; restarting in %.1fs" % p["restart_in"] if p.get("restart_in") is not None else ""
+    return "%s[%s] (pid %s) %s after %.1fs up%s" % (p["name"], p.get("pid"), p.get("os_pid"),
+                                                   status, p.get("uptime") or 0.0, then)
+
+
+# What ``log_events`` writes into a template's log files: event -> text(payload).
+_EVENT_LINES = {
+    "spawn": lambda p: "%s[%s] spawned (pid %s)" % (p["name"], p.get("pid"), p.get("os_pid")),
+    "ready": lambda p: "%s[%s] ready (pid %s)" % (p["name"], p.get("pid"), p.get("os_pid")),
+    "exit": _exit_line,
+    "restart": lambda p: "%s: restart asked" % p["name"],
+    "start": lambda p: "%s: start asked" % p["name"],
+    "stop": lambda p: "%s: stop asked" % p["name"],
+}
+
+
 class Manager:
     """Owns templates, processes, groups and the event bus.
 
@@ -4209,6 +4444,7 @@ class Manager:
         self.on_critical = None                        # callback(name): a critical template failed
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
+        self.syslog_senders = {}                       # address -> SyslogSender (metrics)
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -4232,6 +4468,35 @@ class Manager:
         self.bus.publish(event, payload)
         if per_process:
             self.bus.publish("proc.%s.%s" % (name, event), payload)
+        if event in _EVENT_LINES:
+            t = self.processes.get(name)
+            if t is not None and t.spec.log_events:
+                self._log_event(t, event, payload)
+
+    def _log_event(self, t, event, payload):
+        """``log_events``: the event as one line in each log file of the
+        template (raw: ``gafferd: TEXT``; json: a record of stream ``gafferd``)."""
+        text = "gafferd: " + _EVENT_LINES[event](payload)
+        unix_now = self.loop.unix_time(self.loop.time())
+        paths = {t.spec.logfile_for(i) for i in range(len(t.spec.labels))} - {None}
+        for path in sorted(paths):
+            logfile = self.spawner._logfile(path, t.spec)
+            if t.spec.log_format == "json":
+                data = json_log_line(unix_now, t.name, payload.get("pid"),
+                                     payload.get("os_pid"), "gafferd", text.encode("utf-8"))
+            else:
+                data = (text + "\n").encode("utf-8", "replace")
+            self.log_writer.submit(logfile, data)
+
+    def syslog_sender(self, address) -> SyslogSender:
+        """The one sender of ``address`` (made at its first use)."""
+        sender = self.syslog_senders.get(address)
+        if sender is None:
+            sender = self.syslog_senders[address] = SyslogSender(
+                address, self.loop.time, lambda exc, a=address: log.warning(
+                    "syslog %s: %s; lines dropped (counted in /metrics)", a,
+                    exc.strerror or exc))
+        return sender
 
     # -- lookups -----------------------------------------------------------------
     def get_template(self, name) -> Template:
@@ -5334,8 +5599,9 @@ class Spawner:
     def _logfile(self, path, spec):
         logfile = self._logfiles.get(path)
         if logfile is None:
-            logfile = self._logfiles[path] = LogFile(path, spec.logfile_maxbytes,
-                                                     spec.logfile_backups, spec.log_timestamps)
+            logfile = self._logfiles[path] = LogFile(
+                path, spec.logfile_maxbytes, spec.logfile_backups,
+                spec.log_timestamps and spec.log_format == "raw")   # json records have a time
         return logfile
 
     def reopen_logs(self) -> int:
@@ -7328,6 +7594,12 @@ class Api:
                "did not start; see GET /orphans).", [({}, len(m.orphans.scan()))])
         metric("gafferd_orphans_reaped_total", "counter", "Adopted orphans reaped.",
                [({}, m.orphans.reaped_total)])
+        senders = sorted(m.syslog_senders.items())
+        metric("gafferd_syslog_sent_total", "counter", "Syslog messages sent, by address.",
+               [({"address": a}, sender.sent) for a, sender in senders])
+        metric("gafferd_syslog_dropped_total", "counter", "Syslog messages dropped (no "
+               "syslog socket, or a full one), by address.",
+               [({"address": a}, sender.dropped) for a, sender in senders])
         metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
                [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
                 for s in TEMPLATE_STATES])
