@@ -1379,7 +1379,8 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
 ])
 GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
-               "logfile", "logfile_maxbytes", "logfile_backups")
+               "logfile", "logfile_maxbytes", "logfile_backups",
+               "syslog", "syslog_address", "syslog_facility", "syslog_tag")
 
 
 class EndpointSpec:
@@ -1578,6 +1579,10 @@ class Config:
         self.logfile = None                # [gaffer] logfile: the daemon's own log
         self.logfile_maxbytes = 50 * 1024 ** 2
         self.logfile_backups = 10
+        self.syslog = False                # [gaffer] syslog: the daemon's log lines to syslog
+        self.syslog_address = "/dev/log"
+        self.syslog_facility = "daemon"
+        self.syslog_tag = "gafferd"
 
 
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
@@ -1653,13 +1658,16 @@ def _include_paths(values, base_dir, recursive_dirs):
 
 _DAEMON_LOG_KEYS = (("logfile", _c_logfile),
                     ("logfile_maxbytes", PROCESS_KEYS["logfile_maxbytes"][0]),
-                    ("logfile_backups", PROCESS_KEYS["logfile_backups"][0]))
+                    ("logfile_backups", PROCESS_KEYS["logfile_backups"][0]),
+                    ("syslog", _c_bool), ("syslog_address", _c_syslog_address),
+                    ("syslog_facility", _c_syslog_facility),
+                    ("syslog_tag", lambda value, ctx: _c_syslog_tag(value, ctx) or "gafferd"))
 
 
 def _daemon_logfile(cfg, files, label, base_dir, errors):
-    """[gaffer] logfile, logfile_maxbytes, logfile_backups: the daemon's
-    own log.  Only keys written in a [gaffer] section count ([DEFAULT]
-    values are meant for the programs' log files)."""
+    """[gaffer] logfile, logfile_maxbytes, logfile_backups and the syslog
+    keys: the daemon's own log.  Only keys written in a [gaffer] section
+    count ([DEFAULT] values are meant for the programs' log files)."""
     for key, convert in _DAEMON_LOG_KEYS:
         values = [p.get("gaffer", key) for _, p, _ in files if p.has_option("gaffer", key)]
         if values:
@@ -4445,6 +4453,7 @@ class Manager:
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
         self.syslog_senders = {}                       # address -> SyslogSender (metrics)
+        self.daemon_syslog = None                      # the daemon's own (metrics)
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -7594,12 +7603,17 @@ class Api:
                "did not start; see GET /orphans).", [({}, len(m.orphans.scan()))])
         metric("gafferd_orphans_reaped_total", "counter", "Adopted orphans reaped.",
                [({}, m.orphans.reaped_total)])
-        senders = sorted(m.syslog_senders.items())
-        metric("gafferd_syslog_sent_total", "counter", "Syslog messages sent, by address.",
-               [({"address": a}, sender.sent) for a, sender in senders])
+        sent, dropped = collections.Counter(), collections.Counter()
+        for sender in list(m.syslog_senders.values()) + [m.daemon_syslog]:
+            if sender is not None:
+                sent[sender.address] += sender.sent
+                dropped[sender.address] += sender.dropped
+        metric("gafferd_syslog_sent_total", "counter", "Syslog messages sent (program "
+               "lines and the daemon's own), by address.",
+               [({"address": a}, n) for a, n in sorted(sent.items())])
         metric("gafferd_syslog_dropped_total", "counter", "Syslog messages dropped (no "
                "syslog socket, or a full one), by address.",
-               [({"address": a}, sender.dropped) for a, sender in senders])
+               [({"address": a}, n) for a, n in sorted(dropped.items())])
         metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
                [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
                 for s in TEMPLATE_STATES])
@@ -10434,6 +10448,150 @@ class DaemonLog(logging.Handler):
         super().close()
 
 
+class DaemonSyslog(logging.Handler):
+    """The daemon's own log lines to syslog (``[gaffer] syslog``): one
+    datagram per record through a ``SyslogSender``, at the record's
+    severity, never blocking; a record that cannot be sent is dropped and
+    counted (never logged: that would be one more record to drop).
+    ``logging.Handler``'s lock serialises the loop and the log writer
+    thread."""
+
+    SEVERITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                  (logging.INFO, 6), (0, 7))
+
+    def __init__(self, address, facility, tag):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.sender = SyslogSender(address)
+        self.facility, self.tag = SYSLOG_FACILITIES[facility], tag
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        severity = next(n for level, n in self.SEVERITIES if record.levelno >= level)
+        self.sender.send(self.facility * 8 + severity, self.tag, os.getpid(),
+                         text.encode("utf-8", "replace"), record.created)
+
+    def close(self):
+        self.sender.close()
+        super().close()
+
+
+def open_daemon_syslog(config):
+    """The DaemonSyslog ``[gaffer] syslog`` asks for (attached to the root
+    logger), or None."""
+    if not config.syslog:
+        return None
+    handler = DaemonSyslog(config.syslog_address, config.syslog_facility, config.syslog_tag)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+class SystemdNotify:
+    """sd_notify for gafferd itself, when systemd started it with
+    ``NOTIFY_SOCKET`` set (``Type=notify``).
+
+    ``ready(status)`` sends READY=1 (once the endpoints listen and the
+    start-up templates are launched), ``status(text)`` a STATUS= line (at
+    most one a second: a change within the second is sent at its end),
+    ``stopping()`` STOPPING=1.  With ``WATCHDOG_USEC`` set (and
+    ``WATCHDOG_PID`` unset or ours) a timer sends WATCHDOG=1 every half
+    interval; without it there is no timer.  The address is a path or
+    ``@NAME`` (the abstract namespace).  Each message is one sendto on a
+    non-blocking datagram socket: an error drops it (counted in
+    ``dropped``), nothing waits.  ``take(environ)`` removes the variables
+    so the programs gafferd starts do not inherit them (a program with
+    ``ready = notify`` gets a socket of gafferd's own)."""
+
+    VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    STATUS_INTERVAL = 1.0
+
+    def __init__(self, loop, address, watchdog_usec=None):
+        self.loop = loop
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.interval = None
+        if watchdog_usec:
+            self.interval = min(watchdog_usec / 2e6, MAX_DURATION)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sent = self.dropped = 0
+        self.last_status = None
+        self._status_at = None                 # loop time of the last STATUS= sent
+        self._status_timer = self._watchdog_timer = None
+        self._pending = None
+
+    @classmethod
+    def take(cls, loop, environ):
+        """A SystemdNotify for ``environ`` (its variables removed), or None."""
+        address = environ.get("NOTIFY_SOCKET", "")
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        for name in cls.VARIABLES:
+            environ.pop(name, None)
+        if not address.startswith(("/", "@")) or len(address) < 2:
+            return None
+        watchdog = int(usec) if is_ascii_digits(usec) and len(usec) < 19 else None
+        if pid and pid != str(os.getpid()):
+            watchdog = None                    # meant for another process
+        return cls(loop, address, watchdog)
+
+    def send(self, text) -> bool:
+        try:
+            self.sock.sendto(text.encode("utf-8", "replace"), self.address)
+        except OSError:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def ready(self, status):
+        self.last_status, self._status_at = status, self.loop.time()
+        self.send("READY=1\nSTATUS=%s\nMAINPID=%d" % (status, os.getpid()))
+        if self.interval:
+            self._watchdog()
+
+    def _watchdog(self):
+        self.send("WATCHDOG=1")
+        self._watchdog_timer = self.loop.call_later(self.interval, self._watchdog)
+
+    def status(self, text):
+        """Send STATUS=text, at most once per STATUS_INTERVAL; repeats are not sent."""
+        self._pending = text
+        if self._status_timer is not None:
+            return
+        wait = 0.0 if self._status_at is None else \
+            self._status_at + self.STATUS_INTERVAL - self.loop.time()
+        self._status_timer = self.loop.call_later(max(0.0, wait), self._send_status)
+
+    def _send_status(self):
+        self._status_timer = None
+        text, self._pending = self._pending, None
+        if text is not None and text != self.last_status:
+            self.last_status, self._status_at = text, self.loop.time()
+            self.send("STATUS=" + text)
+
+    def stopping(self):
+        for timer in (self._status_timer, self._watchdog_timer):
+            if timer is not None:
+                timer.cancel()
+        self._status_timer = self._watchdog_timer = None
+        self.send("STOPPING=1\nSTATUS=stopping")
+
+    def close(self):
+        self.sock.close()
+
+
+def status_summary(manager) -> str:
+    """The one-line STATUS= of gafferd: templates by state, processes."""
+    states = collections.Counter(t.state for t in manager.processes.values())
+    parts = ["%d %s" % (states[s], s) for s in TEMPLATE_STATES if states[s]]
+    return "%d template(s)%s; %d process(es)%s" % (
+        len(manager.processes), " (%s)" % ", ".join(parts) if parts else "",
+        len(manager._by_pid), "; stopping" if manager.stopping else "")
+
+
 class Daemon:
     """Wires config, loop, manager, applications and signals together."""
 
@@ -10443,6 +10601,8 @@ class Daemon:
         self.config = None
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
         self.log_file = None               # DaemonLog, set by main()
+        self.syslog = None                 # DaemonSyslog, set by main()
+        self.notify = None                 # SystemdNotify under systemd's Type=notify
         self._stop_asked = None            # loop time of the first stop signal
         self.exit_status = 0               # 1 once a critical template failed
 
@@ -10516,6 +10676,7 @@ class Daemon:
         if missing:
             raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
         self.loop = Loop()
+        self.notify = SystemdNotify.take(self.loop, os.environ)
         self.manager = Manager(self.loop)
         self.manager.on_critical = self._on_critical_failure
         self.api = Api(self.manager, self.plugins,
@@ -10543,9 +10704,17 @@ class Daemon:
         manager.start()
         for spec in self.config.templates:
             manager.add_template(spec)
+        if self.syslog is not None:
+            manager.daemon_syslog = self.syslog.sender
         release_memory()
         log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
+        if self.notify is not None:
+            self.notify.ready(status_summary(manager))
+            for pattern in ("state", "spawn", "exit"):
+                manager.subscribe(pattern, self._on_change)
         loop.run()
+        if self.notify is not None:
+            self.notify.close()
         log.info("gafferd stopped (pid %d): shutdown took %.2fs; %d adopted orphan(s) "
                  "reaped since start", os.getpid(), loop.time() - (self._stop_asked or
                                                                  loop.time()),
@@ -10614,8 +10783,18 @@ class Daemon:
                 return
             pids.discard(pid)
 
+    def _on_change(self, event, payload):
+        """A template changed state, a process came or went: STATUS=."""
+        if self.notify is not None and not self.manager.stopping:
+            self.notify.status(status_summary(self.manager))
+
+    def _notify_stopping(self):
+        if self.notify is not None and self._stop_asked is None:
+            self.notify.stopping()
+
     def _on_quit_signal(self, signum):
         log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._notify_stopping()
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
@@ -10625,6 +10804,7 @@ class Daemon:
         self.exit_status = 1
         if self.manager.stopping:
             return        # one failure can report twice (the exit, the state): one stop
+        self._notify_stopping()
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
@@ -10742,6 +10922,7 @@ def main(argv=None) -> int:
             print(daemon.describe())
             return 0
         daemon.log_file = open_daemon_log(args, daemon.config)
+        daemon.syslog = open_daemon_syslog(daemon.config)
         if args.pidfile:
             check_pidfile(args.pidfile)
         signal.signal(signal.SIGPIPE, quiet_pipe)
@@ -10764,9 +10945,10 @@ def main(argv=None) -> int:
     try:
         return _run_daemon(daemon, args)
     finally:
-        if daemon.log_file is not None:
-            root.removeHandler(daemon.log_file)
-            daemon.log_file.close()
+        for handler in (daemon.log_file, daemon.syslog):
+            if handler is not None:
+                root.removeHandler(handler)
+                handler.close()
 
 
 def _run_daemon(daemon, args) -> int:
