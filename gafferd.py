@@ -791,8 +791,8 @@ def parse_syslog_address(value):
         except ValueError:
             raise ValueError("%r: the host of udp:HOST:PORT must be a literal IP address "
                              "(names are not resolved)" % (value,)) from None
-        port_number = parse_int(port, 1, 65535) if colon and is_ascii_digits(port) else None
-        if port_number is None:
+        port_number = int(port) if colon and is_ascii_digits(port) and len(port) <= 5 else 0
+        if not 1 <= port_number <= 65535:
             raise ValueError("%r: udp:HOST:PORT needs a port 1-65535" % (value,))
         family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
         return family, (str(address), port_number)
@@ -839,23 +839,24 @@ def rfc3339(unix_time: float) -> str:
     return moment.isoformat(timespec="milliseconds")
 
 
-def syslog_datagram(priority, tag, pid, message: bytes, unix_time, hostname=None) -> bytes:
-    """One RFC 3164 message: ``<PRI>Mmm dd hh:mm:ss [HOSTNAME ]TAG[PID]: MSG``.
+def syslog_header(priority, tag, pid, unix_time, hostname=None) -> bytes:
+    """The head of an RFC 3164 message: ``<PRI>Mmm dd hh:mm:ss [HOSTNAME ]TAG[PID]: ``.
     Local daemons (rsyslog, syslog-ng, journald on /dev/log) take it
     without a HOSTNAME, as glibc's syslog() sends it; a relay over UDP
-    gets one.  ``message`` is cut at SYSLOG_LINE_LIMIT bytes."""
+    gets one.  The message follows, cut at SYSLOG_LINE_LIMIT bytes."""
     t = time.localtime(unix_time)
     head = "<%d>%s %2d %02d:%02d:%02d %s%s%s: " % (
         priority, _MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
         hostname + " " if hostname else "", tag, "[%d]" % pid if pid else "")
-    return head.encode("ascii", "replace") + message[:SYSLOG_LINE_LIMIT]
+    return head.encode("ascii", "replace")
 
 
-def json_log_line(unix_time, name, internal_id, os_pid, stream, line: bytes) -> bytes:
-    """A ``log_format = json`` record: one object and a newline.  ``line``
-    is the output line without its newline, decoded as UTF-8 (a byte
-    that is not UTF-8 becomes U+FFFD)."""
-    return (json.dumps({"time": rfc3339(unix_time), "name": name, "id": internal_id,
+def json_log_line(time_text, name, internal_id, os_pid, stream, line: bytes) -> bytes:
+    """A ``log_format = json`` record: one object and a newline.
+    ``time_text`` is ``rfc3339(unix time)``; ``line`` the output line
+    without its newline, decoded as UTF-8 (a byte that is not UTF-8
+    becomes U+FFFD)."""
+    return (json.dumps({"time": time_text, "name": name, "id": internal_id,
                         "pid": os_pid, "stream": stream,
                         "line": line.decode("utf-8", "replace")},
                        ensure_ascii=False) + "\n").encode("utf-8", "replace")
@@ -3417,6 +3418,10 @@ def open_safely(path, flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o644,
     return SafeFile(fd, walk.fd, name, regular, regular and not via_link)
 
 
+class LogLine(bytes):
+    """A whole line of the daemon's own for a program's log file (``log_events``)."""
+
+
 class LogFile:
     """An append-only log file with size-based rotation (FILE.1 newest).
 
@@ -3493,9 +3498,14 @@ class LogFile:
         return bytes(out)
 
     def write_now(self, data: bytes) -> None:
-        """Write (LogWriter's thread only)."""
+        """Write (LogWriter's thread only).  A ``LogLine`` starts on a line
+        of its own even when the output before it ended mid-line."""
+        if isinstance(data, LogLine) and not self._line_start:
+            data = b"\n" + data
         if self.timestamps:
             data = self._stamp(data)
+        elif data:
+            self._line_start = data.endswith(b"\n")
         try:
             if self._fd is None:
                 self._open()
@@ -3670,26 +3680,38 @@ class SyslogSender:
         self.sock = None
         self.sent = self.dropped = 0
         self._last_report = None
+        self._dead_until = None               # clock time: no syslog there until then
 
-    def send(self, priority, tag, pid, message: bytes, unix_time) -> bool:
-        data = syslog_datagram(priority, tag, pid, message, unix_time, self.hostname)
+    def send(self, priority, tag, pid, messages, unix_time) -> int:
+        """Send each of ``messages`` (bytes, one line each) with one header;
+        returns how many were sent.  After a failure the rest of the batch
+        is dropped without trying (a full queue does not drain in
+        microseconds), and for a second after a missing socket every
+        message is dropped at once (no system call per line while nobody
+        listens)."""
+        now = self.clock()
+        if self._dead_until is not None and now < self._dead_until:
+            self.dropped += len(messages)
+            return 0
+        head = syslog_header(priority, tag, pid, unix_time, self.hostname)
+        sent = 0
         try:
             if self.sock is None:
                 self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
                 self.sock.setblocking(False)          # and close-on-exec, as every socket
-            self.sock.sendto(data, self.target)
+            for message in messages:
+                self.sock.sendto(head + message[:SYSLOG_LINE_LIMIT], self.target)
+                sent += 1
         except OSError as exc:
-            self.dropped += 1
-            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS) and self.sock is not None:
-                self.close()                  # a fresh socket next time (the daemon restarted)
-            now = self.clock()
+            self.dropped += len(messages) - sent
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                self._dead_until = now + 1.0
             if self.on_drop is not None and (self._last_report is None or
                                              now - self._last_report >= 60):
                 self._last_report = now
                 self.on_drop(exc)
-            return False
-        self.sent += 1
-        return True
+        self.sent += sent
+        return sent
 
     def close(self):
         if self.sock is not None:
@@ -3820,7 +3842,8 @@ class Process:
         logfile = self._logs.get(label)
         if logfile is not None:
             if spec.log_format == "json":
-                out = b"".join(json_log_line(now, self.name, self.id, self.pid, stream, line)
+                stamp = rfc3339(now)
+                out = b"".join(json_log_line(stamp, self.name, self.id, self.pid, stream, line)
                                for line in lines)
             else:
                 out = b"\n".join(lines) + b"\n"
@@ -3830,8 +3853,7 @@ class Process:
             priority = SYSLOG_FACILITIES[spec.syslog_facility] * 8 + \
                 (SYSLOG_INFO, SYSLOG_ERR)[index]
             tag = spec.syslog_tag or default_syslog_tag(self.name)
-            for line in lines:
-                sender.send(priority, tag, self.pid, line, now)
+            sender.send(priority, tag, self.pid, lines, now)
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
@@ -4491,11 +4513,11 @@ class Manager:
         for path in sorted(paths):
             logfile = self.spawner._logfile(path, t.spec)
             if t.spec.log_format == "json":
-                data = json_log_line(unix_now, t.name, payload.get("pid"),
+                data = json_log_line(rfc3339(unix_now), t.name, payload.get("pid"),
                                      payload.get("os_pid"), "gafferd", text.encode("utf-8"))
             else:
                 data = (text + "\n").encode("utf-8", "replace")
-            self.log_writer.submit(logfile, data)
+            self.log_writer.submit(logfile, LogLine(data))
 
     def syslog_sender(self, address) -> SyslogSender:
         """The one sender of ``address`` (made at its first use)."""
@@ -10473,7 +10495,7 @@ class DaemonSyslog(logging.Handler):
             return
         severity = next(n for level, n in self.SEVERITIES if record.levelno >= level)
         self.sender.send(self.facility * 8 + severity, self.tag, os.getpid(),
-                         text.encode("utf-8", "replace"), record.created)
+                         [text.encode("utf-8", "replace")], record.created)
 
     def close(self):
         self.sender.close()
