@@ -30,7 +30,7 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 12 HTTP server (I/O)              listeners, connections, streaming
     § 13 console output                 -v and -vv
     § 14 command-line client (ctl)      gafferd.py ctl: commands, feeds, top
-    § 15 daemon and command line        signals, reload, pidfile, main()
+    § 15 daemon and command line        signals, reload, pidfile, sd_notify, main()
 
 Architecture
     One thread runs one ``Loop`` (§7): a ``selectors`` selector over child
@@ -3164,8 +3164,9 @@ class MemoryTrimmer:
 
 
 # § 8 processes (I/O) ------------------------------------------------------
-# Owns: spawning children (argv, environment, fds, user), their pipes, ring buffers and
-# log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
+# Owns: spawning children (argv, environment, fds, user), their pipes, ring buffers,
+# log files (raw or json lines; and the safe opening of every file the daemon writes)
+# and syslog datagrams, stopping them (SIGTERM to the process group, SIGKILL after
 # graceful_timeout), reacting to exits (respawn, flapping), the readiness
 # checks that need no network client (log:, cmd:, the sd_notify socket and
 # its watchdog), and the ``Manager`` that holds templates, processes and
@@ -10226,7 +10227,9 @@ def ctl_main(argv, environ=None) -> int:
 # Owns: the command line, start-up order, signals
 # (TERM/INT/QUIT stop, a second one hurries; HUP reloads the
 # config; USR1 reopens log files), reload, --daemon and --pidfile,
-# and main(), the last error boundary.  Uses everything above.
+# the daemon's own log (file, syslog), sd_notify to systemd (READY=1,
+# STATUS=, STOPPING=1, WATCHDOG=1), and main(), the last error boundary.
+# Uses everything above.
 
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
@@ -10595,10 +10598,11 @@ class SystemdNotify:
             self.send("STATUS=" + text)
 
     def stopping(self):
-        for timer in (self._status_timer, self._watchdog_timer):
-            if timer is not None:
-                timer.cancel()
-        self._status_timer = self._watchdog_timer = None
+        """STOPPING=1.  The watchdog goes on pinging until the loop ends:
+        a shutdown that hangs is one for systemd to see."""
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
         self.send("STOPPING=1\nSTATUS=stopping")
 
     def close(self):
