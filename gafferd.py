@@ -3438,7 +3438,9 @@ class LogFile:
     error (a full disk) is logged at most once a minute and the data is
     dropped; the next write tries again.  ``-`` is the daemon's own stdout
     (written with os.write, no seeking).  Writes to what is not a regular
-    file never block: what it does not take waits for the next write.
+    file never block: what it does not take is tried again by the writer
+    thread (``LogWriter.STREAM_RETRY``) until it does, or up to
+    STREAM_BUFFER_LIMIT (then the oldest is dropped).
     """
 
     def __init__(self, path, maxbytes, backups, timestamps=False):
@@ -3498,9 +3500,10 @@ class LogFile:
             self._line_start = line.endswith(b"\n")
         return bytes(out)
 
-    def write_now(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> bool:
         """Write (LogWriter's thread only).  A ``LogLine`` starts on a line
-        of its own even when the output before it ended mid-line."""
+        of its own even when the output before it ended mid-line.  Returns
+        True while a pipe holds back some of it (``b""`` tries again)."""
         if isinstance(data, LogLine) and not self._line_start:
             data = b"\n" + data
         if self.timestamps:
@@ -3510,6 +3513,8 @@ class LogFile:
         try:
             if self._fd is None:
                 self._open()
+            if not data and self._pending:
+                self._write_stream(b"")
             while data:
                 if not self._stream and self.maxbytes and self._size + len(data) > self.maxbytes:
                     room = self.maxbytes - self._size
@@ -3532,11 +3537,13 @@ class LogFile:
                           "changes)", self.path, exc.reason)
         except OSError as exc:
             self.close()
+            self._pending.clear()                # EPIPE: nobody reads that pipe any more
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
                 self._last_error = now
                 log.error("cannot write log file %s: %s (output dropped until it works)",
                           self.path, exc.strerror or exc)
+        return bool(self._pending)
 
     def _write_all(self, data):
         if self._stream:
@@ -3633,18 +3640,32 @@ class LogWriter:
             self.submit(None, None)
             self.thread.join(timeout)
 
+    # While a pipe (``-``, a FIFO) has not taken all it was given, the
+    # thread tries again this often; with nothing waiting it just sleeps.
+    STREAM_RETRY = 0.05
+
     def _run(self):
+        waiting = set()                        # streams holding what a pipe did not take
         while True:
             with self.cond:
-                while not self.queue:
+                if waiting and not self.queue:
+                    self.cond.wait(self.STREAM_RETRY)
+                while not self.queue and not waiting:
                     self.cond.wait()
-                logfile, data = self.queue.popleft()
+                item = self.queue.popleft() if self.queue else None
+            if item is None:
+                for logfile in list(waiting):
+                    if not logfile.write_now(b""):
+                        waiting.discard(logfile)
+                continue
+            logfile, data = item
             if logfile is None:
                 return
             if data is None:
                 logfile.reopen()
                 continue
-            logfile.write_now(data)
+            if logfile.write_now(data):
+                waiting.add(logfile)
             with self.cond:
                 self.queued -= len(data)
                 drained = self.paused and self.queued < LOG_QUEUE_LIMIT // 2

@@ -339,7 +339,7 @@ def test_dash_on_a_regular_file_and_a_fifo_are_never_truncated(gafferd, tmp_path
         lines = script(tmp_path, "chatty.py", CHATTY)
         d = gafferd(section("c", PY, "%s 3000 %s" % (lines, tmp_path / "done"),
                             stdout_logfile="-", logfile_maxbytes="1KB", logfile_backups=0) +
-                    section("f", PY, "%s 500 %s" % (lines, tmp_path / "done2"),
+                    section("f", PY, "%s 3000 %s" % (lines, tmp_path / "done2"),
                             stdout_logfile=str(fifo), logfile_maxbytes="1KB",
                             logfile_backups=1))
 
@@ -352,10 +352,10 @@ def test_dash_on_a_regular_file_and_a_fifo_are_never_truncated(gafferd, tmp_path
                     got.extend(data)
             except BlockingIOError:
                 pass
-            return got.count(b"\n") >= 500       # 30 KB: what a pipe holds at once
+            return got.count(b"\n") >= 3000      # 183 KB: more than a pipe holds
         wait_for(lambda: d.output().count("\n") >= 3000, timeout=30,
                  message="3000 lines in the daemon's stdout file")
-        wait_for(fifo_lines, timeout=30, message="500 lines (30 KB, 30 times the limit) through the FIFO")
+        wait_for(fifo_lines, timeout=30, message="3000 lines through the FIFO (more than it holds: the rest follows)")
         assert d.output().count("x" * 60 + "\n") == 3000
         assert stat.S_ISFIFO(os.stat(str(fifo)).st_mode)
         assert not os.path.exists(str(fifo) + ".1")
