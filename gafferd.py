@@ -31,7 +31,7 @@ Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 12 HTTP server (I/O)              listeners, connections, streaming, held sockets
     § 13 console output                 -v and -vv
     § 14 command-line client (ctl)      gafferd.py ctl: commands, feeds, top
-    § 15 daemon and command line        signals, reload, pidfile, main()
+    § 15 daemon and command line        signals, reload, pidfile, sd_notify, main()
 
 Architecture
     One thread runs one ``Loop`` (§7): a ``selectors`` selector over child
@@ -147,6 +147,7 @@ REQUEST_TIMEOUT = 30.0               # default request_timeout: handshake, reque
 READ_CHUNK = 256 * 1024              # child pipes and sockets read size
 UTF8_HOLD = 0.05                     # the start of a character cut by a read waits this for its end
 STREAM_BUFFER_LIMIT = 1 << 20        # unsent bytes per streaming client
+LOG_LINE_LIMIT = 64 * 1024           # a longer line is logged (json, syslog) in pieces
 STALL_TIMEOUT = 1.0                  # a throttled client with no progress is dropped
 STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
@@ -756,6 +757,121 @@ def _c_bool(value, ctx):
     return parse_bool(value)
 
 
+# -- log formats and syslog (pure) -------------------------------------------------
+LOG_FORMATS = ("raw", "json")
+
+# RFC 3164 facility names -> numbers (the priority is facility * 8 + severity).
+SYSLOG_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+    "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+    "local4": 20, "local5": 21, "local6": 22, "local7": 23,
+}
+SYSLOG_INFO, SYSLOG_ERR = 6, 3            # severities of stdout and stderr lines
+MAX_SYSLOG_TAG = 48                       # characters; rsyslog reads up to 32 by default
+_SYSLOG_TAG_RE = re.compile(r"[!-~]{1,%d}" % MAX_SYSLOG_TAG, re.ASCII)
+
+
+def parse_syslog_address(value):
+    """``/dev/log``, ``unix:PATH`` or ``udp:HOST:PORT`` (``udp:[V6]:PORT``)
+    -> ``(AF_UNIX, path)`` or ``(AF_INET or AF_INET6, (host, port))``.
+
+    HOST must be a literal IP address (or ``localhost``, read as
+    127.0.0.1): the daemon never resolves a name synchronously, and a
+    syslog line cannot wait for an asynchronous lookup.  ValueError."""
+    text = str(value).strip() if isinstance(value, str) else ""
+    if text.startswith("/"):
+        return socket.AF_UNIX, text
+    kind, colon, rest = text.partition(":")
+    if kind == "unix" and rest.startswith("/"):
+        return socket.AF_UNIX, rest
+    if kind == "udp" and rest:
+        host, colon, port = rest.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        host = "127.0.0.1" if host == "localhost" else host
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("%r: the host of udp:HOST:PORT must be a literal IP address "
+                             "(names are not resolved)" % (value,)) from None
+        port_number = int(port) if colon and is_ascii_digits(port) and len(port) <= 5 else 0
+        if not 1 <= port_number <= 65535:
+            raise ValueError("%r: udp:HOST:PORT needs a port 1-65535" % (value,))
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        return family, (str(address), port_number)
+    raise ValueError("%r: use /dev/log, unix:/PATH or udp:HOST:PORT" % (value,))
+
+
+def _c_log_format(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else value
+    if text not in LOG_FORMATS:
+        raise ValueError("%r: use %s" % (value, " or ".join(LOG_FORMATS)))
+    return text
+
+
+def _c_syslog_address(value, ctx):
+    parse_syslog_address(value)
+    return str(value).strip()
+
+
+def _c_syslog_facility(value, ctx):
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text not in SYSLOG_FACILITIES:
+        raise ValueError("%r: use one of %s" % (value, ", ".join(SYSLOG_FACILITIES)))
+    return text
+
+
+def _c_syslog_tag(value, ctx):
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not _SYSLOG_TAG_RE.fullmatch(value) or \
+            any(c in value for c in ":[]"):
+        raise ValueError("%r: 1-%d printable ASCII characters, no blanks, ':', '[' or ']'"
+                         % (value, MAX_SYSLOG_TAG))
+    return value
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+SYSLOG_LINE_LIMIT = 8192                  # bytes of one message; rsyslog's default maximum
+
+
+def rfc3339(unix_time: float) -> str:
+    """``unix_time`` as local RFC 3339 with milliseconds and the offset
+    (``2026-12-07T06:48:04.123+01:00``)."""
+    moment = lazy_import("datetime").datetime.fromtimestamp(unix_time).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+def syslog_header(priority, tag, pid, unix_time, hostname=None) -> bytes:
+    """The head of an RFC 3164 message: ``<PRI>Mmm dd hh:mm:ss [HOSTNAME ]TAG[PID]: ``.
+    Local daemons (rsyslog, syslog-ng, journald on /dev/log) take it
+    without a HOSTNAME, as glibc's syslog() sends it; a relay over UDP
+    gets one.  The message follows, cut at SYSLOG_LINE_LIMIT bytes."""
+    t = time.localtime(unix_time)
+    head = "<%d>%s %2d %02d:%02d:%02d %s%s%s: " % (
+        priority, _MONTHS[t.tm_mon - 1], t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec,
+        hostname + " " if hostname else "", tag, "[%d]" % pid if pid else "")
+    return head.encode("ascii", "replace")
+
+
+def json_log_line(time_text, name, internal_id, os_pid, stream, line: bytes) -> bytes:
+    """A ``log_format = json`` record: one object and a newline.
+    ``time_text`` is ``rfc3339(unix time)``; ``line`` the output line
+    without its newline, decoded as UTF-8 (a byte that is not UTF-8
+    becomes U+FFFD)."""
+    return (json.dumps({"time": time_text, "name": name, "id": internal_id,
+                        "pid": os_pid, "stream": stream,
+                        "line": line.decode("utf-8", "replace")},
+                       ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+def default_syslog_tag(name: str) -> str:
+    """The tag of a template's syslog lines when ``syslog_tag`` is unset:
+    its name, ':' (a group) as '.', cut to MAX_SYSLOG_TAG."""
+    tag = re.sub(r"[^!-~]|[:\[\]]", ".", name.replace(":", "."))
+    return tag[:MAX_SYSLOG_TAG] or "gafferd"
+
+
 def _c_ranged(parse, key):
     """A coerce function: ``parse`` (parse_int, parse_float or parse_size)
     within ``RANGES[key]``."""
@@ -952,12 +1068,24 @@ PROCESS_KEYS = collections.OrderedDict([
     ("logfile_backups", (_c_ranged(parse_int, "logfile_backups"), 10,
                          "rotated log files kept (FILE.1 newest)")),
     ("log_timestamps", (_c_bool, False, "prefix each logged line with an ISO time")),
+    ("log_format", (_c_log_format, "raw", "raw, or json: one object per line with time, "
+                    "name, id, pid, stream and line")),
+    ("log_events", (_c_bool, False, "also write gafferd's spawn, ready, exit and restart "
+                    "lines for this template into its log files")),
+    ("syslog", (_c_bool, False, "send each output line to syslog (stdout at INFO, stderr at "
+                "ERR)")),
+    ("syslog_address", (_c_syslog_address, "/dev/log", "/dev/log, unix:PATH or "
+                        "udp:IP:PORT")),
+    ("syslog_facility", (_c_syslog_facility, "user", "syslog facility: user, daemon, "
+                         "local0-local7...")),
+    ("syslog_tag", (_c_syslog_tag, None, "syslog tag (default: the template name)")),
     ("output_buffer", (_c_ranged(parse_size, "output_buffer"),
                        DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
 ])
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
+             "syslog_address",
              "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on")
 
 # Keys every INI template reports in GET /processes/NAME, given or not, as gaffer 0.4.4 did.
@@ -979,7 +1107,8 @@ class TemplateSpec:
         for key, (_, default, _) in PROCESS_KEYS.items():
             setattr(self, key, values.get(key, default))
         self.labels = _output_labels(self.redirect_output, (
-            self.stdout_logfile or self.logfile, self.stderr_logfile or self.logfile))
+            self.stdout_logfile or self.logfile, self.stderr_logfile or self.logfile),
+            both=self.syslog)
 
     def definition(self) -> dict:
         out = {"name": self.name, "cmd": self.cmd}
@@ -1027,15 +1156,16 @@ def _map_flapping(values) -> None:
     values.setdefault("start_retries", flapping.max_retry)
 
 
-def _output_labels(redirect_output, logfiles) -> list:
+def _output_labels(redirect_output, logfiles, both=False) -> list:
     """The labels of stdout and stderr: ``redirect_output``'s first two,
     and a default label (``stdout``, ``stderr``) for a stream that has a
     log file but no label, since naming a file for a stream asks for it
     to be captured.  Labels are positional: a log file for stderr alone
     captures stdout too (into its ring, with no file), which the child
-    would otherwise write to /dev/null."""
+    would otherwise write to /dev/null.  ``both`` (syslog) captures both
+    streams, files or not."""
     labels = list(redirect_output[:2])
-    wanted = 2 if logfiles[1] else 1 if logfiles[0] else 0
+    wanted = 2 if logfiles[1] or both else 1 if logfiles[0] else 0
     while len(labels) < wanted:
         default = ("stdout", "stderr")[len(labels)]
         labels.append(default if default not in labels else default + "2")
@@ -1294,7 +1424,8 @@ ENDPOINT_KEYS = collections.OrderedDict([
     ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
 ])
 GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
-               "logfile", "logfile_maxbytes", "logfile_backups")
+               "logfile", "logfile_maxbytes", "logfile_backups",
+               "syslog", "syslog_address", "syslog_facility", "syslog_tag")
 
 
 class EndpointSpec:
@@ -1591,6 +1722,10 @@ class Config:
         self.logfile = None                # [gaffer] logfile: the daemon's own log
         self.logfile_maxbytes = 50 * 1024 ** 2
         self.logfile_backups = 10
+        self.syslog = False                # [gaffer] syslog: the daemon's log lines to syslog
+        self.syslog_address = "/dev/log"
+        self.syslog_facility = "daemon"
+        self.syslog_tag = "gafferd"
 
 
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint", "socket")
@@ -1666,13 +1801,16 @@ def _include_paths(values, base_dir, recursive_dirs):
 
 _DAEMON_LOG_KEYS = (("logfile", _c_logfile),
                     ("logfile_maxbytes", PROCESS_KEYS["logfile_maxbytes"][0]),
-                    ("logfile_backups", PROCESS_KEYS["logfile_backups"][0]))
+                    ("logfile_backups", PROCESS_KEYS["logfile_backups"][0]),
+                    ("syslog", _c_bool), ("syslog_address", _c_syslog_address),
+                    ("syslog_facility", _c_syslog_facility),
+                    ("syslog_tag", lambda value, ctx: _c_syslog_tag(value, ctx) or "gafferd"))
 
 
 def _daemon_logfile(cfg, files, label, base_dir, errors):
-    """[gaffer] logfile, logfile_maxbytes, logfile_backups: the daemon's
-    own log.  Only keys written in a [gaffer] section count ([DEFAULT]
-    values are meant for the programs' log files)."""
+    """[gaffer] logfile, logfile_maxbytes, logfile_backups and the syslog
+    keys: the daemon's own log.  Only keys written in a [gaffer] section
+    count ([DEFAULT] values are meant for the programs' log files)."""
     for key, convert in _DAEMON_LOG_KEYS:
         values = [p.get("gaffer", key) for _, p, _ in files if p.has_option("gaffer", key)]
         if values:
@@ -3240,8 +3378,9 @@ class MemoryTrimmer:
 
 
 # § 8 processes (I/O) ------------------------------------------------------
-# Owns: spawning children (argv, environment, fds, user), their pipes, ring buffers and
-# log files (and the safe opening of every file the daemon writes), stopping them (SIGTERM to the process group, SIGKILL after
+# Owns: spawning children (argv, environment, fds, user), their pipes, ring buffers,
+# log files (raw or json lines; and the safe opening of every file the daemon writes)
+# and syslog datagrams, stopping them (SIGTERM to the process group, SIGKILL after
 # graceful_timeout), reacting to exits (respawn, flapping), the readiness
 # checks that need no network client (log:, cmd:, the sd_notify socket and
 # its watchdog), and the ``Manager`` that holds templates, processes and
@@ -3495,6 +3634,10 @@ def open_safely(path, flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode=0o644,
     return SafeFile(fd, walk.fd, name, regular, regular and not via_link)
 
 
+class LogLine(bytes):
+    """A whole line of the daemon's own for a program's log file (``log_events``)."""
+
+
 class LogFile:
     """An append-only log file with size-based rotation (FILE.1 newest).
 
@@ -3510,7 +3653,9 @@ class LogFile:
     error (a full disk) is logged at most once a minute and the data is
     dropped; the next write tries again.  ``-`` is the daemon's own stdout
     (written with os.write, no seeking).  Writes to what is not a regular
-    file never block: what it does not take waits for the next write.
+    file never block: what it does not take is tried again by the writer
+    thread (``LogWriter.STREAM_RETRY``) until it does, or up to
+    STREAM_BUFFER_LIMIT (then the oldest is dropped).
     """
 
     def __init__(self, path, maxbytes, backups, timestamps=False):
@@ -3570,13 +3715,21 @@ class LogFile:
             self._line_start = line.endswith(b"\n")
         return bytes(out)
 
-    def write_now(self, data: bytes) -> None:
-        """Write (LogWriter's thread only)."""
+    def write_now(self, data: bytes) -> bool:
+        """Write (LogWriter's thread only).  A ``LogLine`` starts on a line
+        of its own even when the output before it ended mid-line.  Returns
+        True while a pipe holds back some of it (``b""`` tries again)."""
+        if isinstance(data, LogLine) and not self._line_start:
+            data = b"\n" + data
         if self.timestamps:
             data = self._stamp(data)
+        elif data:
+            self._line_start = data.endswith(b"\n")
         try:
             if self._fd is None:
                 self._open()
+            if not data and self._pending:
+                self._write_stream(b"")
             while data:
                 if not self._stream and self.maxbytes and self._size + len(data) > self.maxbytes:
                     room = self.maxbytes - self._size
@@ -3599,11 +3752,13 @@ class LogFile:
                           "changes)", self.path, exc.reason)
         except OSError as exc:
             self.close()
+            self._pending.clear()                # EPIPE: nobody reads that pipe any more
             now = time.monotonic()
             if self._last_error is None or now - self._last_error > 60:
                 self._last_error = now
                 log.error("cannot write log file %s: %s (output dropped until it works)",
                           self.path, exc.strerror or exc)
+        return bool(self._pending)
 
     def _write_all(self, data):
         if self._stream:
@@ -3700,18 +3855,32 @@ class LogWriter:
             self.submit(None, None)
             self.thread.join(timeout)
 
+    # While a pipe (``-``, a FIFO) has not taken all it was given, the
+    # thread tries again this often; with nothing waiting it just sleeps.
+    STREAM_RETRY = 0.05
+
     def _run(self):
+        waiting = set()                        # streams holding what a pipe did not take
         while True:
             with self.cond:
-                while not self.queue:
+                if waiting and not self.queue:
+                    self.cond.wait(self.STREAM_RETRY)
+                while not self.queue and not waiting:
                     self.cond.wait()
-                logfile, data = self.queue.popleft()
+                item = self.queue.popleft() if self.queue else None
+            if item is None:
+                for logfile in list(waiting):
+                    if not logfile.write_now(b""):
+                        waiting.discard(logfile)
+                continue
+            logfile, data = item
             if logfile is None:
                 return
             if data is None:
                 logfile.reopen()
                 continue
-            logfile.write_now(data)
+            if logfile.write_now(data):
+                waiting.add(logfile)
             with self.cond:
                 self.queued -= len(data)
                 drained = self.paused and self.queued < LOG_QUEUE_LIMIT // 2
@@ -3725,6 +3894,66 @@ class LogWriter:
         paused, self.paused = self.paused, set()
         for proc in paused:
             proc.resume_output(self)
+
+
+class SyslogSender:
+    """Datagrams to one syslog address (``parse_syslog_address``), never blocking.
+
+    The socket is a non-blocking datagram socket, opened at the first
+    send; each message is one ``sendto``.  A missing socket (ENOENT,
+    ECONNREFUSED: no daemon), a full one (EAGAIN, ENOBUFS) or any other
+    error drops that message and counts it in ``dropped`` (shown in
+    /metrics); nothing is queued or retried, so a dead syslog never
+    stalls the loop nor grows memory.  ``on_drop(error)``, when given, is
+    called at most once a minute per sender (``clock`` seconds), for a
+    log line."""
+
+    def __init__(self, address, clock=time.monotonic, on_drop=None):
+        self.address = address
+        self.family, self.target = parse_syslog_address(address)
+        self.hostname = None if self.family == socket.AF_UNIX else \
+            (socket.gethostname().split(".")[0] or "-")
+        self.clock, self.on_drop = clock, on_drop
+        self.sock = None
+        self.sent = self.dropped = 0
+        self._last_report = None
+        self._dead_until = None               # clock time: no syslog there until then
+
+    def send(self, priority, tag, pid, messages, unix_time) -> int:
+        """Send each of ``messages`` (bytes, one line each) with one header;
+        returns how many were sent.  After a failure the rest of the batch
+        is dropped without trying (a full queue does not drain in
+        microseconds), and for a second after a missing socket every
+        message is dropped at once (no system call per line while nobody
+        listens)."""
+        now = self.clock()
+        if self._dead_until is not None and now < self._dead_until:
+            self.dropped += len(messages)
+            return 0
+        head = syslog_header(priority, tag, pid, unix_time, self.hostname)
+        sent = 0
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(self.family, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)          # and close-on-exec, as every socket
+            for message in messages:
+                self.sock.sendto(head + message[:SYSLOG_LINE_LIMIT], self.target)
+                sent += 1
+        except OSError as exc:
+            self.dropped += len(messages) - sent
+            if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                self._dead_until = now + 1.0
+            if self.on_drop is not None and (self._last_report is None or
+                                             now - self._last_report >= 60):
+                self._last_report = now
+                self.on_drop(exc)
+        self.sent += sent
+        return sent
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 # Labels of stdout and stderr when they are read only for a ``log:``
@@ -3772,6 +4001,8 @@ class Process:
         self._exit_callbacks = []
         self._paused = set()            # clients that asked for back-pressure
         self._logs = {}                 # label -> LogFile
+        self._partial = {}              # label -> the start of a line (json, syslog)
+        self._by_lines = self.spec.log_format == "json" or self.spec.syslog
         self.stdin_fd = None
         self._stdin = collections.deque()
         self.stdin_queued = 0
@@ -3825,9 +4056,12 @@ class Process:
         ring = self.rings.get(label)
         if ring is not None:
             ring.append(data)
-        logfile = self._logs.get(label)
-        if logfile is not None:
-            self.manager.log_writer.submit(logfile, data, self)
+        if self._by_lines and label in self.redirect_output:
+            self._log_lines(label, data)
+        else:
+            logfile = self._logs.get(label)
+            if logfile is not None:
+                self.manager.log_writer.submit(logfile, data, self)
         subs = self._listeners.get(label)
         if subs:
             payload = {"event": label if ring is not None else "READ",
@@ -3837,6 +4071,39 @@ class Process:
                     listener(payload["event"], payload)
                 except Exception:
                     log.exception("output listener of %s failed", self.name)
+
+    def _log_lines(self, label, data, final=False):
+        """Whole lines to the log file (as json records, or raw) and to
+        syslog.  The start of a line waits for its end, for the end of the
+        stream (``final``), or until it reaches LOG_LINE_LIMIT bytes."""
+        data = self._partial.pop(label, b"") + data
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if rest and (final or len(rest) >= LOG_LINE_LIMIT):
+            lines.append(rest)
+        elif rest:
+            self._partial[label] = rest
+        if not lines:
+            return
+        spec, manager = self.spec, self.manager
+        index = self.redirect_output.index(label) if label in self.redirect_output[:2] else 0
+        stream = ("stdout", "stderr")[index]
+        now = manager.loop.unix_time(manager.loop.time())
+        logfile = self._logs.get(label)
+        if logfile is not None:
+            if spec.log_format == "json":
+                stamp = rfc3339(now)
+                out = b"".join(json_log_line(stamp, self.name, self.id, self.pid, stream, line)
+                               for line in lines)
+            else:
+                out = b"\n".join(lines) + b"\n"
+            manager.log_writer.submit(logfile, out, self)
+        if spec.syslog:
+            sender = manager.syslog_sender(spec.syslog_address)
+            priority = SYSLOG_FACILITIES[spec.syslog_facility] * 8 + \
+                (SYSLOG_INFO, SYSLOG_ERR)[index]
+            tag = spec.syslog_tag or default_syslog_tag(self.name)
+            sender.send(priority, tag, self.pid, lines, now)
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
@@ -3929,6 +4196,8 @@ class Process:
         label = self._fds.pop(fd, None)
         if label is None:
             return
+        if label in self._partial:
+            self._log_lines(label, b"", final=True)     # a last line without its newline
         self.manager.loop.remove_reader(fd)
         sock = self.custom_fds.get(label)
         if sock is None or sock.fileno() != fd:
@@ -4380,6 +4649,24 @@ def _parse_target(name_or_id):
     return str(name_or_id), None
 
 
+def _exit_line(p):
+    status = exit_text(p.get("exit_status"), p.get("term_signal"))
+    then = "; restarting in %.1fs" % p["restart_in"] if p.get("restart_in") is not None else ""
+    return "%s[%s] (pid %s) %s after %.1fs up%s" % (p["name"], p.get("pid"), p.get("os_pid"),
+                                                   status, p.get("uptime") or 0.0, then)
+
+
+# What ``log_events`` writes into a template's log files: event -> text(payload).
+_EVENT_LINES = {
+    "spawn": lambda p: "%s[%s] spawned (pid %s)" % (p["name"], p.get("pid"), p.get("os_pid")),
+    "ready": lambda p: "%s[%s] ready (pid %s)" % (p["name"], p.get("pid"), p.get("os_pid")),
+    "exit": _exit_line,
+    "restart": lambda p: "%s: restart asked" % p["name"],
+    "start": lambda p: "%s: start asked" % p["name"],
+    "stop": lambda p: "%s: stop asked" % p["name"],
+}
+
+
 class Manager:
     """Owns templates, processes, groups and the event bus.
 
@@ -4446,6 +4733,8 @@ class Manager:
         self.rollouts = {}                             # template name -> its Rollout
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
+        self.syslog_senders = {}                       # address -> SyslogSender (metrics)
+        self.daemon_syslog = None                      # the daemon's own (metrics)
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
@@ -4469,6 +4758,35 @@ class Manager:
         self.bus.publish(event, payload)
         if per_process:
             self.bus.publish("proc.%s.%s" % (name, event), payload)
+        if event in _EVENT_LINES:
+            t = self.processes.get(name)
+            if t is not None and t.spec.log_events:
+                self._log_event(t, event, payload)
+
+    def _log_event(self, t, event, payload):
+        """``log_events``: the event as one line in each log file of the
+        template (raw: ``gafferd: TEXT``; json: a record of stream ``gafferd``)."""
+        text = "gafferd: " + _EVENT_LINES[event](payload)
+        unix_now = self.loop.unix_time(self.loop.time())
+        paths = {t.spec.logfile_for(i) for i in range(len(t.spec.labels))} - {None}
+        for path in sorted(paths):
+            logfile = self.spawner._logfile(path, t.spec)
+            if t.spec.log_format == "json":
+                data = json_log_line(rfc3339(unix_now), t.name, payload.get("pid"),
+                                     payload.get("os_pid"), "gafferd", text.encode("utf-8"))
+            else:
+                data = (text + "\n").encode("utf-8", "replace")
+            self.log_writer.submit(logfile, LogLine(data))
+
+    def syslog_sender(self, address) -> SyslogSender:
+        """The one sender of ``address`` (made at its first use)."""
+        sender = self.syslog_senders.get(address)
+        if sender is None:
+            sender = self.syslog_senders[address] = SyslogSender(
+                address, self.loop.time, lambda exc, a=address: log.warning(
+                    "syslog %s: %s; lines dropped (counted in /metrics)", a,
+                    exc.strerror or exc))
+        return sender
 
     # -- lookups -----------------------------------------------------------------
     def get_template(self, name) -> Template:
@@ -5635,8 +5953,9 @@ class Spawner:
     def _logfile(self, path, spec):
         logfile = self._logfiles.get(path)
         if logfile is None:
-            logfile = self._logfiles[path] = LogFile(path, spec.logfile_maxbytes,
-                                                     spec.logfile_backups, spec.log_timestamps)
+            logfile = self._logfiles[path] = LogFile(
+                path, spec.logfile_maxbytes, spec.logfile_backups,
+                spec.log_timestamps and spec.log_format == "raw")   # json records have a time
         return logfile
 
     def reopen_logs(self) -> int:
@@ -8030,6 +8349,17 @@ class Api:
                "did not start; see GET /orphans).", [({}, len(m.orphans.scan()))])
         metric("gafferd_orphans_reaped_total", "counter", "Adopted orphans reaped.",
                [({}, m.orphans.reaped_total)])
+        sent, dropped = collections.Counter(), collections.Counter()
+        for sender in list(m.syslog_senders.values()) + [m.daemon_syslog]:
+            if sender is not None:
+                sent[sender.address] += sender.sent
+                dropped[sender.address] += sender.dropped
+        metric("gafferd_syslog_sent_total", "counter", "Syslog messages sent (program "
+               "lines and the daemon's own), by address.",
+               [({"address": a}, n) for a, n in sorted(sent.items())])
+        metric("gafferd_syslog_dropped_total", "counter", "Syslog messages dropped (no "
+               "syslog socket, or a full one), by address.",
+               [({"address": a}, n) for a, n in sorted(dropped.items())])
         metric("gafferd_template_state", "gauge", "1 for the state each template is in.",
                [({"name": t.name, "state": s}, int(t.state == s)) for t in templates
                 for s in TEMPLATE_STATES])
@@ -10901,7 +11231,9 @@ def ctl_main(argv, environ=None) -> int:
 # Owns: the command line, start-up order, signals
 # (TERM/INT/QUIT stop, a second one hurries; HUP reloads the
 # config; USR1 reopens log files), reload, --daemon and --pidfile,
-# and main(), the last error boundary.  Uses everything above.
+# the daemon's own log (file, syslog), sd_notify to systemd (READY=1,
+# STATUS=, STOPPING=1, WATCHDOG=1), and main(), the last error boundary.
+# Uses everything above.
 
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
@@ -11145,6 +11477,151 @@ class DaemonLog(logging.Handler):
         super().close()
 
 
+class DaemonSyslog(logging.Handler):
+    """The daemon's own log lines to syslog (``[gaffer] syslog``): one
+    datagram per record through a ``SyslogSender``, at the record's
+    severity, never blocking; a record that cannot be sent is dropped and
+    counted (never logged: that would be one more record to drop).
+    ``logging.Handler``'s lock serialises the loop and the log writer
+    thread."""
+
+    SEVERITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                  (logging.INFO, 6), (0, 7))
+
+    def __init__(self, address, facility, tag):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.sender = SyslogSender(address)
+        self.facility, self.tag = SYSLOG_FACILITIES[facility], tag
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        severity = next(n for level, n in self.SEVERITIES if record.levelno >= level)
+        self.sender.send(self.facility * 8 + severity, self.tag, os.getpid(),
+                         [text.encode("utf-8", "replace")], record.created)
+
+    def close(self):
+        self.sender.close()
+        super().close()
+
+
+def open_daemon_syslog(config):
+    """The DaemonSyslog ``[gaffer] syslog`` asks for (attached to the root
+    logger), or None."""
+    if not config.syslog:
+        return None
+    handler = DaemonSyslog(config.syslog_address, config.syslog_facility, config.syslog_tag)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+class SystemdNotify:
+    """sd_notify for gafferd itself, when systemd started it with
+    ``NOTIFY_SOCKET`` set (``Type=notify``).
+
+    ``ready(status)`` sends READY=1 (once the endpoints listen and the
+    start-up templates are launched), ``status(text)`` a STATUS= line (at
+    most one a second: a change within the second is sent at its end),
+    ``stopping()`` STOPPING=1.  With ``WATCHDOG_USEC`` set (and
+    ``WATCHDOG_PID`` unset or ours) a timer sends WATCHDOG=1 every half
+    interval; without it there is no timer.  The address is a path or
+    ``@NAME`` (the abstract namespace).  Each message is one sendto on a
+    non-blocking datagram socket: an error drops it (counted in
+    ``dropped``), nothing waits.  ``take(environ)`` removes the variables
+    so the programs gafferd starts do not inherit them (a program with
+    ``ready = notify`` gets a socket of gafferd's own)."""
+
+    VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    STATUS_INTERVAL = 1.0
+
+    def __init__(self, loop, address, watchdog_usec=None):
+        self.loop = loop
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.interval = None
+        if watchdog_usec:
+            self.interval = min(watchdog_usec / 2e6, MAX_DURATION)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sent = self.dropped = 0
+        self.last_status = None
+        self._status_at = None                 # loop time of the last STATUS= sent
+        self._status_timer = self._watchdog_timer = None
+        self._pending = None
+
+    @classmethod
+    def take(cls, loop, environ):
+        """A SystemdNotify for ``environ`` (its variables removed), or None."""
+        address = environ.get("NOTIFY_SOCKET", "")
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        for name in cls.VARIABLES:
+            environ.pop(name, None)
+        if not address.startswith(("/", "@")) or len(address) < 2:
+            return None
+        watchdog = int(usec) if is_ascii_digits(usec) and len(usec) < 19 else None
+        if pid and pid != str(os.getpid()):
+            watchdog = None                    # meant for another process
+        return cls(loop, address, watchdog)
+
+    def send(self, text) -> bool:
+        try:
+            self.sock.sendto(text.encode("utf-8", "replace"), self.address)
+        except OSError:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    def ready(self, status):
+        self.last_status, self._status_at = status, self.loop.time()
+        self.send("READY=1\nSTATUS=%s\nMAINPID=%d" % (status, os.getpid()))
+        if self.interval:
+            self._watchdog()
+
+    def _watchdog(self):
+        self.send("WATCHDOG=1")
+        self._watchdog_timer = self.loop.call_later(self.interval, self._watchdog)
+
+    def status(self, text):
+        """Send STATUS=text, at most once per STATUS_INTERVAL; repeats are not sent."""
+        self._pending = text
+        if self._status_timer is not None:
+            return
+        wait = 0.0 if self._status_at is None else \
+            self._status_at + self.STATUS_INTERVAL - self.loop.time()
+        self._status_timer = self.loop.call_later(max(0.0, wait), self._send_status)
+
+    def _send_status(self):
+        self._status_timer = None
+        text, self._pending = self._pending, None
+        if text is not None and text != self.last_status:
+            self.last_status, self._status_at = text, self.loop.time()
+            self.send("STATUS=" + text)
+
+    def stopping(self):
+        """STOPPING=1.  The watchdog goes on pinging until the loop ends:
+        a shutdown that hangs is one for systemd to see."""
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+            self._status_timer = None
+        self.send("STOPPING=1\nSTATUS=stopping")
+
+    def close(self):
+        self.sock.close()
+
+
+def status_summary(manager) -> str:
+    """The one-line STATUS= of gafferd: templates by state, processes."""
+    states = collections.Counter(t.state for t in manager.processes.values())
+    parts = ["%d %s" % (states[s], s) for s in TEMPLATE_STATES if states[s]]
+    return "%d template(s)%s; %d process(es)%s" % (
+        len(manager.processes), " (%s)" % ", ".join(parts) if parts else "",
+        len(manager._by_pid), "; stopping" if manager.stopping else "")
+
+
 class Daemon:
     """Wires config, loop, manager, applications and signals together."""
 
@@ -11154,6 +11631,8 @@ class Daemon:
         self.config = None
         self.loop = self.manager = self.server = self.plugins = self.webhooks = None
         self.log_file = None               # DaemonLog, set by main()
+        self.syslog = None                 # DaemonSyslog, set by main()
+        self.notify = None                 # SystemdNotify under systemd's Type=notify
         self._stop_asked = None            # loop time of the first stop signal
         self.exit_status = 0               # 1 once a critical template failed
 
@@ -11229,6 +11708,7 @@ class Daemon:
         if missing:
             raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
         self.loop = Loop()
+        self.notify = SystemdNotify.take(self.loop, os.environ)
         self.manager = Manager(self.loop)
         self.manager.on_critical = self._on_critical_failure
         self.api = Api(self.manager, self.plugins,
@@ -11258,12 +11738,20 @@ class Daemon:
         manager.start()
         for spec in self.config.templates:
             manager.add_template(spec)
+        if self.syslog is not None:
+            manager.daemon_syslog = self.syslog.sender
         release_memory()
         log.info("gafferd %s ready (pid %d)", GAFFERD_VERSION, os.getpid())
+        if self.notify is not None:
+            self.notify.ready(status_summary(manager))
+            for pattern in ("state", "spawn", "exit"):
+                manager.subscribe(pattern, self._on_change)
         try:
             loop.run()
         finally:
             manager.sockets.close_all()        # their unix socket files go too
+        if self.notify is not None:
+            self.notify.close()
         log.info("gafferd stopped (pid %d): shutdown took %.2fs; %d adopted orphan(s) "
                  "reaped since start", os.getpid(), loop.time() - (self._stop_asked or
                                                                  loop.time()),
@@ -11332,8 +11820,18 @@ class Daemon:
                 return
             pids.discard(pid)
 
+    def _on_change(self, event, payload):
+        """A template changed state, a process came or went: STATUS=."""
+        if self.notify is not None and not self.manager.stopping:
+            self.notify.status(status_summary(self.manager))
+
+    def _notify_stopping(self):
+        if self.notify is not None and self._stop_asked is None:
+            self.notify.stopping()
+
     def _on_quit_signal(self, signum):
         log.info("received %s: shutting down", signal.Signals(signum).name)
+        self._notify_stopping()
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
@@ -11343,6 +11841,7 @@ class Daemon:
         self.exit_status = 1
         if self.manager.stopping:
             return        # one failure can report twice (the exit, the state): one stop
+        self._notify_stopping()
         if self._stop_asked is None:
             self._stop_asked = self.loop.time()
         self.manager.stop(self._after_stop)
@@ -11478,6 +11977,7 @@ def main(argv=None) -> int:
             print(daemon.describe())
             return 0
         daemon.log_file = open_daemon_log(args, daemon.config)
+        daemon.syslog = open_daemon_syslog(daemon.config)
         if args.pidfile:
             check_pidfile(args.pidfile)
         signal.signal(signal.SIGPIPE, quiet_pipe)
@@ -11500,9 +12000,10 @@ def main(argv=None) -> int:
     try:
         return _run_daemon(daemon, args)
     finally:
-        if daemon.log_file is not None:
-            root.removeHandler(daemon.log_file)
-            daemon.log_file.close()
+        for handler in (daemon.log_file, daemon.syslog):
+            if handler is not None:
+                root.removeHandler(handler)
+                handler.close()
 
 
 def _run_daemon(daemon, args) -> int:
