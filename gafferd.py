@@ -2424,6 +2424,26 @@ def process_stats(pid: int, previous, now: float, kids=None, depth=0):
     return stats, (now, cpu_total)
 
 
+def tree_usage(pid: int, limit: int = LIMIT_TREE_MAX):
+    """``(resident bytes, CPU seconds)`` of ``pid`` and its descendants (at
+    most ``limit`` processes read), or None once ``pid`` is gone.  The CPU
+    time of each process includes that of the children it reaped, so a
+    child that ends does not take its time out of the sum."""
+    rss, cpu, todo, read = 0, 0.0, [pid], 0
+    while todo and read < limit:
+        current = todo.pop()
+        fields = read_proc_stat(current)
+        read += 1
+        if fields is None:
+            if current == pid:
+                return None
+            continue
+        rss += int(fields[21]) * PAGE_SIZE
+        cpu += sum(int(f) for f in fields[11:15]) / CLK_TCK     # utime stime cutime cstime
+        todo.extend(child_pids(current))
+    return rss, cpu
+
+
 def summarize_stats(name: str, stats: list) -> dict:
     """GET /stats/NAME's object: sums, max and min (``"N/A"`` when nothing is live)."""
     out = {"name": name, "stats": stats}
@@ -2444,9 +2464,9 @@ def summarize_stats(name: str, stats: list) -> dict:
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
-                  "stop_pid", "exit", "flap", "restart", "state", "ready")
+                  "stop_pid", "exit", "flap", "restart", "state", "ready", "limit")
 PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart",
-                  "state", "ready")
+                  "state", "ready", "limit")
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -4408,8 +4428,8 @@ class Manager:
 
     What is not the API's lives with collaborators the manager owns (each
     with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
-    ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
-    (``GroupCleaner``).  Applications and plugins do not call them.
+    ``spawner``, ``reaper``, ``shutdown``, ``groups_left``
+    (``GroupCleaner``) and ``limits`` (``ResourceWatch``).  Applications and plugins do not call them.
     """
 
     def __init__(self, loop: Loop, environ=None):
@@ -4434,6 +4454,7 @@ class Manager:
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid)
+        self.limits = ResourceWatch(self)               # max_memory, max_cpu
         self.on_critical = None                        # callback(name): a critical template failed
         self.dependencies = Dependencies(self)
         self.shutdown = Shutdown(self)
@@ -5541,6 +5562,7 @@ class Spawner:
         self.manager._by_pid[proc.pid] = proc
         self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
         self.manager.lifecycle.feed(t, slot, SPAWNED)
+        self.manager.limits.watch(proc)
         return True
 
     def process_environment(self, proc) -> dict:
@@ -5998,6 +6020,102 @@ class Reaper:
         if storm[2]:
             log.warning("%s: %d more exits in the last second", t.name, storm[2])
             storm[2] = 0
+
+
+class ResourceWatch:
+    """The ``max_memory`` / ``max_cpu`` watchdog of a Manager's processes.
+
+    Owns the processes of templates with a limit, each with its last
+    sample, and the one timer that samples them all every
+    LIMIT_SAMPLE_INTERVAL: no template with a limit, no timer.  A sample
+    reads the process tree (the process and its descendants, §4
+    ``tree_usage``).  ``max_memory`` is exceeded when every sample for
+    ``limit_for`` seconds is over it; ``max_cpu`` when the CPU used since
+    the first sample over it, averaged over that window of at least
+    ``limit_for`` seconds, stays over it.  Then ``limit_action`` runs
+    (``LIMIT_ACTIONS``): ``restart`` replaces that process alone (its
+    siblings are untouched), ``stop`` stops the template, ``log`` only
+    logs, ``signal:NAME`` sends NAME to the process group; after ``log``
+    and ``signal`` the limit must be exceeded for ``limit_for`` again.
+    Each trip publishes ``limit`` (and ``proc.NAME.limit``) and is
+    counted in ``trips`` (template name, limit) -> n, for /metrics.
+
+    Called by ``Spawner.spawn`` (``watch``) and by the /metrics handler
+    (``trips``)."""
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self.trips = collections.Counter()
+        self._watched = {}          # Process -> [(time, cpu) last, memory over since, cpu window]
+        self._timer = None
+
+    def watch(self, proc) -> None:
+        """Sample ``proc`` from now on if its template sets a limit."""
+        if not (proc.spec.max_memory or proc.spec.max_cpu):
+            return
+        self._watched[proc] = [(self.loop.time(), 0.0), None, None]
+        if self._timer is None:
+            self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
+
+    def sample(self) -> None:
+        """Sample every watched process once; act on the ones over a limit."""
+        self._timer = None
+        now, running = self.loop.time(), self.manager.running
+        for proc, state in list(self._watched.items()):
+            usage = tree_usage(proc.pid) if running.get(proc.id) is proc else None
+            if usage is None:                      # gone, or being stopped
+                del self._watched[proc]
+                continue
+            trip = self._judge(proc.spec, state, now, *usage)
+            if trip is not None:
+                self._trip(proc, state, *trip)
+        if self._watched:
+            self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
+
+    @staticmethod
+    def _judge(spec, state, now, rss, cpu):
+        """``(limit key, measured value)`` if a limit is exceeded long
+        enough, else None; updates ``state``."""
+        (then, cpu_then), memory_since, window = state
+        state[0] = (now, cpu)
+        if spec.max_memory and rss > spec.max_memory:
+            state[1] = memory_since = now if memory_since is None else memory_since
+            if now - memory_since >= spec.limit_for:
+                return "max_memory", rss
+        else:
+            state[1] = None
+        if spec.max_cpu and now > then:
+            if window is None and (cpu - cpu_then) * 100.0 / (now - then) > spec.max_cpu:
+                state[2] = window = (then, cpu_then)        # the window opens at the last sample
+            if window is not None:
+                percent = (cpu - window[1]) * 100.0 / (now - window[0])
+                if percent <= spec.max_cpu:
+                    state[2] = None
+                elif now - window[0] >= spec.limit_for:
+                    return "max_cpu", round(percent, 1)
+        return None
+
+    def _trip(self, proc, state, limit, value):
+        spec, t = proc.spec, proc.template
+        action, signum = spec.limit_action
+        self.trips[(t.name, limit)] += 1
+        shown = human_size(value) if limit == "max_memory" else "%g%%" % value
+        log.warning("%s[%d] (pid %s): %s %s over %s for %gs (limit_for); %s", proc.name,
+                    proc.id, proc.pid, "memory" if limit == "max_memory" else "CPU", shown,
+                    spec.settings.get(limit, getattr(spec, limit)), spec.limit_for,
+                    spec.settings.get("limit_action", action))
+        self.manager._emit("limit", proc.name, pid=proc.id, os_pid=proc.pid, limit=limit,
+                           value=value, max=getattr(spec, limit), limit_for=spec.limit_for,
+                           action=spec.settings.get("limit_action", action))
+        state[1] = state[2] = None                 # log, signal: a full limit_for again
+        if action == "restart":
+            del self._watched[proc]
+            self.manager._stop_one(proc, "stop_pid")     # replaced once it has exited
+        elif action == "stop":
+            del self._watched[proc]
+            self.manager.stop_process(t.name)
+        elif action == "signal":
+            proc.kill(signum)
 
 
 class GroupCleaner:
@@ -7709,6 +7827,10 @@ class Api:
         metric("gafferd_template_flapping_giveups_total", "counter",
                "Processes that gave up after start_retries failed starts.", [({"name": t.name}, t.give_ups)
                                                       for t in templates])
+        metric("gafferd_template_limit_trips_total", "counter", "Processes found over "
+               "max_memory or max_cpu for limit_for seconds (limit_action ran).",
+               [({"name": name, "limit": limit}, n)
+                for (name, limit), n in sorted(m.limits.trips.items())])
         procs = list(m.running.values())
         uptime, cpu, rss, fds = [], [], [], []
         for p in procs:
@@ -8954,6 +9076,10 @@ class Console:
                 ", restarting in %ss" % payload["restart_in"]))
         elif event == "state":
             self.write(name, "state %s (was %s)" % (payload.get("state"), payload.get("previous")))
+        elif event == "limit":
+            self.write(name, "limit process with pid %s: %s %s over %s for %ss, %s" % (
+                payload.get("os_pid"), payload.get("limit"), payload.get("value"),
+                payload.get("max"), payload.get("limit_for"), payload.get("action")))
         elif "os_pid" in payload:
             self.write(name, "%s process with pid %s" % (event, payload["os_pid"]))
             if event == "spawn" and self.stream_output:
