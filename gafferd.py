@@ -4351,7 +4351,11 @@ class _CmdAttempt:
         self.done, self.over, self.reaped, self.pid = done, False, False, None
         spec, loop = proc.spec, manager.loop
         argv = spec.ready.arg
-        env = manager.process_environment(proc)
+        try:
+            env = manager.process_environment(proc)
+        except SpawnError as exc:          # an env_file gone since the process started
+            loop.call_soon(self._finish, False, str(exc))
+            return
         executable = find_executable(argv[0], spec, env)
         if executable is None:
             loop.call_soon(self._finish, False, "executable %r not found" % argv[0])
