@@ -175,6 +175,7 @@ ORPHAN_KILL_ROUNDS = 20              # ... at most this many times (1 s)
 MAX_CMDLINE = 1024                   # characters of an orphan's command line kept
 ENV_FILE_MAX = 1 << 20               # bytes of one env_file
 LIMIT_SAMPLE_INTERVAL = 1.0          # max_memory / max_cpu: one sample per process per this
+LIMIT_SAMPLE_BUDGET = 0.005          # seconds of limit sampling per loop iteration
 LIMIT_TREE_MAX = 1000                # processes of one tree a limit sample reads at most
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -6051,7 +6052,8 @@ class ResourceWatch:
         self.manager, self.loop = manager, manager.loop
         self.trips = collections.Counter()
         self._watched = {}          # Process -> [(time, cpu) last, memory over since, cpu window]
-        self._timer = None
+        self._round = []            # processes still to sample in this round
+        self._timer = None          # the next round, or the rest of this one
 
     def watch(self, proc) -> None:
         """Sample ``proc`` from now on if its template sets a limit."""
@@ -6062,18 +6064,32 @@ class ResourceWatch:
             self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
 
     def sample(self) -> None:
-        """Sample every watched process once; act on the ones over a limit."""
+        """Start a round: sample every watched process once, acting on the
+        ones over a limit, LIMIT_SAMPLE_BUDGET seconds of it per loop
+        iteration (a thousand trees take longer than the API may wait).
+        The next round starts LIMIT_SAMPLE_INTERVAL after this one ends,
+        so no process is read twice within that interval."""
+        self._round = list(self._watched)
+        self._go_on()
+
+    def _go_on(self) -> None:
         self._timer = None
-        now, running = self.loop.time(), self.manager.running
-        for proc, state in list(self._watched.items()):
+        end, running = self.loop.time() + LIMIT_SAMPLE_BUDGET, self.manager.running
+        while self._round and self.loop.time() < end:
+            proc = self._round.pop()
+            state = self._watched.get(proc)
+            if state is None:
+                continue
             usage = tree_usage(proc.pid) if running.get(proc.id) is proc else None
             if usage is None:                      # gone, or being stopped
                 del self._watched[proc]
                 continue
-            trip = self._judge(proc.spec, state, now, *usage)
+            trip = self._judge(proc.spec, state, self.loop.time(), *usage)
             if trip is not None:
                 self._trip(proc, state, *trip)
-        if self._watched:
+        if self._round:
+            self._timer = self.loop.call_soon(self._go_on)
+        elif self._watched:
             self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
 
     @staticmethod
