@@ -886,7 +886,7 @@ def parse_env_file(text: str) -> dict:
     value may span lines; unquoted, a backslash takes the next character
     literally and at the end of a line joins the next one, and blanks
     around the value go.  Nothing is expanded (no ``$VAR``, no command
-    substitution).  Later lines win.  ValueError naming the line."""
+    substitution).  Later lines win.  ValueError naming the line number."""
     lines = text.replace("\r\n", "\n").split("\n")
     out, i = {}, 0
     while i < len(lines):
@@ -899,7 +899,9 @@ def parse_env_file(text: str) -> dict:
         name, eq, rest = line.partition("=")
         name = name.strip(" \t")
         if not eq or not _ENV_NAME.match(name):
-            raise ValueError("line %d: %r is not NAME=VALUE" % (lineno, line.strip()[:80]))
+            # the line itself is not quoted: an error message must not show values
+            raise ValueError("line %d is not NAME=VALUE (a NAME is letters, digits and _)"
+                             % lineno)
         # ``kept``: characters up to a closing quote or an escape, which
         # the trimming of trailing blanks must not touch
         buf, quote, kept, text_, pos = [], None, 0, rest.lstrip(" \t"), 0
