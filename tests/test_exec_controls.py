@@ -118,7 +118,7 @@ def test_env_file_format_quotes_export_comments_and_no_expansion():
     ("A=1\nQ=\"never closed\n", 2),
 ])
 def test_env_file_format_errors_name_the_line(text, line):
-    with pytest.raises(ValueError, match="line %d " % line):
+    with pytest.raises(ValueError, match=r"line %d\b" % line):
         gd.parse_env_file(text)
 
 
