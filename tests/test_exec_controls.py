@@ -434,3 +434,12 @@ def test_json_templates_take_every_control(tmp_path, gafferd):
                               "rlimit_fsize": True})
     assert r.status == 400
     assert "nice:" in r.json()["message"] and "rlimit_fsize:" in r.json()["message"]
+
+
+def test_env_file_errors_never_quote_the_file(tmp_path, gafferd):
+    secret = write(tmp_path / "not-an-env-file", "root:$6$hash-that-must-not-leak:19000\n")
+    d = gafferd(None)
+    r = d.post("/processes", {"name": "probe", "cmd": "%s 1" % SLEEP, "env_file": secret})
+    assert r.status == 400
+    assert "line 1 is not NAME=VALUE" in r.json()["message"]
+    assert b"must-not-leak" not in r.body
