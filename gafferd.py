@@ -175,6 +175,10 @@ ORPHAN_SCAN_DELAY = 0.5              # after exits, one look for new orphans per
 ORPHAN_KILL_INTERVAL = 0.05          # shutdown: looks again for what the SIGKILL of orphans left
 ORPHAN_KILL_ROUNDS = 20              # ... at most this many times (1 s)
 MAX_CMDLINE = 1024                   # characters of an orphan's command line kept
+ENV_FILE_MAX = 1 << 20               # bytes of one env_file
+LIMIT_SAMPLE_INTERVAL = 1.0          # max_memory / max_cpu: one sample per process per this
+LIMIT_SAMPLE_BUDGET = 0.005          # seconds of limit sampling per loop iteration
+LIMIT_TREE_MAX = 1000                # processes of one tree a limit sample reads at most
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -234,6 +238,12 @@ RANGES = {
     "output_buffer": (0, MAX_BUFFER),
     "rolling_max_surge": (1, MAX_NUMPROCESSES),
     "sockets": (0, 64),                  # names in one sockets list
+    "nice": (-20, 19),                   # setpriority(2)
+    "oom_score_adj": (-1000, 1000),      # proc(5)
+    "rlimit": (0, MAX_ID),               # each rlimit_* value but "unlimited"
+    "max_memory": (0, MAX_FILE_SIZE),
+    "max_cpu": (0.0, 100000.0),          # percent of one core
+    "limit_for": (0.0, MAX_DURATION),
     # config keys: [gaffer] and [endpoint:*]
     "backlog": (0, 65535),
     "max_body_size": (0, MAX_BUFFER),
@@ -1008,6 +1018,201 @@ def _c_sockets(value, ctx):
     return items
 
 
+# -- production controls: environment files, exec controls, limits ----------------
+# ``env_file`` names files in systemd's EnvironmentFile format (systemd.exec(5)),
+# read again at every spawn; the exec controls (umask, nice, oom_score_adj,
+# rlimit_*, groups) are applied by the child between fork and exec (§8
+# ``exec_controls``); the limits are sampled by §8 ``ResourceWatch``.
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)
+
+
+def parse_env_file(text: str) -> dict:
+    """``NAME=VALUE`` lines as systemd's EnvironmentFile reads them: blank
+    lines and lines starting with ``#`` or ``;`` are comments; an optional
+    ``export `` prefix; a value in single quotes is literal, in double
+    quotes ``\\"``, ``\\\\``, ``\\$`` and ``\\``` are escapes; a quoted
+    value may span lines; unquoted, a backslash takes the next character
+    literally and at the end of a line joins the next one, and blanks
+    around the value go.  Nothing is expanded (no ``$VAR``, no command
+    substitution).  Later lines win.  ValueError naming the line number."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    out, i = {}, 0
+    while i < len(lines):
+        lineno, line = i + 1, lines[i].lstrip(" \t")
+        i += 1
+        if not line.strip() or line[0] in "#;":
+            continue
+        if line.startswith(("export ", "export\t")):
+            line = line[7:].lstrip(" \t")
+        name, eq, rest = line.partition("=")
+        name = name.strip(" \t")
+        if not eq or not _ENV_NAME.match(name):
+            # the line itself is not quoted: an error message must not show values
+            raise ValueError("line %d is not NAME=VALUE (a NAME is letters, digits and _)"
+                             % lineno)
+        # ``kept``: characters up to a closing quote or an escape, which
+        # the trimming of trailing blanks must not touch
+        buf, quote, kept, text_, pos = [], None, 0, rest.lstrip(" \t"), 0
+        while True:
+            if pos >= len(text_):
+                if quote is None:
+                    break
+                if i >= len(lines):
+                    raise ValueError("line %d: the %s quote of %s is never closed"
+                                     % (lineno, quote, name))
+                buf.append("\n")
+                text_, pos, i = lines[i], 0, i + 1
+                continue
+            c, pos = text_[pos], pos + 1
+            if quote == "'":
+                if c == "'":
+                    quote, kept = None, len(buf)
+                else:
+                    buf.append(c)
+            elif c == "\\":
+                if pos >= len(text_):                   # a line continuation
+                    if i >= len(lines):
+                        break
+                    text_, pos, i = lines[i], 0, i + 1
+                    continue
+                c, pos = text_[pos], pos + 1
+                if quote == '"' and c not in '"\\`$':
+                    buf.append("\\")
+                buf.append(c)
+                kept = len(buf)
+            elif c == quote:
+                quote, kept = None, len(buf)
+            elif quote is None and c in "'\"":
+                quote = c
+            else:
+                buf.append(c)
+        out[name] = "".join(buf[:kept]) + "".join(buf[kept:]).rstrip(" \t")
+    return out
+
+
+def read_env_files(entries) -> dict:
+    """The variables of ``entries`` (``(path, optional)`` pairs), later
+    files winning.  A missing optional file is skipped; a missing required
+    file, an unreadable one, one over ENV_FILE_MAX bytes or one that does
+    not parse is a ValueError naming it."""
+    env = {}
+    for path, optional in entries:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(ENV_FILE_MAX + 1)
+        except FileNotFoundError:
+            if optional:
+                continue
+            raise ValueError("%r does not exist (a leading '-' makes a file optional)"
+                             % path) from None
+        except OSError as exc:
+            raise ValueError("cannot read %r: %s" % (path, exc.strerror or exc)) from None
+        if len(data) > ENV_FILE_MAX:
+            raise ValueError("%r is larger than %d bytes" % (path, ENV_FILE_MAX))
+        try:
+            env.update(parse_env_file(data.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ValueError("%r is not UTF-8 text (%s)" % (path, exc.reason)) from None
+        except ValueError as exc:
+            raise ValueError("%r %s" % (path, exc)) from None
+    return env
+
+
+def _c_env_file(value, ctx):
+    """``PATH, -PATH2`` (or a JSON list) -> ``((absolute path, optional), ...)``;
+    relative paths start from the config file's directory, as ``cwd`` and
+    log files do.  Read once here, so a mistake is a config error."""
+    entries = []
+    for item in parse_list(value):
+        optional = item.startswith("-")
+        path = item[1:].strip() if optional else item
+        if not path:
+            raise ValueError("%r names no file" % item)
+        entries.append((os.path.normpath(os.path.join(
+            ctx["base_dir"], os.path.expanduser(path))), optional))
+    read_env_files(entries)
+    return tuple(entries)
+
+
+def _c_umask(value, ctx):
+    """Octal digits (``027``, ``0o027``); a JSON number is read the same way."""
+    text = str(value).strip() if isinstance(value, (str, int)) and \
+        not isinstance(value, bool) else ""
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    if not re.fullmatch(r"[0-7]{1,4}", digits, re.ASCII) or int(digits, 8) > 0o777:
+        raise ValueError("%r is not an octal umask from 000 to 777" % (value,))
+    return int(digits, 8)
+
+
+def _c_optional_int(key):
+    """A coerce function: None, or an integer within ``RANGES[key]``."""
+    minimum, maximum = RANGES[key]
+    return lambda value, ctx: None if value is None else parse_int(value, minimum, maximum)
+
+
+# key -> (resource name, the value is bytes, what it limits); setrlimit(2)
+RLIMIT_KEYS = collections.OrderedDict([
+    ("rlimit_nofile", ("RLIMIT_NOFILE", False, "open files")),
+    ("rlimit_core", ("RLIMIT_CORE", True, "bytes of a core dump")),
+    ("rlimit_as", ("RLIMIT_AS", True, "bytes of address space")),
+    ("rlimit_nproc", ("RLIMIT_NPROC", False, "processes of the user")),
+    ("rlimit_memlock", ("RLIMIT_MEMLOCK", True, "bytes of locked memory")),
+    ("rlimit_stack", ("RLIMIT_STACK", True, "bytes of stack")),
+    ("rlimit_cpu", ("RLIMIT_CPU", False, "seconds of CPU")),
+    ("rlimit_fsize", ("RLIMIT_FSIZE", True, "bytes of a file written")),
+])
+
+
+def _rlimit_value(text, in_bytes):
+    """One limit: ``unlimited`` (None), a number, or a size for a byte limit."""
+    text = text.strip() if isinstance(text, str) else text
+    if isinstance(text, str) and text.lower() in ("unlimited", "infinity"):
+        return None
+    minimum, maximum = RANGES["rlimit"]
+    return parse_size(text, maximum) if in_bytes else parse_int(text, minimum, maximum)
+
+
+def _c_rlimit(key):
+    """A coerce function for ``key``: ``N``, ``unlimited`` or ``SOFT:HARD``
+    -> ``(soft, hard)``, None standing for unlimited."""
+    in_bytes = RLIMIT_KEYS[key][1]
+
+    def coerce(value, ctx):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("%r: use a number%s, unlimited or SOFT:HARD"
+                             % (value, " (or a size such as 64MB)" if in_bytes else ""))
+        parts = value.split(":") if isinstance(value, str) else [value]
+        if len(parts) > 2:
+            raise ValueError("%r: use a number, unlimited or SOFT:HARD" % (value,))
+        soft, hard = _rlimit_value(parts[0], in_bytes), _rlimit_value(parts[-1], in_bytes)
+        if hard is not None and (soft is None or soft > hard):
+            raise ValueError("%r: the soft limit is above the hard one" % (value,))
+        return (soft, hard)
+    return coerce
+
+
+def _c_groups(value, ctx):
+    """Group names or ids -> a tuple of gids (the supplementary groups)."""
+    return tuple(_lookup_id(item, grp.getgrgid, lambda n: grp.getgrnam(n).gr_gid, "group")
+                 for item in parse_list(value))
+
+
+LIMIT_ACTIONS = ("restart", "stop", "log", "signal")
+
+
+def _c_limit_action(value, ctx):
+    """``restart``, ``stop``, ``log`` or ``signal:NAME`` -> ``(action, signum)``."""
+    text = value.strip() if isinstance(value, str) else ""
+    action, colon, sig = text.partition(":")
+    action = action.strip().lower()
+    if action not in LIMIT_ACTIONS or bool(colon) != (action == "signal"):
+        raise ValueError("%r: use restart, stop, log or signal:NAME" % (value,))
+    return (action, _c_signal(sig.strip(), ctx) if colon else None)
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -1081,12 +1286,30 @@ PROCESS_KEYS = collections.OrderedDict([
     ("syslog_tag", (_c_syslog_tag, None, "syslog tag (default: the template name)")),
     ("output_buffer", (_c_ranged(parse_size, "output_buffer"),
                        DEFAULT_OUTPUT_BUFFER, "bytes of recent output kept per label")),
+    ("env_file", (_c_env_file, (), "PATH, -PATH2: files of NAME=VALUE lines ('-': optional), "
+                  "read at every spawn; [env:NAME] wins over them")),
+    ("umask", (_c_umask, None, "octal umask of the process (027)")),
+    ("nice", (_c_optional_int("nice"), None, "scheduling priority, -20 to 19")),
+    ("oom_score_adj", (_c_optional_int("oom_score_adj"), None,
+                       "the kernel OOM killer's bias, -1000 to 1000")),
+] + [(key, (_c_rlimit(key), None, "limit of %s: N, unlimited or SOFT:HARD" % what))
+     for key, (_, _, what) in RLIMIT_KEYS.items()] + [
+    ("groups", (_c_groups, (), "supplementary groups, added to the user's")),
+    ("max_memory", (_c_ranged(parse_size, "max_memory"), 0,
+                    "resident memory of the process and its descendants; 0: no limit")),
+    ("max_cpu", (_c_ranged(parse_float, "max_cpu"), 0.0,
+                 "percent of one core used by the process tree; 0: no limit")),
+    ("limit_for", (_c_ranged(parse_float, "limit_for"), 30.0,
+                   "seconds a limit must be exceeded before limit_action")),
+    ("limit_action", (_c_limit_action, ("restart", None),
+                      "restart, stop, log or signal:NAME when a limit is exceeded")),
 ])
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
 _ECHO_RAW = ("args", "uid", "gid", "cwd", "stdout_logfile", "stderr_logfile", "logfile",
              "syslog_address",
-             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on")
+             "logfile_maxbytes", "output_buffer", "stop_signal", "ready", "start_retries", "depends_on",
+             "env_file", "umask", "groups", "max_memory", "limit_action") + tuple(RLIMIT_KEYS)
 
 # Keys every INI template reports in GET /processes/NAME, given or not, as gaffer 0.4.4 did.
 _INI_ALWAYS = ("args", "env", "uid", "gid", "cwd", "detach", "shell", "os_env",
@@ -1262,7 +1485,10 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
-    env = checked_environment(spec, environ)
+    try:
+        env = checked_environment(spec, environ)
+    except ValueError as exc:            # an env_file changed since its key was read
+        raise fail("env_file", str(exc)) from None
     try:
         argv = command_line(spec, env)
     except KeyError as exc:
@@ -1287,15 +1513,20 @@ def checked_environment(spec: TemplateSpec, environ) -> dict:
 
 def child_environment(spec: TemplateSpec, environ) -> dict:
     """Not gaffer 0.4.4's in-place merge: the daemon's environment (if os_env)
-    overlaid with the explicit env, a new dict every time.
+    overlaid with the ``env_file`` files in order, then the explicit env,
+    a new dict every time.
 
     With a ``uid``, HOME, USER, LOGNAME and SHELL are those of that user
     (from the password database, as ``su -`` and supervisord set them),
     so a program run as ``nobody`` does not write into root's home; a
-    variable the template's own env sets wins over them."""
+    variable the template's env files or own env set wins over them.
+    The files are read on every call: ValueError when a required one is
+    gone or no longer parses (``read_env_files``)."""
     env = dict(environ) if spec.os_env else {}
     if spec.uid is not None:
         env.update(_user_environment(spec.uid))
+    if spec.env_file:
+        env.update(read_env_files(spec.env_file))
     env.update(spec.env)
     return env
 
@@ -2485,6 +2716,26 @@ def process_stats(pid: int, previous, now: float, kids=None, depth=0):
     return stats, (now, cpu_total)
 
 
+def tree_usage(pid: int, limit: int = LIMIT_TREE_MAX):
+    """``(resident bytes, CPU seconds)`` of ``pid`` and its descendants (at
+    most ``limit`` processes read), or None once ``pid`` is gone.  The CPU
+    time of each process includes that of the children it reaped, so a
+    child that ends does not take its time out of the sum."""
+    rss, cpu, todo, read = 0, 0.0, [pid], 0
+    while todo and read < limit:
+        current = todo.pop()
+        fields = read_proc_stat(current)
+        read += 1
+        if fields is None:
+            if current == pid:
+                return None
+            continue
+        rss += int(fields[21]) * PAGE_SIZE
+        cpu += sum(int(f) for f in fields[11:15]) / CLK_TCK     # utime stime cutime cstime
+        todo.extend(child_pids(current))
+    return rss, cpu
+
+
 def summarize_stats(name: str, stats: list) -> dict:
     """GET /stats/NAME's object: sums, max and min (``"N/A"`` when nothing is live)."""
     out = {"name": name, "stats": stats}
@@ -2505,10 +2756,10 @@ def summarize_stats(name: str, stats: list) -> dict:
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
-                  "stop_pid", "exit", "flap", "restart", "state", "ready",
+                  "stop_pid", "exit", "flap", "restart", "state", "ready", "limit",
                   "rollout.start", "rollout.step", "rollout.done", "rollout.failed")
 PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart",
-                  "state", "ready", "rollout.start", "rollout.step", "rollout.done",
+                  "state", "ready", "limit", "rollout.start", "rollout.step", "rollout.done",
                   "rollout.failed")
 
 
@@ -4600,7 +4851,11 @@ class _CmdAttempt:
         self.done, self.over, self.reaped, self.pid = done, False, False, None
         spec, loop = proc.spec, manager.loop
         argv = spec.ready.arg
-        env = manager.process_environment(proc)
+        try:
+            env = manager.process_environment(proc)
+        except SpawnError as exc:          # an env_file gone since the process started
+            loop.call_soon(self._finish, False, str(exc))
+            return
         executable = find_executable(argv[0], spec, env)
         if executable is None:
             loop.call_soon(self._finish, False, "executable %r not found" % argv[0])
@@ -4699,8 +4954,8 @@ class Manager:
 
     What is not the API's lives with collaborators the manager owns (each
     with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
-    ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
-    (``GroupCleaner``).  Applications and plugins do not call them.
+    ``spawner``, ``reaper``, ``shutdown``, ``groups_left``
+    (``GroupCleaner``) and ``limits`` (``ResourceWatch``).  Applications and plugins do not call them.
     """
 
     def __init__(self, loop: Loop, environ=None, spawn_budget=SPAWN_BUDGET,
@@ -4728,6 +4983,7 @@ class Manager:
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
         self.groups_left = GroupCleaner(loop, self._by_pid, session_ids)
+        self.limits = ResourceWatch(self)               # max_memory, max_cpu
         self.on_critical = None                        # callback(name): a critical template failed
         self.sockets = None                            # HeldSockets (§12), given by the daemon
         self.rollouts = {}                             # template name -> its Rollout
@@ -5696,6 +5952,124 @@ class Dependencies:
                     self.manager.set_waiting(t.name, missing)
 
 
+# -- exec controls ------------------------------------------------------------------
+# umask, nice, oom_score_adj and the rlimit_* keys are applied by the child
+# between fork and exec, then the identity switch (groups, gid, uid), so a
+# limit can be raised and a priority lowered while the child is still
+# privileged, as systemd.exec(5) orders it.  The daemon itself is never
+# changed.  A template that sets none of them gets no preexec step at all.
+
+def _set_oom_score_adj(value):
+    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"%d" % value)
+    finally:
+        os.close(fd)
+
+
+def _control_steps(spec) -> list:
+    """``(key, apply, argument)`` for each control ``spec`` sets, in the
+    order the child applies them; cached on the spec (it is read-only)."""
+    steps = spec.__dict__.get("_control_steps")
+    if steps is not None:
+        return steps
+    steps = []
+    rlimits = [key for key in RLIMIT_KEYS if getattr(spec, key) is not None]
+    if rlimits:
+        resource = lazy_import("resource")
+        for key in rlimits:
+            soft, hard = getattr(spec, key)
+            infinity = resource.RLIM_INFINITY
+            # prlimit, not setrlimit: setrlimit turns EPERM into a ValueError
+            steps.append((key, lambda a: a[0].prlimit(0, *a[1:]), (
+                resource, getattr(resource, RLIMIT_KEYS[key][0]),
+                (infinity if soft is None else soft, infinity if hard is None else hard))))
+    if spec.nice is not None:
+        steps.append(("nice", lambda n: os.setpriority(os.PRIO_PROCESS, 0, n), spec.nice))
+    if spec.oom_score_adj is not None:
+        steps.append(("oom_score_adj", _set_oom_score_adj, spec.oom_score_adj))
+    if spec.umask is not None:
+        steps.append(("umask", os.umask, spec.umask))
+    spec._control_steps = steps
+    return steps
+
+
+def exec_controls(spec):
+    """An ``ExecControls`` for one spawn of ``spec``, or None when the
+    template sets no exec control (the spawn keeps its fast path)."""
+    steps = _control_steps(spec)
+    return ExecControls(spec, steps) if steps else None
+
+
+class ExecControls:
+    """The exec controls of one spawn.
+
+    ``arm(popen_kwargs)`` returns Popen arguments whose ``preexec_fn``
+    applies the controls, then the identity the arguments asked for
+    (``extra_groups``, ``group``, ``user`` or the ``preexec_fn`` of Python
+    3.8), in the child.  subprocess reports an exception in
+    ``preexec_fn`` without its detail, so the child first writes the
+    failed key and errno to a close-on-exec pipe: after a failed Popen,
+    ``failure()`` is the message naming both (None if no control failed).
+    ``close()`` releases the pipe; call it after every ``arm``."""
+
+    def __init__(self, spec, steps):
+        self.spec, self.steps = spec, steps
+        self._report = None                    # (read end, write end)
+
+    def arm(self, kwargs) -> dict:
+        kwargs = dict(kwargs)
+        groups, gid, uid = (kwargs.pop(k, None) for k in ("extra_groups", "group", "user"))
+        then = kwargs.pop("preexec_fn", None)
+        self._report = os.pipe2(os.O_CLOEXEC)
+        steps, report = self.steps, self._report[1]
+
+        def apply_controls():                  # in the child: no allocation-heavy work
+            key = None
+            try:
+                for key, apply, argument in steps:
+                    apply(argument)
+                key = "groups"
+                if groups is not None:
+                    os.setgroups(groups)
+                key = "gid"
+                if gid is not None:
+                    os.setregid(gid, gid)
+                key = "uid"
+                if uid is not None:
+                    os.setreuid(uid, uid)
+                if then is not None:
+                    then()                     # Python 3.8's identity switch
+            except (OSError, ValueError) as exc:     # resource's ValueError is EINVAL
+                number = getattr(exc, "errno", None) or errno.EINVAL
+                os.write(report, b"%s %d" % (key.encode(), number))
+                raise
+        kwargs["preexec_fn"] = apply_controls
+        return kwargs
+
+    def failure(self):
+        if self._report is None:
+            return None
+        try:
+            os.set_blocking(self._report[0], False)
+            data = os.read(self._report[0], 256).decode("ascii", "replace")
+        except OSError:
+            return None
+        key, _, number = data.partition(" ")
+        if not is_ascii_digits(number):
+            return None
+        number = int(number)
+        shown = self.spec.settings.get(key, getattr(self.spec, key, ""))
+        return "cannot apply %s = %s in the child: %s (%s)" % (
+            key, shown, errno.errorcode.get(number, "errno %d" % number), os.strerror(number))
+
+    def close(self):
+        if self._report is not None:
+            for fd in self._report:
+                close_quietly(fd)
+            self._report = None
+
+
 class Spawner:
     """Starts the processes of a Manager: the spawn queue, the spawn
     budget, the exec with its pipes, sockets and identity, and the
@@ -5809,12 +6183,16 @@ class Spawner:
         self.manager._by_pid[proc.pid] = proc
         self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
         self.manager.lifecycle.feed(t, slot, SPAWNED)
+        self.manager.limits.watch(proc)
         return True
 
     def process_environment(self, proc) -> dict:
         """The environment ``proc`` is started with (a new dict), which
         its ``cmd:`` readiness check gets too."""
-        env = child_environment(proc.spec, self.manager.environ)
+        try:
+            env = child_environment(proc.spec, self.manager.environ)
+        except ValueError as exc:        # an env_file gone or broken since the config was read
+            raise SpawnError("env_file: %s" % exc) from None
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
@@ -5834,10 +6212,13 @@ class Spawner:
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
+        controls = exec_controls(spec)      # None: no preexec step for the controls
         ours, theirs = [], []                # pipe ends to keep / to close after fork
         held = []                            # fd numbers reserved during the fork
         stdio = [subprocess.DEVNULL] * 3
         try:
+            if controls is not None:
+                kwargs = controls.arm(kwargs)
             if proc.redirect_input:
                 r, w = os.pipe()
                 theirs.append(r)
@@ -5899,10 +6280,14 @@ class Spawner:
             if proc.notify is not None:
                 proc.notify.cancel()
                 proc.notify = None
-            raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
+            why = controls.failure() if controls is not None else None
+            raise SpawnError(why or "%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) \
+                from None
         finally:
             for fd in theirs + held:
                 close_quietly(fd)
+            if controls is not None:
+                controls.close()
         proc.pid = proc.popen.pid
         for fd in ours:
             os.set_blocking(fd, False)
@@ -5924,8 +6309,10 @@ class Spawner:
         proc.sample = (self.loop.time(), 0.0)
 
     def identity(self, spec):
-        """Popen arguments that switch group, groups and user in the child."""
-        if spec.uid is None and spec.gid is None:
+        """Popen arguments that switch group, groups and user in the child.
+        The supplementary groups are the user's (with ``uid``), or ``gid``,
+        then the template's ``groups``."""
+        if spec.uid is None and spec.gid is None and not spec.groups:
             return {}
         uid, gid = spec.uid, spec.gid
         user = None
@@ -5936,16 +6323,20 @@ class Spawner:
                 raise SpawnError("unknown user id %d" % uid) from None
             user = entry.pw_name
             gid = entry.pw_gid if gid is None else gid
-        groups = os.getgrouplist(user, gid) if user else [gid]
+        groups = os.getgrouplist(user, gid) if user else [gid] if gid is not None else []
+        groups += [g for g in spec.groups if g not in groups]
         if sys.version_info >= (3, 9):
-            out = {"group": gid, "extra_groups": groups}
+            out = {"extra_groups": groups}
+            if gid is not None:
+                out["group"] = gid
             if uid is not None:
                 out["user"] = uid
             return out
 
         def switch():                   # Python 3.8: no user=/group= in Popen
             os.setgroups(groups)
-            os.setgid(gid)
+            if gid is not None:
+                os.setgid(gid)
             if uid is not None:
                 os.setuid(uid)
         return {"preexec_fn": switch}
@@ -6439,6 +6830,117 @@ class Reaper:
         if storm[2]:
             log.warning("%s: %d more exits in the last second", t.name, storm[2])
             storm[2] = 0
+
+
+class ResourceWatch:
+    """The ``max_memory`` / ``max_cpu`` watchdog of a Manager's processes.
+
+    Owns the processes of templates with a limit, each with its last
+    sample, and the one timer that samples them all every
+    LIMIT_SAMPLE_INTERVAL: no template with a limit, no timer.  A sample
+    reads the process tree (the process and its descendants, §4
+    ``tree_usage``).  ``max_memory`` is exceeded when every sample for
+    ``limit_for`` seconds is over it; ``max_cpu`` when the CPU used since
+    the first sample over it, averaged over that window of at least
+    ``limit_for`` seconds, stays over it.  Then ``limit_action`` runs
+    (``LIMIT_ACTIONS``): ``restart`` replaces that process alone (its
+    siblings are untouched), ``stop`` stops the template, ``log`` only
+    logs, ``signal:NAME`` sends NAME to the process group; after ``log``
+    and ``signal`` the limit must be exceeded for ``limit_for`` again.
+    Each trip publishes ``limit`` (and ``proc.NAME.limit``) and is
+    counted in ``trips`` (template name, limit) -> n, for /metrics.
+
+    Called by ``Spawner.spawn`` (``watch``) and by the /metrics handler
+    (``trips``)."""
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+        self.trips = collections.Counter()
+        self._watched = {}          # Process -> [(time, cpu) last, memory over since, cpu window]
+        self._round = []            # processes still to sample in this round
+        self._timer = None          # the next round, or the rest of this one
+
+    def watch(self, proc) -> None:
+        """Sample ``proc`` from now on if its template sets a limit."""
+        if not (proc.spec.max_memory or proc.spec.max_cpu):
+            return
+        self._watched[proc] = [(self.loop.time(), 0.0), None, None]
+        if self._timer is None:
+            self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
+
+    def sample(self) -> None:
+        """Start a round: sample every watched process once, acting on the
+        ones over a limit, LIMIT_SAMPLE_BUDGET seconds of it per loop
+        iteration (a thousand trees take longer than the API may wait).
+        The next round starts LIMIT_SAMPLE_INTERVAL after this one ends,
+        so no process is read twice within that interval."""
+        self._round = list(self._watched)
+        self._go_on()
+
+    def _go_on(self) -> None:
+        self._timer = None
+        end, running = self.loop.time() + LIMIT_SAMPLE_BUDGET, self.manager.running
+        while self._round and self.loop.time() < end:
+            proc = self._round.pop()
+            state = self._watched.get(proc)
+            if state is None:
+                continue
+            usage = tree_usage(proc.pid) if running.get(proc.id) is proc else None
+            if usage is None:                      # gone, or being stopped
+                del self._watched[proc]
+                continue
+            trip = self._judge(proc.spec, state, self.loop.time(), *usage)
+            if trip is not None:
+                self._trip(proc, state, *trip)
+        if self._round:
+            self._timer = self.loop.call_soon(self._go_on)
+        elif self._watched:
+            self._timer = self.loop.call_later(LIMIT_SAMPLE_INTERVAL, self.sample)
+
+    @staticmethod
+    def _judge(spec, state, now, rss, cpu):
+        """``(limit key, measured value)`` if a limit is exceeded long
+        enough, else None; updates ``state``."""
+        (then, cpu_then), memory_since, window = state
+        state[0] = (now, cpu)
+        if spec.max_memory and rss > spec.max_memory:
+            state[1] = memory_since = now if memory_since is None else memory_since
+            if now - memory_since >= spec.limit_for:
+                return "max_memory", rss
+        else:
+            state[1] = None
+        if spec.max_cpu and now > then:
+            if window is None and (cpu - cpu_then) * 100.0 / (now - then) > spec.max_cpu:
+                state[2] = window = (then, cpu_then)        # the window opens at the last sample
+            if window is not None:
+                percent = (cpu - window[1]) * 100.0 / (now - window[0])
+                if percent <= spec.max_cpu:
+                    state[2] = None
+                elif now - window[0] >= spec.limit_for:
+                    return "max_cpu", round(percent, 1)
+        return None
+
+    def _trip(self, proc, state, limit, value):
+        spec, t = proc.spec, proc.template
+        action, signum = spec.limit_action
+        self.trips[(t.name, limit)] += 1
+        shown = human_size(value) if limit == "max_memory" else "%g%%" % value
+        log.warning("%s[%d] (pid %s): %s %s over %s for %gs (limit_for); %s", proc.name,
+                    proc.id, proc.pid, "memory" if limit == "max_memory" else "CPU", shown,
+                    spec.settings.get(limit, getattr(spec, limit)), spec.limit_for,
+                    spec.settings.get("limit_action", action))
+        self.manager._emit("limit", proc.name, pid=proc.id, os_pid=proc.pid, limit=limit,
+                           value=value, max=getattr(spec, limit), limit_for=spec.limit_for,
+                           action=spec.settings.get("limit_action", action))
+        state[1] = state[2] = None                 # log, signal: a full limit_for again
+        if action == "restart":
+            del self._watched[proc]
+            self.manager._stop_one(proc, "stop_pid")     # replaced once it has exited
+        elif action == "stop":
+            del self._watched[proc]
+            self.manager.stop_process(t.name)
+        elif action == "signal":
+            proc.kill(signum)
 
 
 class GroupCleaner:
@@ -8379,6 +8881,10 @@ class Api:
         metric("gafferd_template_flapping_giveups_total", "counter",
                "Processes that gave up after start_retries failed starts.", [({"name": t.name}, t.give_ups)
                                                       for t in templates])
+        metric("gafferd_template_limit_trips_total", "counter", "Processes found over "
+               "max_memory or max_cpu for limit_for seconds (limit_action ran).",
+               [({"name": name, "limit": limit}, n)
+                for (name, limit), n in sorted(m.limits.trips.items())])
         uptime, cpu, rss, fds = [], [], [], []
         for p, sample in m.resource_samples():
             labels = {"name": p.name, "id": p.id}
@@ -9905,6 +10411,10 @@ class Console:
                 ", restarting in %ss" % payload["restart_in"]))
         elif event == "state":
             self.write(name, "state %s (was %s)" % (payload.get("state"), payload.get("previous")))
+        elif event == "limit":
+            self.write(name, "limit process with pid %s: %s %s over %s for %ss, %s" % (
+                payload.get("os_pid"), payload.get("limit"), payload.get("value"),
+                payload.get("max"), payload.get("limit_for"), payload.get("action")))
         elif "os_pid" in payload:
             self.write(name, "%s process with pid %s" % (event, payload["os_pid"]))
             if event == "spawn" and self.stream_output:
