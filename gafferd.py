@@ -7853,6 +7853,26 @@ class Api:
         metric("gafferd_template_flapping_giveups_total", "counter",
                "Processes that gave up after start_retries failed starts.", [({"name": t.name}, t.give_ups)
                                                       for t in templates])
+        scheduled = [t for t in templates if t.sched is not None]
+        metric("gafferd_schedule_last_success_timestamp_seconds", "gauge",
+               "Unix time the last successful run of a scheduled template ended (0: none yet).",
+               [({"name": t.name}, t.sched.last_success or 0) for t in scheduled])
+        metric("gafferd_schedule_last_exit_status", "gauge", "Exit status of the last run of "
+               "a scheduled template (128 + N: killed by signal N; -1: no run yet).",
+               [({"name": t.name}, -1 if t.sched.last_exit is None else t.sched.last_exit)
+                for t in scheduled])
+        metric("gafferd_schedule_next_run_timestamp_seconds", "gauge",
+               "Unix time of the next run of a scheduled template (0: paused or none).",
+               [({"name": t.name}, t.sched.next_run(t.spec, self.loop) or 0)
+                for t in scheduled])
+        metric("gafferd_schedule_runs_total", "counter", "Finished runs of a scheduled "
+               "template, by result (succeeded, failed).",
+               [({"name": t.name, "result": r}, n) for t in scheduled
+                for r, n in (("succeeded", t.sched.runs - t.sched.failures),
+                             ("failed", t.sched.failures))])
+        metric("gafferd_schedule_skipped_total", "counter",
+               "Runs not started because the last one still ran (overlap = skip).",
+               [({"name": t.name}, t.sched.skipped) for t in scheduled])
         procs = list(m.running.values())
         uptime, cpu, rss, fds = [], [], [], []
         for p in procs:
