@@ -18,7 +18,7 @@ but the Python standard library (CPython 3.8 and newer).
 Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
-    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec
+    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec, schedules
     § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
@@ -3288,6 +3288,7 @@ class MemoryTrimmer:
 # groups.  The Manager keeps the API and the template operations and hands
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
+# ``Scheduler`` (``schedule``: when a periodic template runs),
 # ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
 # Uses §1-§7.
@@ -4439,7 +4440,7 @@ class Manager:
 
     What is not the API's lives with collaborators the manager owns (each
     with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
-    ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
+    ``scheduler``, ``spawner``, ``reaper``, ``shutdown`` and ``groups_left``
     (``GroupCleaner``).  Applications and plugins do not call them.
     """
 
