@@ -5090,7 +5090,8 @@ class Lifecycle:
     actions have been performed, ``t.counts`` matches the slots' buckets,
     ``t.state`` is ``template_state`` of the template and a change of it
     has been published (and the waiting templates scheduled for a
-    re-check).  An impossible transition is logged as a bug and changes
+    re-check; a scheduled template's run ended once nothing of it is
+    left going: ``Scheduler.observe``).  An impossible transition is logged as a bug and changes
     nothing.  A backoff timer feeds ``backoff_elapsed`` only while the
     template is eligible to run.
 
