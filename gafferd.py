@@ -10060,7 +10060,7 @@ def ctl_cmd_reload(target, args):
 
 
 def _waited(status, ready) -> bool:
-    if status.get("state") == "completed":
+    if status.get("state") in ("completed", "scheduled"):     # a task, a periodic job: done
         return True
     wanted = status.get("max_processes", 0)
     if ready:
