@@ -18,7 +18,7 @@ but the Python standard library (CPython 3.8 and newer).
 Contents (``grep -n '^# §' gafferd.py`` prints this outline)
     § 1  constants and small helpers    limits, sizes, JSON, time formats
     § 2  errors                         ConfigError, ApiError, HttpError
-    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec / SocketSpec
+    § 3  configuration (pure)           INI -> TemplateSpec / EndpointSpec / SocketSpec, schedules
     § 4  process policy (pure)          lifecycle table, restart policy, rings, /proc
     § 5  events (pure)                  pattern matching and the event bus
     § 6  HTTP/1.1 protocol (pure)       request parser, responses, websocket
@@ -63,6 +63,7 @@ Error boundaries (everywhere else exceptions travel)
 
 Loop API offered to plugins (``start(loop, manager)``)
     loop.time()                          monotonic clock, seconds
+    loop.wall_time()                     Unix time (for dates, not intervals)
     loop.call_soon(cb, *args)            run cb on the next iteration
     loop.call_later(delay, cb, *args)    -> handle with .cancel(); delay
                                          at most MAX_DURATION (a week),
@@ -1213,6 +1214,230 @@ def _c_limit_action(value, ctx):
     return (action, _c_signal(sig.strip(), ctx) if colon else None)
 
 
+# -- schedules ------------------------------------------------------------------
+# ``schedule = CRON`` (five fields, as crontab(5)) or ``schedule = every
+# DURATION``: when a scheduled template runs (the ``Scheduler`` of §8
+# starts the runs).  Pure: a next time is computed from ``now`` (Unix time,
+# an argument), in UTC or in the local time zone through time.localtime
+# and time.mktime only.
+#
+# Rules, those of Vixie cron where crontab(5) leaves a choice:
+# * day of month and day of week: when both fields are restricted (neither
+#   starts with ``*``), a day matches if EITHER matches ("1 * mon": the 1st
+#   and every Monday); otherwise both must (an unrestricted field matches
+#   every day).
+# * a local time that does not exist (the hour skipped when summer time
+#   begins) runs once, at the end of the gap (02:30 -> 03:00 in Berlin);
+# * a local time that occurs twice (the hour repeated when summer time
+#   ends) runs once, at its first occurrence, unless the hour field starts
+#   with ``*`` (a job running every hour or more often also runs in the
+#   repeated hour, on real time).
+# * nothing is caught up: the next run is the first one after now.
+
+CRON_FIELDS = (      # name, lowest, highest, names (of lowest, lowest + 1, ...)
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep",
+                      "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+CRON_MACROS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+               "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *", "@yearly": "0 0 1 1 *",
+               "@annually": "0 0 1 1 *"}
+CRON_SEARCH_DAYS = 8 * 366 + 1       # 29 February can be 8 years away (2096 -> 2104)
+EVERY_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EVERY_RE = re.compile(r"([0-9]{1,9})([smhd]?)", re.ASCII)
+DAY = 86400
+
+
+def _cron_number(text, index) -> int:
+    name, lowest, highest, names = CRON_FIELDS[index]
+    if text.lower() in names:
+        return lowest + names.index(text.lower())
+    if not is_ascii_digits(text) or not lowest <= int(text) <= highest:
+        raise ValueError("%s field: %r is not %d-%d%s" % (
+            name, text, lowest, highest, " or a name (%s)" % ", ".join(names) if names else ""))
+    return int(text)
+
+
+def _cron_field(text, index) -> frozenset:
+    """One field (``*``, ``5``, ``1-5``, ``mon-fri``, ``*/15``, ``10-50/20``,
+    ``5/10`` = ``5-max/10``, lists of them) -> the set of values."""
+    name, lowest, highest, _ = CRON_FIELDS[index]
+    values = set()
+    for item in text.split(","):
+        span, slash, step_text = item.partition("/")
+        step = 1
+        if slash:
+            if not is_ascii_digits(step_text) or not 1 <= int(step_text) <= highest:
+                raise ValueError("%s field: step %r in %r is not 1-%d"
+                                 % (name, step_text, item, highest))
+            step = int(step_text)
+        if span == "*":
+            first, last = lowest, highest
+        elif "-" in span:
+            first, last = (_cron_number(v, index) for v in span.split("-", 1))
+            if first > last:
+                raise ValueError("%s field: range %r runs backwards" % (name, span))
+        else:
+            first = _cron_number(span, index)
+            last = highest if slash else first
+        values.update(range(first, last + 1, step))
+    if index == 4 and 7 in values:
+        values.discard(7)
+        values.add(0)                    # 7 is Sunday too
+    return frozenset(values)
+
+
+class Schedule:
+    """A parsed ``schedule``: ``every`` (seconds) or the five cron fields
+    as sets (``weekdays`` 0 = Sunday); ``day_or``: day of month and day
+    of week both restricted, so either matches; ``hour_star``: the hour
+    field starts with ``*`` (runs again in a repeated local hour)."""
+
+    __slots__ = ("text", "every", "minutes", "hours", "days", "months", "weekdays",
+                 "day_or", "hour_star")
+
+    def __init__(self, text, every=None, fields=None, day_or=False, hour_star=False):
+        self.text, self.every, self.day_or, self.hour_star = text, every, day_or, hour_star
+        self.minutes, self.hours, self.days, self.months, self.weekdays = \
+            fields or (None,) * 5
+
+    def __eq__(self, other):
+        return isinstance(other, Schedule) and self.text == other.text
+
+    def __repr__(self):
+        return "Schedule(%r)" % self.text
+
+    @classmethod
+    def parse(cls, value) -> "Schedule":
+        if isinstance(value, Schedule):
+            return value
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("%r: give five cron fields, @hourly, @daily, @weekly, "
+                             "@monthly or every DURATION (30s, 15m, 2h)" % (value,))
+        text = " ".join(value.split())
+        head, _, rest = text.partition(" ")
+        if head.lower() == "every":
+            return cls(text, every=parse_every(rest))
+        if head.startswith("@"):
+            if head.lower() not in CRON_MACROS or rest:
+                raise ValueError("%r: use %s" % (text, ", ".join(sorted(CRON_MACROS))))
+            fields_text = CRON_MACROS[head.lower()].split()
+        else:
+            fields_text = text.split()
+        if len(fields_text) != 5:
+            raise ValueError("%r has %d fields: use minute hour day-of-month month "
+                             "day-of-week, @daily or every DURATION" % (text, len(fields_text)))
+        fields = tuple(_cron_field(f, i) for i, f in enumerate(fields_text))
+        day_or = not fields_text[2].startswith("*") and not fields_text[4].startswith("*")
+        schedule = cls(text, fields=fields, day_or=day_or,
+                       hour_star=fields_text[1].startswith("*"))
+        if schedule.next_after(946684800.0, utc=True) is None:       # from 2000-01-01
+            raise ValueError("%r never runs (no month has that day)" % text)
+        return schedule
+
+    def day_matches(self, year, month, mday, weekday) -> bool:
+        """``weekday``: 0 = Sunday."""
+        if month not in self.months:
+            return False
+        dom, dow = mday in self.days, weekday in self.weekdays
+        return dom or dow if self.day_or else dom and dow
+
+    def next_after(self, now: float, utc: bool = True):
+        """The first run strictly after Unix time ``now`` (a float), or
+        None if there is none within CRON_SEARCH_DAYS (never, for a
+        schedule that passed ``parse``).  ``every`` schedules: now +
+        every."""
+        if self.every is not None:
+            return now + self.every
+        if utc:
+            day = int(now // DAY)
+        else:
+            day = int((now + time.localtime(now).tm_gmtoff) // DAY)
+        for day in range(day, day + CRON_SEARCH_DAYS):
+            g = time.gmtime(day * DAY)
+            if not self.day_matches(g.tm_year, g.tm_mon, g.tm_mday, (g.tm_wday + 1) % 7):
+                continue
+            for hour in sorted(self.hours):
+                for minute in sorted(self.minutes):
+                    if utc:
+                        instants = (float(day * DAY + hour * 3600 + minute * 60),)
+                    else:
+                        instants = local_instants(g.tm_year, g.tm_mon, g.tm_mday, hour, minute)
+                        instants = instants if self.hour_star else instants[:1]
+                    for when in instants:
+                        if when > now:
+                            return when
+        return None
+
+
+def parse_every(text) -> float:
+    """``30s``, ``15m``, ``2h``, ``1d``, ``1h30m``, ``90`` (seconds): from 1
+    second to MAX_DURATION (a week)."""
+    text = text.strip().lower()
+    parts = _EVERY_RE.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text or \
+            any(not unit for _, unit in parts[:-1]):
+        raise ValueError("every %r: use a duration such as 30s, 15m, 2h or 1h30m" % text)
+    seconds = sum(int(n) * EVERY_UNITS[u or "s"] for n, u in parts)
+    if not 1 <= seconds <= MAX_DURATION:
+        raise ValueError("every %s: %d seconds is not 1 second to %d (a week)"
+                         % (text, seconds, MAX_DURATION))
+    return float(seconds)
+
+
+def local_instants(year, month, mday, hour, minute) -> tuple:
+    """The Unix times at which the local clock reads this minute, earliest
+    first: one, two in a repeated hour, and for a minute skipped by a
+    change to summer time the end of the gap (its one instant)."""
+    wall = (year, month, mday, hour, minute)
+    found = set()
+    for isdst in (0, 1):
+        try:
+            when = time.mktime(wall + (0, 0, 0, isdst))
+        except (OverflowError, ValueError):
+            continue
+        if time.localtime(when)[:5] == wall:
+            found.add(when)
+    if found:
+        return tuple(sorted(found))
+    return (_gap_end(wall + (0,)),)
+
+
+def _gap_end(wall) -> float:
+    """The first instant whose local time is after ``wall``, a time that
+    does not exist: a binary search over the day around it (local time
+    only goes forward across a gap)."""
+    guess = int(time.mktime(wall + (0, 0, -1)))
+    low, high = guess - DAY, guess + DAY
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tuple(time.localtime(middle)[:6]) >= wall:
+            high = middle
+        else:
+            low = middle
+    return float(high)
+
+
+SCHEDULE_TIMEZONES = ("local", "utc")
+OVERLAP_MODES = ("skip", "allow", "restart")
+
+
+def _c_schedule(value, ctx):
+    return Schedule.parse(value)
+
+
+def _c_choice(choices):
+    def coerce(value, ctx):
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise ValueError("%r: use %s" % (value, " or ".join(choices)))
+        return text
+    return coerce
+
+
 # name -> (coerce(value, ctx), default, help).  The default is what the
 # daemon uses when the key is absent; ``cwd`` None means the config file's
 # directory (or the daemon's cwd for templates made over HTTP).
@@ -1303,6 +1528,13 @@ PROCESS_KEYS = collections.OrderedDict([
                    "seconds a limit must be exceeded before limit_action")),
     ("limit_action", (_c_limit_action, ("restart", None),
                       "restart, stop, log or signal:NAME when a limit is exceeded")),
+    ("schedule", (_c_schedule, None, "CRON (five fields or @daily...) or every DURATION: "
+                  "run to completion at these times (restart then defaults to never)")),
+    ("schedule_timezone", (_c_choice(SCHEDULE_TIMEZONES), "local",
+                           "local or utc: the clock the cron fields read")),
+    ("overlap", (_c_choice(OVERLAP_MODES), "skip",
+                 "skip, allow or restart: a run due while the last one still runs")),
+    ("run_on_start", (_c_bool, False, "a scheduled template also runs when loaded")),
 ])
 
 # Keys echoed as written (a user name stays a name, a path stays relative).
@@ -1358,7 +1590,7 @@ def _echo(value):
         return value.to_dict()
     if isinstance(value, Backoff):
         return value.to_list()
-    if isinstance(value, ReadySpec):
+    if isinstance(value, (ReadySpec, Schedule)):
         return value.text
     return value
 
@@ -1482,6 +1714,16 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     if clash:
         raise fail("custom_streams", "%s is also in sockets: LISTEN_FDNAMES and the custom "
                    "stream labels would name two fds alike" % ", ".join(sorted(clash)))
+    if "schedule" in values:
+        values.setdefault("restart", "never")      # a run ends; retries only when asked
+    else:
+        for key in ("schedule_timezone", "overlap", "run_on_start"):
+            if key in values:
+                problems.append(fail(key, "applies only to a template with a schedule"))
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise ConfigErrors(problems)
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
@@ -2315,7 +2557,12 @@ class RestartPolicy:
 
     @classmethod
     def of(cls, spec) -> "RestartPolicy":
-        return cls(spec.restart, spec.success_exit_codes, spec.startsecs, spec.restart_delay,
+        """The policy of ``spec``; a scheduled run ends with a success, so
+        its ``always`` retries failed runs only, as ``on-failure`` does."""
+        restart = spec.restart
+        if getattr(spec, "schedule", None) is not None and restart == "always":
+            restart = "on-failure"
+        return cls(restart, spec.success_exit_codes, spec.startsecs, spec.restart_delay,
                    spec.backoff, spec.start_retries)
 
     def success(self, exit_status, term_signal) -> bool:
@@ -2420,10 +2667,11 @@ def exit_text(exit_status, term_signal, core_dumped=False) -> str:
 
 
 TEMPLATE_STATES = ("stopped", "waiting", "starting", "running", "degraded", "backoff",
-                   "failed", "completed")
+                   "failed", "completed", "scheduled")
 
 
-def template_state(wanted: bool, waiting: bool, counts, blocked: bool = False) -> str:
+def template_state(wanted: bool, waiting: bool, counts, blocked: bool = False,
+                   scheduled: bool = False) -> str:
     """A template's state from how many of its slots are in each bucket
     (``Slot.bucket``); ``wanted`` is false when it was stopped on purpose,
     ``waiting`` true while its dependencies do not hold, ``blocked`` true
@@ -2433,10 +2681,11 @@ def template_state(wanted: bool, waiting: bool, counts, blocked: bool = False) -
     slot exited with a success; failed: nothing up or retrying and some
     slot failed (or exited unsuccessfully); degraded: some up, some in
     backoff or failed; backoff: nothing up, a restart scheduled; starting:
-    some slot not yet ready; running: every slot ready (or none wanted).
+    some slot not yet ready; running: every slot ready (or none wanted);
+    scheduled: not wanted between two runs of an active ``schedule``.
     """
     if not wanted:
-        return "stopped"
+        return "scheduled" if scheduled else "stopped"
     if blocked:
         return "failed"
     if waiting:
@@ -3250,8 +3499,8 @@ class Loop:
 
     Loop(time_func=time.monotonic, wall_func=time.time): ``time_func`` is
     its clock (monotonic seconds) and ``wall_func`` the Unix time used
-    only to report loop times as dates (``unix_time``); tests pass their
-    own instead of patching the module.
+    only for dates (``unix_time`` for reports, ``wall_time`` for
+    schedules); tests pass their own instead of patching the module.
 
     One iteration (``run_once``): select() until the first live timer is
     due (at once when callbacks are ready; never a fixed tick, at most
@@ -3330,6 +3579,11 @@ class Loop:
     def unix_time(self, when: float) -> float:
         """Loop time ``when`` as Unix time (seconds), for reports."""
         return round(self._wall_func() - (self._time_func() - when), 3)
+
+    def wall_time(self) -> float:
+        """Unix time now (the injectable wall clock): for what runs at
+        dates (schedules), never to measure an interval."""
+        return self._wall_func()
 
     def call_soon(self, callback, *args) -> Handle:
         handle = Handle(0, 0, callback, args)
@@ -3638,6 +3892,7 @@ class MemoryTrimmer:
 # groups.  The Manager keeps the API and the template operations and hands
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
+# ``Scheduler`` (``schedule``: when a periodic template runs),
 # ``Spawner`` (spawn queue, budget, exec), ``Rollout`` (a rolling restart),
 # ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
@@ -4567,6 +4822,7 @@ class Template:
         self.last_error = None
         self.created = now
         self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
+        self.sched = None                      # ScheduleState when it has a schedule
 
     @property
     def group(self):
@@ -4582,11 +4838,15 @@ class Template:
         self.policy = RestartPolicy.of(spec)
 
     def summary(self, loop) -> dict:
-        """The gaffer 0.4.4 status keys and the lifecycle summary."""
-        return {"active": bool(self.running), "running": len(self.running),
-                "max_processes": self.numprocesses, "state": self.state,
-                "ready": self.counts[RUNNING], "restarts": self.restarts,
-                "last_exit": self.last_exit, "waiting_for": list(self.waiting_for)}
+        """The gaffer 0.4.4 status keys and the lifecycle summary (and
+        ``schedule`` for a template that has one)."""
+        out = {"active": bool(self.running), "running": len(self.running),
+               "max_processes": self.numprocesses, "state": self.state,
+               "ready": self.counts[RUNNING], "restarts": self.restarts,
+               "last_exit": self.last_exit, "waiting_for": list(self.waiting_for)}
+        if self.sched is not None:
+            out["schedule"] = self.sched.report(self.spec, loop)
+        return out
 
     def status(self, loop=None) -> dict:
         out = self.summary(loop)
@@ -4954,7 +5214,7 @@ class Manager:
 
     What is not the API's lives with collaborators the manager owns (each
     with its contract): ``lifecycle`` (``Lifecycle``), ``dependencies``,
-    ``spawner``, ``reaper``, ``shutdown``, ``groups_left``
+    ``scheduler``, ``spawner``, ``reaper``, ``shutdown``, ``groups_left``
     (``GroupCleaner``) and ``limits`` (``ResourceWatch``).  Applications and plugins do not call them.
     """
 
@@ -4988,6 +5248,7 @@ class Manager:
         self.sockets = None                            # HeldSockets (§12), given by the daemon
         self.rollouts = {}                             # template name -> its Rollout
         self.dependencies = Dependencies(self)
+        self.scheduler = Scheduler(self)
         self.shutdown = Shutdown(self)
         self.syslog_senders = {}                       # address -> SyslogSender (metrics)
         self.daemon_syslog = None                      # the daemon's own (metrics)
@@ -5076,7 +5337,10 @@ class Manager:
         if spec.group:
             self.groups.setdefault(spec.group, []).append(spec.name)
         self._emit("create", spec.name, per_process=False)
-        if spec.start if start is None else start:
+        start = spec.start if start is None else start
+        if spec.schedule is not None:
+            self.scheduler.attach(t, paused=not start)   # runs at its times, not now
+        elif start:
             self._start(t)
         return t
 
@@ -5113,7 +5377,12 @@ class Manager:
         self._stop(t)
         t.take_spec(spec)
         self._emit("update", t.name, per_process=False)
-        if spec.start if start is None else start:
+        start = spec.start if start is None else start
+        if spec.schedule is not None:
+            self.scheduler.attach(t, paused=not start)
+            return
+        self.scheduler.detach(t)
+        if start:
             self._start(t, events=False)
 
     def reload_templates(self, specs, dry_run=False) -> dict:
@@ -5179,6 +5448,7 @@ class Manager:
     def remove_process(self, name):
         t = self.get_template(name)
         self._stop(t)
+        self.scheduler.detach(t)
         del self.processes[name]
         if t.group and name in self.groups.get(t.group, []):
             self.groups[t.group].remove(name)
@@ -5186,8 +5456,11 @@ class Manager:
 
     def start_process(self, name, deps=True):
         """Start ``name``; with ``deps``, first the dependencies it would
-        otherwise wait for in vain (``Dependencies.to_start``)."""
+        otherwise wait for in vain (``Dependencies.to_start``).  A
+        scheduled template runs now, and its schedule resumes."""
         t = self.get_template(name)
+        if t.sched is not None:
+            self.scheduler.resume(t)
         if deps:
             for d in self.dependencies.to_start(t):
                 self._start(d)
@@ -5197,8 +5470,11 @@ class Manager:
         name, pid = _parse_target(name_or_id)
         if pid is not None:
             self._stop_one(self.running[pid], "stop_pid")
-        else:
-            self._stop(self.get_template(name))
+            return
+        t = self.get_template(name)
+        if t.sched is not None:
+            self.scheduler.pause(t)             # until the next start
+        self._stop(t)
 
     def restart_process(self, name, rolling=None, watcher=None):
         """Restart ``name``: all new processes first, then the old ones
@@ -5217,6 +5493,8 @@ class Manager:
         if not t.wanted or t.waiting or t.blocked:
             self._start(t, events=False)    # nothing to replace; through its dependencies
             return
+        if t.sched is not None:
+            self.scheduler.starting(t, again=True)
         old = [s for s in t.slots if s.proc is not None]
         for slot in [s for s in t.slots if s.proc is None]:
             self.lifecycle.feed(t, slot, START)            # backoff, failed, exited: again now
@@ -5435,6 +5713,8 @@ class Manager:
         again now, missing ones are added; unless its dependencies do not
         hold yet (it is ``waiting``) or never can (``failed``)."""
         self._want(t)
+        if t.sched is not None:
+            self.scheduler.starting(t)
         if events:
             self._emit("start", t.name)
         if self.dependencies.held_back(t):
@@ -5453,6 +5733,8 @@ class Manager:
         was_wanted = t.wanted or t.never_started
         t.wanted, t.never_started = False, False
         t.waiting, t.waiting_for, t.blocked = False, [], None   # judged again at the next start
+        if t.sched is not None:
+            self.scheduler.stopped(t)
         if was_wanted or t.slots:
             self._emit("stop", t.name)
             for slot in list(t.slots):
@@ -5676,7 +5958,8 @@ class Lifecycle:
     actions have been performed, ``t.counts`` matches the slots' buckets,
     ``t.state`` is ``template_state`` of the template and a change of it
     has been published (and the waiting templates scheduled for a
-    re-check).  An impossible transition is logged as a bug and changes
+    re-check; a scheduled template's run ended once nothing of it is
+    left going: ``Scheduler.observe``).  An impossible transition is logged as a bug and changes
     nothing.  A backoff timer feeds ``backoff_elapsed`` only while the
     template is eligible to run.
 
@@ -5712,7 +5995,10 @@ class Lifecycle:
         self.update_state(t)
 
     def update_state(self, t):
-        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked))
+        if t.sched is not None:
+            self.manager.scheduler.observe(t)          # may end a run (t.wanted false)
+        scheduled = t.sched is not None and not t.sched.paused and not self.manager.stopping
+        state = template_state(t.wanted, t.waiting, t.counts, bool(t.blocked), scheduled)
         if state == t.state:
             return
         previous, t.state = t.state, state
@@ -6068,6 +6354,226 @@ class ExecControls:
             for fd in self._report:
                 close_quietly(fd)
             self._report = None
+class ScheduleState:
+    """The schedule side of one scheduled template (``Template.sched``):
+    ``paused`` (by a stop, until a start), ``due`` (the next run: loop
+    time for ``every``, Unix time for cron; None when paused or never),
+    ``timer``, the run in progress (``run_started``, loop time, None
+    between runs) and what the last finished run left: ``last_run`` (its
+    start, Unix time), ``last_exit`` (exit status of its last process,
+    128 + N when killed by signal N), ``last_duration`` (seconds),
+    ``last_success`` (Unix time the last successful run ended), ``runs``,
+    ``failures`` and ``skipped`` (runs not started, ``overlap = skip``)."""
+
+    __slots__ = ("paused", "due", "timer", "run_started", "busy_seen", "last_run",
+                 "last_exit", "last_duration", "last_success", "runs", "failures", "skipped")
+
+    def __init__(self):
+        self.paused, self.due, self.timer = False, None, None
+        self.run_started, self.busy_seen = None, False
+        self.last_run = self.last_exit = self.last_duration = self.last_success = None
+        self.runs = self.failures = self.skipped = 0
+
+    def next_run(self, spec, loop):
+        """The next run as Unix time (seconds), or None."""
+        if self.due is None or loop is None:
+            return None
+        if spec.schedule.every is not None:
+            return loop.unix_time(self.due)
+        return round(self.due, 3)
+
+    def report(self, spec, loop) -> dict:
+        return {"schedule": spec.schedule.text, "timezone": spec.schedule_timezone,
+                "overlap": spec.overlap, "paused": self.paused,
+                "running": self.run_started is not None,
+                "next_run": self.next_run(spec, loop), "last_run": self.last_run,
+                "last_exit": self.last_exit, "last_duration": self.last_duration,
+                "last_success": self.last_success, "runs": self.runs,
+                "failures": self.failures, "skipped": self.skipped}
+
+
+class Scheduler:
+    """The ``schedule`` of a Manager's templates: one timer per scheduled
+    template, armed for its next run; nothing wakes in between.
+
+    Owns ``t.sched`` (a ``ScheduleState``) of every template with a
+    schedule: its pause, next due time, the run in progress and the facts
+    /status and /metrics report.  A run is the template started as any
+    other (``Manager._start``, through its dependencies); it ends when no
+    slot is starting, running, in backoff or stopping any more, and the
+    template then waits in state ``scheduled`` (not wanted, its slots left
+    as they ended) for the next run.  A run still going when the next is
+    due: ``overlap = skip`` skips the new one, ``allow`` adds
+    ``numprocesses`` more slots to the run (the runs are reported as one,
+    from the first start to the last exit), ``restart`` replaces the
+    processes (the run starts again).
+
+    Time: ``every`` counts loop (monotonic) time, in phase with the
+    arming, so a change of the wall clock moves nothing.  A cron schedule
+    is due at a Unix time: its timer is armed for the difference to the
+    loop's wall clock, and when it fires the wall clock is read again:
+    early (the clock was set back, or the wait was longer than a timer
+    may be) arms it again; late (the clock jumped forward) runs once now.
+    The next run is always the first one after now: runs missed while the
+    daemon was down or the clock jumped are not caught up.
+
+    Called by the manager: ``attach`` when a template with a schedule is
+    added or updated (``detach`` when removed or no longer scheduled),
+    ``resume`` before a start asked for (``_start`` runs it now),
+    ``pause`` at a stop asked for, ``starting`` at every template start,
+    ``stopped`` at every template stop; and by ``Lifecycle.update_state``
+    (``observe``) after each slot change, which ends the run.
+    """
+
+    BUSY = (STARTING, RUNNING, BACKOFF, STOPPING)
+
+    def __init__(self, manager):
+        self.manager, self.loop = manager, manager.loop
+
+    def attach(self, t, paused: bool) -> None:
+        """Schedule ``t`` (a new template, or one whose definition
+        changed: its record is kept); ``run_on_start`` runs a new one now."""
+        first = t.sched is None
+        s = t.sched = t.sched or ScheduleState()
+        s.paused, s.due, s.run_started, s.busy_seen = paused, None, None, False
+        self._arm(t)
+        if first and not paused and t.spec.run_on_start:
+            self._run(t)
+        self.manager.lifecycle.update_state(t)
+
+    def detach(self, t) -> None:
+        if t.sched is not None:
+            self._cancel(t.sched)
+            t.sched = None
+
+    def resume(self, t) -> None:
+        s = t.sched
+        s.paused = False
+        if s.timer is None:
+            self._arm(t)
+
+    def pause(self, t) -> None:
+        s = t.sched
+        s.paused = True
+        self._cancel(s)
+
+    def starting(self, t, again=False) -> None:
+        """``t`` is being started: the start of a run, unless one is going
+        (``again``: a restart starts it anew)."""
+        s = t.sched
+        if s.run_started is None or again:
+            s.run_started, s.busy_seen = self.loop.time(), False
+            s.last_run = round(self.loop.wall_time(), 3)
+
+    def stopped(self, t) -> None:
+        """``t`` was stopped: a run in progress ends unrecorded."""
+        t.sched.run_started, t.sched.busy_seen = None, False
+
+    def observe(self, t) -> None:
+        """After a slot change: end the run once nothing is left going."""
+        s = t.sched
+        if s.run_started is None or not t.wanted or t.waiting:
+            return
+        if any(t.counts[state] for state in self.BUSY):
+            s.busy_seen = True
+        elif s.busy_seen:
+            self._finish(t)
+
+    # -- timers ------------------------------------------------------------------------
+    @staticmethod
+    def _cancel(s):
+        if s.timer is not None:
+            s.timer.cancel()
+        s.timer, s.due = None, None
+
+    def _arm(self, t, fired=None) -> None:
+        """Arm the timer of the next run after now (after ``fired``, the due
+        time just run, for ``every`` to keep its phase)."""
+        s, schedule = t.sched, t.spec.schedule
+        self._cancel(s)
+        if s.paused or self.manager.stopping:
+            return
+        now = self.loop.time()
+        if schedule.every is not None:
+            due = now + schedule.every if fired is None else fired + schedule.every
+            if due <= now:                                  # not caught up
+                due += ((now - due) // schedule.every + 1) * schedule.every
+            s.due = due
+            s.timer = self.loop.call_at(due, self._fire, t)
+            return
+        wall = self.loop.wall_time()
+        s.due = schedule.next_after(max(wall, fired or wall),
+                                    utc=t.spec.schedule_timezone == "utc")
+        if s.due is not None:
+            self._set_timer(t, wall)
+
+    def _set_timer(self, t, wall):
+        s = t.sched
+        delay = min(max(0.0, s.due - wall), self.loop.MAX_DELAY)
+        s.timer = self.loop.call_later(delay, self._fire, t)
+
+    def _fire(self, t) -> None:
+        s = t.sched
+        if s is None or s.timer is None or self.manager.processes.get(t.name) is not t:
+            return
+        s.timer = None
+        if self.manager.stopping or s.paused:
+            return
+        if t.spec.schedule.every is None:
+            wall = self.loop.wall_time()
+            if wall < s.due:                 # the clock was set back, or a long wait
+                self._set_timer(t, wall)
+                return
+        fired = s.due
+        self._run(t)
+        self._arm(t, fired)
+
+    # -- runs --------------------------------------------------------------------------
+    def _run(self, t) -> None:
+        """A run is due now."""
+        s, m = t.sched, self.manager
+        if s.run_started is None:
+            if t.numprocesses:                  # numprocesses = 0: nothing to run
+                m._start(t)
+            return
+        mode = t.spec.overlap
+        if mode == "skip":
+            s.skipped += 1
+            log.info("%s: a run is due while the last one still runs; skipped "
+                     "(overlap = skip)", t.name)
+        elif mode == "restart":
+            log.info("%s: a run is due while the last one still runs; restarting it "
+                     "(overlap = restart)", t.name)
+            m.restart_process(t.name)
+        else:
+            t.numprocesses = min(t.numprocesses + t.spec.numprocesses,
+                                 RANGES["numprocesses"][1])
+            s.last_run = round(self.loop.wall_time(), 3)
+            m._manage(t)
+
+    def _finish(self, t) -> None:
+        """Every process of the run ended: record it, go back to waiting."""
+        s, m = t.sched, self.manager
+        duration = self.loop.time() - s.run_started
+        s.run_started, s.busy_seen = None, False
+        s.runs += 1
+        s.last_duration = round(duration, 3)
+        last = t.last_exit or {}
+        s.last_exit = 128 + last["term_signal"] if last.get("term_signal") else \
+            last.get("exit_status")
+        ok = all(slot.state == EXITED and slot.ok for slot in t.slots)
+        if ok:
+            s.last_success = round(self.loop.wall_time(), 3)
+        else:
+            s.failures += 1
+        t.wanted = False
+        if t.numprocesses != t.spec.numprocesses:          # the extra slots of overlap = allow
+            t.numprocesses = t.spec.numprocesses
+            for slot in sorted(t.slots, key=lambda slot: slot.index)[t.numprocesses:]:
+                m._stop_slot(t, slot, "reap")
+        log.log(logging.INFO if ok else logging.WARNING, "%s: scheduled run %s after %.1fs "
+                "(last exit status %s)", t.name, "succeeded" if ok else "failed", duration,
+                s.last_exit)
 
 
 class Spawner:
@@ -8885,6 +9391,26 @@ class Api:
                "max_memory or max_cpu for limit_for seconds (limit_action ran).",
                [({"name": name, "limit": limit}, n)
                 for (name, limit), n in sorted(m.limits.trips.items())])
+        scheduled = [t for t in templates if t.sched is not None]
+        metric("gafferd_schedule_last_success_timestamp_seconds", "gauge",
+               "Unix time the last successful run of a scheduled template ended (0: none yet).",
+               [({"name": t.name}, t.sched.last_success or 0) for t in scheduled])
+        metric("gafferd_schedule_last_exit_status", "gauge", "Exit status of the last run of "
+               "a scheduled template (128 + N: killed by signal N; -1: no run yet).",
+               [({"name": t.name}, -1 if t.sched.last_exit is None else t.sched.last_exit)
+                for t in scheduled])
+        metric("gafferd_schedule_next_run_timestamp_seconds", "gauge",
+               "Unix time of the next run of a scheduled template (0: paused or none).",
+               [({"name": t.name}, t.sched.next_run(t.spec, self.loop) or 0)
+                for t in scheduled])
+        metric("gafferd_schedule_runs_total", "counter", "Finished runs of a scheduled "
+               "template, by result (succeeded, failed).",
+               [({"name": t.name, "result": r}, n) for t in scheduled
+                for r, n in (("succeeded", t.sched.runs - t.sched.failures),
+                             ("failed", t.sched.failures))])
+        metric("gafferd_schedule_skipped_total", "counter",
+               "Runs not started because the last one still ran (overlap = skip).",
+               [({"name": t.name}, t.sched.skipped) for t in scheduled])
         uptime, cpu, rss, fds = [], [], [], []
         for p, sample in m.resource_samples():
             labels = {"name": p.name, "id": p.id}
@@ -11355,7 +11881,7 @@ def ctl_cmd_reload(target, args):
 
 
 def _waited(status, ready) -> bool:
-    if status.get("state") == "completed":
+    if status.get("state") in ("completed", "scheduled"):     # a task, a periodic job: done
         return True
     wanted = status.get("max_processes", 0)
     if ready:
