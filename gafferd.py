@@ -463,6 +463,16 @@ class HttpError(Exception):
         self.status, self.code, self.message = status, code, message or code
 
 
+class ResponseError(Exception):
+    """A response the client cannot read; ``str()`` names the problem
+    (``malformed status line``, ``response body over 4194304 bytes``,
+    ``connection closed after 3 of 10 body bytes``...)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
 class SpawnError(Exception):
     """A template that cannot be started (bad user, variable, cwd, exec)."""
 
@@ -2323,8 +2333,9 @@ class EventBus:
 
 # § 6 HTTP/1.1 protocol (pure) ---------------------------------------------
 # Owns: turning bytes into ``Request`` objects (RFC 9112 framing with
-# this server's limits), rendering response heads, chunked and SSE
-# framing, and RFC 6455 websocket frames.  Never touches a socket: the
+# this server's limits) and, for the client (§9), into ``Response``
+# objects, with one chunked-body decoder for both; rendering response
+# heads, chunked and SSE framing, and RFC 6455 websocket frames.  Never touches a socket: the
 # server (§12) feeds bytes in and writes bytes out.  Uses §1-§2.
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
@@ -2365,6 +2376,86 @@ class Request:
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
 
 
+def parse_header_lines(lines, error) -> dict:
+    """Header field lines (bytes, without CRLF) -> {lower-case name:
+    value}, repeated fields joined with ", " (RFC 9110 5.3); a malformed
+    line, or two Content-Length or Host fields that disagree, raise
+    ``error(400, "bad_request", message)``."""
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN_RE.match(name) or not _HEADER_VALUE_RE.match(value):
+            raise error(400, "bad_request", "malformed header line")
+        key = name.decode("ascii").lower()
+        value = value.strip(b" \t").decode("latin-1")
+        if key in headers:
+            if key in ("content-length", "host"):
+                if headers[key] != value:
+                    raise error(400, "bad_request", "conflicting %s headers" % key)
+                continue
+            headers[key] = headers[key] + ", " + value
+        else:
+            headers[key] = value
+    return headers
+
+
+class ChunkedDecoder:
+    """Decodes one chunked body (RFC 9112 7.1) from the front of a buffer
+    that its owner keeps filling; shared by the request and the response
+    parsers.
+
+    ``decode(buf)`` consumes what it can from the bytearray ``buf`` and
+    returns True once the last chunk and the trailer section (ignored)
+    are in, leaving whatever follows in ``buf``; ``body`` is the decoded
+    bytearray.  A malformed body raises ``error(status, code, message)``
+    with a message that names the problem; a body over ``max_body`` bytes
+    is one (``"<what> body over N bytes"``), as are a chunk-size line over
+    1 KiB and a trailer line over MAX_HEADER_BYTES.
+    """
+
+    def __init__(self, max_body: int, what: str, error):
+        self.max_body, self.what, self.error = max_body, what, error
+        self.body = bytearray()
+        self._state = "size"          # size -> data -> size ... -> trailer
+        self._left = 0                # bytes of the current chunk not yet in
+
+    def decode(self, buf: bytearray) -> bool:
+        while True:
+            if self._state == "size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise self.error(400, "bad_request", "bad chunk size line")
+                    return False
+                size_text = bytes(buf[:end]).split(b";")[0].strip()
+                del buf[:end + 2]
+                if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,8}$", size_text):
+                    raise self.error(400, "bad_request", "bad chunk size")
+                self._left = int(size_text, 16)
+                if len(self.body) + self._left > self.max_body:
+                    raise self.error(413, "body_too_large",
+                                     "%s body over %d bytes" % (self.what, self.max_body))
+                self._state = "data" if self._left else "trailer"
+            elif self._state == "data":
+                if len(buf) < self._left + 2:
+                    return False
+                if buf[self._left:self._left + 2] != b"\r\n":
+                    raise self.error(400, "bad_request", "chunk data not followed by CRLF")
+                self.body += buf[:self._left]
+                del buf[:self._left + 2]
+                self._state = "size"
+            else:                                  # trailer section, ignored
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEADER_BYTES:
+                        raise self.error(431, "headers_too_large", "trailer too large")
+                    return False
+                line = bytes(buf[:end])
+                del buf[:end + 2]
+                if not line:
+                    return True
+
+
 class RequestParser:
     """Incremental request parser: ``feed(bytes)``, then ``next()`` returns
     a complete Request or None (more bytes needed) and raises HttpError.
@@ -2378,7 +2469,7 @@ class RequestParser:
         self.buf = bytearray()
         self.waiting_body = None
         self._length = None          # remaining Content-Length, or None for chunked
-        self._chunks = None          # bytearray of a chunked body being decoded
+        self._chunked = None         # the ChunkedDecoder of a chunked body, while it lasts
 
     @property
     def idle(self) -> bool:
@@ -2394,11 +2485,11 @@ class RequestParser:
                 return None
             self.waiting_body = request
         request = self.waiting_body
-        if self._chunks is not None:
-            if not self._parse_chunked():
+        if self._chunked is not None:
+            if not self._chunked.decode(self.buf):
                 return None
-            request.body = bytes(self._chunks)
-            self._chunks = None
+            request.body = bytes(self._chunked.body)
+            self._chunked = None
         elif self._length:
             if len(self.buf) < self._length:
                 return None
@@ -2442,21 +2533,7 @@ class RequestParser:
         if not (target.startswith(b"/") or target == b"*") or \
                 any(c < 0x21 or c == 0x7f for c in target):
             raise HttpError(400, "bad_request", "malformed request target")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN_RE.match(name) or not _HEADER_VALUE_RE.match(value):
-                raise HttpError(400, "bad_request", "malformed header line")
-            key = name.decode("ascii").lower()
-            value = value.strip(b" \t").decode("latin-1")
-            if key in headers:
-                if key in ("content-length", "host"):
-                    if headers[key] != value:
-                        raise HttpError(400, "bad_request", "conflicting %s headers" % key)
-                    continue
-                headers[key] = headers[key] + ", " + value
-            else:
-                headers[key] = value
+        headers = parse_header_lines(lines[1:], HttpError)
         request = Request(method.decode("ascii"), target.decode("latin-1"),
                           version.decode("ascii"), headers)
         if request.version == "HTTP/1.1" and "host" not in headers:
@@ -2465,9 +2542,7 @@ class RequestParser:
         if te is not None:
             if te.strip().lower() != "chunked" or "content-length" in headers:
                 raise HttpError(400, "bad_request", "unsupported Transfer-Encoding")
-            self._chunks = bytearray()
-            self._chunk_state = "size"
-            self._chunk_left = 0
+            self._chunked = ChunkedDecoder(self.max_body, "request", HttpError)
         elif "content-length" in headers:
             # RFC 9110 8.6: 1*DIGIT, ASCII only (str.isdigit() takes '\xb2',
             # which int() then refuses, and a 500 would desynchronize).
@@ -2480,42 +2555,137 @@ class RequestParser:
                                 "request body over %d bytes" % self.max_body)
         return request
 
-    def _parse_chunked(self) -> bool:
-        """Decode as much of a chunked body as has arrived; True when done."""
-        while True:
-            if self._chunk_state == "size":
-                end = self.buf.find(b"\r\n")
-                if end < 0:
-                    if len(self.buf) > 1024:
-                        raise HttpError(400, "bad_request", "bad chunk size line")
-                    return False
-                size_text = bytes(self.buf[:end]).split(b";")[0].strip()
-                del self.buf[:end + 2]
-                if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,8}$", size_text):
-                    raise HttpError(400, "bad_request", "bad chunk size")
-                self._chunk_left = int(size_text, 16)
-                if len(self._chunks) + self._chunk_left > self.max_body:
-                    raise HttpError(413, "body_too_large",
-                                    "request body over %d bytes" % self.max_body)
-                self._chunk_state = "data" if self._chunk_left else "trailer"
-            elif self._chunk_state == "data":
-                if len(self.buf) < self._chunk_left + 2:
-                    return False
-                if self.buf[self._chunk_left:self._chunk_left + 2] != b"\r\n":
-                    raise HttpError(400, "bad_request", "chunk data not followed by CRLF")
-                self._chunks += self.buf[:self._chunk_left]
-                del self.buf[:self._chunk_left + 2]
-                self._chunk_state = "size"
-            else:                                  # trailer section, ignored
-                end = self.buf.find(b"\r\n")
-                if end < 0:
-                    if len(self.buf) > MAX_HEADER_BYTES:
-                        raise HttpError(431, "headers_too_large", "trailer too large")
-                    return False
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                if not line:
-                    return True
+
+def _response_error(status, code, message):
+    """The ``error`` of the shared helpers, for a response: the request
+    status they carry means nothing here."""
+    return ResponseError(message)
+
+
+class Response:
+    """One parsed response: ``status`` (int), ``reason``, ``version``,
+    ``headers`` (lower-case names, repeats joined with ", ") and
+    ``body`` (bytes, de-chunked)."""
+
+    __slots__ = ("version", "status", "reason", "headers", "body")
+
+    def __init__(self, version, status, reason, headers):
+        self.version, self.status, self.reason, self.headers = version, status, reason, headers
+        self.body = b""
+
+
+_STATUS_LINE_RE = re.compile(rb"^HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?$")
+
+
+class ResponseParser:
+    """Incremental response parser, the client's counterpart of
+    ``RequestParser``: ``feed(bytes)`` as bytes arrive, ``feed_eof()``
+    when the peer has closed, and ``next()`` returns the next complete
+    Response or None (more bytes needed); the bytes after it stay in
+    ``buf`` for the next call (pipelined responses).
+
+    Framing follows RFC 9112 6.3: interim 1xx responses are skipped
+    (101 is an error: this client never asks to switch protocols); a
+    response to HEAD, a 204 and a 304 have no body; then
+    ``Transfer-Encoding: chunked``, then ``Content-Length``, and else the
+    body runs until the connection closes.  ``method`` is the method of
+    the request(s) answered.
+
+    Limits: a head over ``max_head`` bytes and a body over ``max_body``
+    bytes raise ResponseError, as does every malformed input, with a
+    message that names the problem; so does ``next()`` after
+    ``feed_eof()`` when a response was cut short.
+    """
+
+    def __init__(self, method="GET", max_body=4 << 20, max_head=MAX_HEADER_BYTES):
+        self.method = method.upper()
+        self.max_body, self.max_head = max_body, max_head
+        self.buf = bytearray()
+        self.eof = False
+        self._response = None        # head parsed, body still arriving
+        self._length = None          # Content-Length of that body, or None
+        self._chunked = None         # its ChunkedDecoder, or None
+
+    def feed(self, data: bytes) -> None:
+        if self.eof:
+            raise ResponseError("data after the end of input")
+        self.buf += data
+
+    def feed_eof(self) -> None:
+        self.eof = True
+
+    def next(self):
+        while self._response is None:
+            response = self._parse_head()
+            if response is None:
+                return None
+            if response.status == 101:
+                raise ResponseError("unexpected 101 Switching Protocols")
+            if response.status >= 200:
+                self._response = response
+        response = self._response
+        if self._chunked is not None:
+            if not self._chunked.decode(self.buf):
+                if self.eof:
+                    raise ResponseError("connection closed in a chunked body")
+                return None
+            response.body = bytes(self._chunked.body)
+        elif self._length is not None:
+            if len(self.buf) < self._length:
+                if self.eof:
+                    raise ResponseError("connection closed after %d of %d body bytes"
+                                        % (len(self.buf), self._length))
+                return None
+            response.body = bytes(self.buf[:self._length])
+            del self.buf[:self._length]
+        elif self._has_body(response):                 # delimited by the close
+            if len(self.buf) > self.max_body:
+                raise ResponseError("response body over %d bytes" % self.max_body)
+            if not self.eof:
+                return None
+            response.body = bytes(self.buf)
+            self.buf.clear()
+        self._response = self._length = self._chunked = None
+        return response
+
+    def _has_body(self, response) -> bool:
+        return self.method != "HEAD" and response.status not in (204, 304)
+
+    def _parse_head(self):
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > self.max_head:
+                raise ResponseError("response head over %d bytes" % self.max_head)
+            if self.eof and self.buf:
+                raise ResponseError("connection closed in the response head")
+            return None
+        if end > self.max_head:
+            raise ResponseError("response head over %d bytes" % self.max_head)
+        lines = bytes(self.buf[:end]).split(b"\r\n")
+        del self.buf[:end + 4]
+        m = _STATUS_LINE_RE.match(lines[0])
+        if not m:
+            raise ResponseError("malformed status line %r" % lines[0][:80])
+        headers = parse_header_lines(lines[1:], _response_error)
+        response = Response("HTTP/" + m.group(1).decode("ascii"), int(m.group(2)),
+                            (m.group(3) or b"").decode("latin-1"), headers)
+        if response.status < 200 or not self._has_body(response):
+            return response
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if "content-length" in headers:
+                raise ResponseError("both Transfer-Encoding and Content-Length")
+            if te.split(",")[-1].strip().lower() == "chunked":
+                self._chunked = ChunkedDecoder(self.max_body, "response", _response_error)
+            # another final coding: the body runs until the close
+        elif "content-length" in headers:
+            length = headers["content-length"].strip(" \t")
+            if not is_ascii_digits(length) or len(length) > 15:
+                raise ResponseError("bad Content-Length %r" % length[:20])
+            self._length = int(length)
+            if self._length > self.max_body:
+                raise ResponseError("response body over %d bytes" % self.max_body)
+        return response
 
 
 def reason(status: int) -> str:
@@ -5965,14 +6135,15 @@ class _DnsLookup:
 
 
 class _ClientRequest:
-    """One HTTP request on the loop; see ``http_request``."""
+    """One HTTP request on the loop; see ``http_request``.  The socket
+    callbacks only move bytes: the ResponseParser of §6 reads them."""
 
     MAX_RESPONSE = 4 << 20
 
     def __init__(self, loop, method, url, body, headers, timeout, callback, max_response=None):
         self.loop, self.callback = loop, callback
-        if max_response is not None:
-            self.MAX_RESPONSE = max_response
+        self.parser = ResponseParser(method, self.MAX_RESPONSE if max_response is None
+                                     else max_response)
         parts = urllib.parse.urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -5987,7 +6158,6 @@ class _ClientRequest:
                 "User-Agent: gafferd/%s" % GAFFERD_VERSION]
         head.extend("%s: %s" % kv for kv in (headers or {}).items())
         self.out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        self.response = bytearray()
         self.sock = None
         self.done = False
         self.timer = loop.call_later(timeout, self._fail, "timed out after %ss" % timeout)
@@ -6073,51 +6243,22 @@ class _ClientRequest:
             except OSError as exc:
                 self._fail(str(exc))
                 return
+            try:
+                if data:
+                    self.parser.feed(data)
+                else:
+                    self.parser.feed_eof()
+                response = self.parser.next()
+            except ResponseError as exc:
+                self._fail(exc.message)
+                return
+            if response is not None:
+                self._close()
+                self.callback(response.status, response.body, None)
+                return
             if not data:
-                self._finish()
+                self._fail("connection closed before a response")
                 return
-            self.response += data
-            if len(self.response) > self.MAX_RESPONSE:
-                self._fail("response too large")
-                return
-            if self._complete():
-                self._finish()
-                return
-
-    def _complete(self) -> bool:
-        end = self.response.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        head = bytes(self.response[:end]).lower()
-        m = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
-        if m:
-            return len(self.response) >= end + 4 + int(m.group(1))
-        if b"chunked" in head:
-            return self.response.endswith(b"0\r\n\r\n")
-        return False
-
-    def _finish(self):
-        end = self.response.find(b"\r\n\r\n")
-        m = re.match(rb"^HTTP/1\.[01] (\d{3})", bytes(self.response[:16]))
-        if end < 0 or not m:
-            self._fail("malformed response")
-            return
-        body = bytes(self.response[end + 4:])
-        if b"chunked" in bytes(self.response[:end]).lower():
-            decoded = bytearray()
-            while body:
-                size_line, _, rest = body.partition(b"\r\n")
-                try:
-                    size = int(size_line.split(b";")[0], 16)
-                except ValueError:
-                    break
-                if size == 0:
-                    break
-                decoded += rest[:size]
-                body = rest[size + 2:]
-            body = bytes(decoded)
-        self._close()
-        self.callback(int(m.group(1)), body, None)
 
     def _fail(self, error):
         if self.done:
@@ -6146,7 +6287,8 @@ def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callba
                  max_response=None):
     """Send one HTTP(S) request without blocking; ``callback(status,
     body, error)`` gets status 0 and an error string on failure (a
-    response over ``max_response`` bytes, 4 MB by default, is one).
+    response body over ``max_response`` bytes, 4 MB by default, a head
+    over 16 KB and a response cut short are failures).
     Returns the request, whose ``cancel()`` drops it."""
     return _ClientRequest(loop, method, url, body, headers, timeout,
                           callback or (lambda status, body, error: None), max_response)
