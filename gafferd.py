@@ -362,6 +362,32 @@ def lazy_import(name):
     return importlib.import_module(name)
 
 
+def typo_of(word: str, known, strict=False):
+    """The name in ``known`` that ``word`` is probably a misspelling of,
+    or None: the most similar by difflib's ratio, if at least 0.6.
+    ``strict`` also asks that the lengths differ by one letter at most
+    (a slip of the keyboard, not another word), for the places where a
+    wrong guess would reject a name that is meant (a plugin's section)."""
+    known = list(known)
+    for close in lazy_import("difflib").get_close_matches(word.lower(), known, 3, 0.6):
+        if not strict or abs(len(close) - len(word)) <= 1:
+            return close
+    return None
+
+
+def loopback_literal(host: str):
+    """Whether ``host`` names this machine without a lookup: True for
+    ``localhost`` and a loopback IP address (an IPv6 zone ``%lo``
+    allowed), False for any other IP address, None for any other name
+    (only a lookup, or a policy of the caller, can tell)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return None
+
+
 class _SSLNotLoaded:
     """Stands for the ssl module until TLS is first used: its exception
     classes can appear in ``except`` clauses and are never raised."""
@@ -1030,8 +1056,8 @@ def _template_name_problem(name):
 
 def unknown_key_message(key, known) -> str:
     """The warning for a key no table knows, with the closest known key."""
-    close = lazy_import("difflib").get_close_matches(key, list(known), 1, 0.6)
-    return "unknown key, ignored" + ("; did you mean %r?" % close[0] if close else "")
+    close = typo_of(key, known)
+    return "unknown key, ignored" + ("; did you mean %r?" % close if close else "")
 
 
 def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
@@ -1226,19 +1252,18 @@ class Address:
         address it resolves to must be a loopback one (an /etc/hosts line
         can point ``app.localhost`` anywhere).  ``resolve=False``: a name
         other than ``localhost`` counts as not loopback."""
-        if self.kind == "unix" or self.host.lower() == "localhost":
+        if self.kind == "unix":
             return True
-        try:
-            return ipaddress.ip_address(self.host.split("%")[0]).is_loopback
-        except ValueError:
-            pass
+        known = loopback_literal(self.host)
+        if known is not None:
+            return known
         if not resolve:
             return False
         try:
             infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
         except OSError:
             return False
-        return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+        return all(loopback_literal(i[4][0]) for i in infos)
 
 
 # [gaffer] keys and the endpoint keys they give defaults for.
@@ -1464,24 +1489,6 @@ class Config:
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint")
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Damerau-Levenshtein distance (a swap of two letters costs 1)."""
-    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
-                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
-
-
-def typo_of(word: str, known):
-    """The known word ``word`` is probably a misspelling of, or None."""
-    best = min(known, key=lambda k: edit_distance(word.lower(), k))
-    return best if edit_distance(word.lower(), best) <= max(1, len(best) // 4) else None
-
-
 def _parse_ini_file(path, label):
     """One INI file with case kept and no [DEFAULT] magic (merged later)."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\0default",
@@ -1614,7 +1621,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
         flabel, fdir = origin.get(section, (label, cfg.base_dir))
         kind, colon, rest = section.partition(":")
         if kind not in _SECTION_TYPES:
-            close = typo_of(kind, _SECTION_TYPES)
+            close = typo_of(kind, _SECTION_TYPES, strict=True)
             if close:
                 errors.append(ConfigError(flabel, section, None, "unknown section type "
                               "%r; did you mean [%s]?" % (kind, close + colon + rest)))
@@ -7762,7 +7769,7 @@ class Listener:
                 bound = sock.getsockname()
                 shown = "[%s]" % bound[0] if family == socket.AF_INET6 else bound[0]
                 self.url = "%s://%s:%d" % ("https" if ep.tls else "http", shown, bound[1])
-                self.loopback_tcp = ipaddress.ip_address(bound[0].split("%")[0]).is_loopback
+                self.loopback_tcp = bool(loopback_literal(bound[0]))
             sock.listen(ep.backlog or DEFAULT_BACKLOG)
             sock.setblocking(False)
         except BindError:
@@ -7927,12 +7934,9 @@ def _host_is_loopback(host: str, extra) -> bool:
         name = host[1:host.find("]")] if "]" in host else host
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name in extra or name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    # RFC 6761 6.3 reserves *.localhost for loopback and browsers resolve
+    # it there themselves, so a rebinding page cannot claim such a name
+    return name in extra or name.endswith(".localhost") or bool(loopback_literal(name))
 
 
 def token_matches(header: str, token: str, basic=True) -> bool:
@@ -9986,10 +9990,9 @@ class _CtlParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         typo = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
         if typo:
-            close = lazy_import("difflib").get_close_matches(
-                typo.group(1), [c[0] for c in CTL_COMMANDS], 1)
+            close = typo_of(typo.group(1), [c[0] for c in CTL_COMMANDS])
             message = "unknown command %r%s (gafferd ctl --help lists them)" % (
-                typo.group(1), "; did you mean %r?" % close[0] if close else "")
+                typo.group(1), "; did you mean %r?" % close if close else "")
         raise CtlExit(CTL_USAGE, "%s: error: %s" % (self.prog, message))
 
 
