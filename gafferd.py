@@ -1124,17 +1124,10 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     _map_flapping(values)
     spec = TemplateSpec(name, values["cmd"], settings, values, base_dir, source, origin)
     spec.cwd = spec.cwd or base_dir
-    env = checked_environment(spec, environ)
     try:
-        argv = command_line(spec, env)
-    except KeyError as exc:
-        raise fail("args" if spec.args is not None else "cmd",
-                   "unknown variable $%s (not in the environment)" % exc.args[0]) from None
-    except ValueError as exc:
-        raise fail("args" if spec.args is not None else "cmd", str(exc)) from None
-    if find_executable(argv[0], spec, env) is None:
-        raise fail("cmd", "executable %r not found%s" % (
-            argv[0], "" if "/" in argv[0] else " in PATH"))
+        resolve_command(spec, checked_environment(spec, environ))
+    except CommandError as exc:
+        raise fail(exc.key, str(exc)) from None
     return spec
 
 
@@ -1192,6 +1185,35 @@ def command_line(spec: TemplateSpec, env) -> list:
         exe, args = (tokens[0], tokens[1:]) if len(tokens) > 1 else (spec.cmd, [])
     return [string.Template(exe).substitute(env)] + \
         [string.Template(a).substitute(env) for a in args]
+
+
+class CommandError(ValueError):
+    """Why a template's command cannot run; ``key`` is the config key to
+    blame (``cmd`` or ``args``)."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+def resolve_command(spec: TemplateSpec, env):
+    """``(argv, executable)`` that a spawn of ``spec`` in ``env`` execs:
+    the one place that turns ``cmd``/``args`` into both, for the config
+    check, the spawn and ``--check``.  Raises CommandError for an
+    unknown ``$VAR``, bad quoting and an executable that is not there."""
+    key = "args" if spec.args is not None else "cmd"
+    try:
+        argv = command_line(spec, env)
+    except KeyError as exc:
+        raise CommandError(key, "unknown variable $%s (not in the environment)"
+                           % exc.args[0]) from None
+    except ValueError as exc:
+        raise CommandError(key, str(exc)) from None
+    executable = find_executable(argv[0], spec, env)
+    if executable is None:
+        raise CommandError("cmd", "executable %r not found%s" % (
+            argv[0], "" if "/" in argv[0] else " in PATH"))
+    return argv, executable
 
 
 def find_executable(exe, spec, env):
@@ -5385,17 +5407,12 @@ class Spawner:
     def _exec(self, proc):
         spec = proc.spec
         env = self.process_environment(proc)
-        try:
-            argv = command_line(spec, env)
-        except KeyError as exc:
-            raise SpawnError("unknown variable $%s" % exc.args[0]) from None
-        except ValueError as exc:
-            raise SpawnError(str(exc)) from None
         if not os.path.isdir(spec.cwd):
             raise SpawnError("working directory %r does not exist" % spec.cwd)
-        executable = find_executable(argv[0], spec, env)
-        if executable is None:
-            raise SpawnError("executable %r not found" % argv[0])
+        try:
+            argv, executable = resolve_command(spec, env)
+        except CommandError as exc:
+            raise SpawnError(str(exc)) from None
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
         ours, theirs = [], []                # pipe ends to keep / to close after fork
         held = []                            # fd numbers reserved during the fork
@@ -10363,10 +10380,9 @@ class Daemon:
         for event, url in self.config.webhooks:
             out.append("[webhooks] %s -> %s" % (event, url))
         for spec in self.config.templates:
-            env = checked_environment(spec, os.environ)
-            argv = command_line(spec, env)
+            argv, executable = resolve_command(spec, checked_environment(spec, os.environ))
             out.append("[process:%s]" % spec.name)
-            out.append("  # resolved: executable = %s" % find_executable(argv[0], spec, env))
+            out.append("  # resolved: executable = %s" % executable)
             out.append("  # resolved: argv = %s" % " ".join(shlex.quote(a) for a in argv))
             out.append("  # resolved: working directory = %s" % spec.cwd)
             for index, label in enumerate(spec.labels):
