@@ -413,6 +413,19 @@ def load_ssl():
     return ssl
 
 
+def read_nonblocking(read, *args):
+    """``read(*args)`` on a non-blocking pipe or socket (``os.read``,
+    ``sock.recv``): the bytes; b"" at the end, an error included (the
+    peer is gone either way); None when nothing is there yet (a TLS
+    socket waiting for its record, a signal)."""
+    try:
+        return read(*args)
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return None
+    except OSError:
+        return b""
+
+
 def close_quietly(fd: int) -> None:
     try:
         os.close(fd)
@@ -3001,17 +3014,19 @@ class Loop:
         self._update(fd, 0, Handle(0, 0, callback, args))
 
     def remove_reader(self, fd):
-        try:
-            self._update(fd, 0, None)
-        except (ValueError, OSError):
-            pass
+        self._forget(fd, 0)
 
     def add_writer(self, fd, callback, *args):
         self._update(fd, 1, Handle(0, 0, callback, args))
 
     def remove_writer(self, fd):
+        self._forget(fd, 1)
+
+    def _forget(self, fd, index):
+        """Drop the reader (0) or writer (1) of ``fd``; an fd already
+        closed (ValueError, OSError from the selector) has none left."""
         try:
-            self._update(fd, 1, None)
+            self._update(fd, index, None)
         except (ValueError, OSError):
             pass
 
@@ -3811,12 +3826,9 @@ class Process:
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = read_nonblocking(os.read, fd, READ_CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close_fd(fd)
             return
@@ -3876,13 +3888,8 @@ class Process:
         """Read what is left in the pipes (the last words of a crash)."""
         for fd in list(self._fds):
             for _ in range(64):
-                try:
-                    data = os.read(fd, READ_CHUNK)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
+                data = read_nonblocking(os.read, fd, READ_CHUNK)
+                if not data:                     # nothing more now, or the end
                     break
                 data = self._whole_characters(fd, data)
                 if data:
@@ -6158,6 +6165,63 @@ class _DnsLookup:
         self.callback(address, error)
 
 
+class TcpConnect:
+    """Resolve ``host`` without blocking, then connect to ``port`` without
+    blocking: ``callback(sock, None)`` once connected (the non-blocking
+    socket is the callback's, with no reader or writer left on it), or
+    ``callback(None, error)``.  ``cancel()`` drops the attempt and closes
+    its socket; the callback is not called then.  Serves the HTTP client
+    and the ``tcp:`` readiness check."""
+
+    def __init__(self, loop, host, port, callback, timeout=5.0):
+        self.loop, self.host, self.port, self.callback = loop, host, port, callback
+        self.sock, self.over = None, False
+        resolve(loop, host, self._on_resolved, timeout)
+
+    def _on_resolved(self, address, error):
+        if self.over:
+            return
+        if address is None:
+            self._finish(None, error)
+            return
+        try:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                      socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((address, self.port))
+        except OSError as exc:
+            self._finish(None, str(exc))
+            return
+        if err == errno.EINPROGRESS:
+            self.loop.add_writer(self.sock.fileno(), self._on_connected)
+        else:
+            self._connected(err)
+
+    def _on_connected(self):
+        self._connected(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _connected(self, err):
+        if err:
+            self._finish(None, "cannot connect to %s:%d: %s" % (self.host, self.port,
+                                                                 os.strerror(err)))
+            return
+        self.loop.remove_writer(self.sock.fileno())
+        sock, self.sock = self.sock, None
+        self._finish(sock, None)
+
+    def _finish(self, sock, error):
+        if not self.over:
+            self.cancel()
+            self.callback(sock, error)
+
+    def cancel(self):
+        self.over = True
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+
 class _ClientRequest:
     """One HTTP request on the loop; see ``http_request``.  The socket
     callbacks only move bytes: the ResponseParser of §6 reads them."""
@@ -6182,38 +6246,19 @@ class _ClientRequest:
                 "User-Agent: gafferd/%s" % GAFFERD_VERSION]
         head.extend("%s: %s" % kv for kv in (headers or {}).items())
         self.out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        self.sock = None
+        self.sock = self.connect = None
         self.done = False
         self.timer = loop.call_later(timeout, self._fail, "timed out after %ss" % timeout)
         if parts.scheme not in ("http", "https") or not self.host:
             loop.call_soon(self._fail, "unsupported URL %r" % url)
         else:
-            resolve(loop, self.host, self._on_resolved)
+            self.connect = TcpConnect(loop, self.host, self.port, self._on_connected)
 
-    def _on_resolved(self, address, error):
-        if self.done:
-            return
-        if address is None:
+    def _on_connected(self, sock, error):
+        if sock is None:
             self._fail(error)
             return
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        try:
-            self.sock = socket.socket(family, socket.SOCK_STREAM)
-            self.sock.setblocking(False)
-            err = self.sock.connect_ex((address, self.port))
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if err not in (0, errno.EINPROGRESS):
-            self._fail(os.strerror(err))
-            return
-        self.loop.add_writer(self.sock.fileno(), self._on_connected)
-
-    def _on_connected(self):
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._fail("cannot connect to %s:%d: %s" % (self.host, self.port, os.strerror(err)))
-            return
+        self.sock = sock
         if self.tls:
             try:
                 context = load_ssl().create_default_context()
@@ -6298,6 +6343,8 @@ class _ClientRequest:
     def _close(self):
         self.done = True
         self.timer.cancel()
+        if self.connect is not None:
+            self.connect.cancel()
         if self.sock is not None:
             fd = self.sock.fileno()
             if fd >= 0:
@@ -6320,48 +6367,21 @@ def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callba
 
 # -- readiness checks that need the resolver or the client -------------------
 class _TcpAttempt:
-    """One ``tcp:[HOST:]PORT`` check: resolve HOST without blocking, then a
-    non-blocking connect; ``done(connected)``.  Closed at once either way
-    (the ReadyPoller bounds how long it may take)."""
+    """One ``tcp:[HOST:]PORT`` check: ``done(connected)``, the socket
+    closed at once either way (the ReadyPoller bounds how long it may
+    take)."""
 
     def __init__(self, loop, host, port, limit, done):
-        self.loop, self.port, self.done = loop, port, done
-        self.sock, self.over = None, False
-        resolve(loop, host, self._on_resolved, limit)
+        self.done = done
+        self.connect = TcpConnect(loop, host, port, self._on_connected, limit)
 
-    def _on_resolved(self, address, error):
-        if self.over:
-            return
-        if address is None:
-            self._finish(False)
-            return
-        try:
-            self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                                      socket.SOCK_STREAM)
-            self.sock.setblocking(False)
-            err = self.sock.connect_ex((address, self.port))
-        except OSError:
-            self._finish(False)
-            return
-        if err == errno.EINPROGRESS:
-            self.loop.add_writer(self.sock.fileno(), self._on_connected)
-        else:
-            self._finish(err == 0)
-
-    def _on_connected(self):
-        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
-
-    def _finish(self, ok):
-        if not self.over:
-            self.cancel()
-            self.done(ok)
+    def _on_connected(self, sock, error):
+        if sock is not None:
+            sock.close()
+        self.done(sock is not None)
 
     def cancel(self):
-        self.over = True
-        if self.sock is not None:
-            self.loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        self.connect.cancel()
 
 
 def _ready_on_tcp(manager, t, slot, proc):
@@ -7971,7 +7991,34 @@ def token_matches(header: str, token: str, basic=True) -> bool:
     return lazy_import("hmac").compare_digest(candidate.encode("utf-8"), token.encode("utf-8"))
 
 
-class _Sink:
+class _ClosingStream:
+    """What a _Sink and a _WebSocket share: ``on_close(callback)`` runs
+    the callback once the stream has ended (at once if it has), and
+    ``_close()`` ends it, running each callback once; one failing is
+    logged and the others still run."""
+
+    closed = False
+    _what = "stream"
+
+    def on_close(self, callback):
+        if self.closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def _close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("%s clean-up failed", self._what)
+        self._callbacks = []
+
+
+class _Sink(_ClosingStream):
     """What a Feed writes to; see ``Feed``."""
 
     def __init__(self, conn, chunked):
@@ -7994,26 +8041,11 @@ class _Sink:
         self._close()
         conn.feed_done()
 
-    def on_close(self, callback):
-        if self.closed:
-            callback()
-        else:
-            self._callbacks.append(callback)
 
-    def _close(self):
-        if self.closed:
-            return
-        self.closed = True
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("stream clean-up failed")
-        self._callbacks = []
-
-
-class _WebSocket:
+class _WebSocket(_ClosingStream):
     """The server side of one websocket; see ``Upgrade``."""
+
+    _what = "websocket"
 
     def __init__(self, conn):
         self.conn = conn
@@ -8043,12 +8075,6 @@ class _WebSocket:
     def on_message(self, callback):
         self._on_message = callback
 
-    def on_close(self, callback):
-        if self.closed:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
     def feed(self, data):
         try:
             messages = self.parser.feed(data)
@@ -8071,17 +8097,6 @@ class _WebSocket:
                         return
                 if self._on_message is not None:
                     self._on_message(opcode, payload)
-
-    def _close(self):
-        if self.closed:
-            return
-        self.closed = True
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("websocket clean-up failed")
-        self._callbacks = []
 
 
 def _public_path(path) -> bool:
@@ -8203,22 +8218,13 @@ class Connection:
         if self.handshaking and not self._handshake():
             return
         chunks = []
-        while True:
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                break
-            except ssl.SSLWantWriteError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
+        data = self._recv()
+        while data is not None:
             chunks.append(data)
             if not (self.listener.tls and self.sock.pending()):
                 break
-        if not chunks:
+            data = self._recv()
+        if self.closed or not chunks:
             return
         data = b"".join(chunks)
         self.received += len(data)
@@ -8373,15 +8379,16 @@ class Connection:
 
     def _discard_input(self):
         for _ in range(4):
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            if self._recv() is None:
                 return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
+
+    def _recv(self):
+        """The bytes the socket has, or None: nothing yet, or the peer
+        has gone (the connection is closed then)."""
+        data = read_nonblocking(self.sock.recv, _RECV_SIZE)
+        if data == b"":
+            self.close()
+        return data or None
 
     def close(self):
         if self.closed:
@@ -9483,7 +9490,6 @@ def ctl_cmd_status(target, args):
 def _act(target, names, action, done):
     """POST an action to each template; a refusal is reported and the
     others still get theirs; exit 1 if any was refused."""
-    status = CTL_OK
     try:
         templates = ctl_templates(target, names)
     except CtlExit as exc:
@@ -9491,9 +9497,17 @@ def _act(target, names, action, done):
             raise
         print(exc.message, file=sys.stderr)
         return CTL_REFUSED
+    return _each(target, templates, "POST", "/" + action, done)
+
+
+def _each(target, templates, method, suffix, done):
+    """``method /processes/NAME<suffix>`` for each template, saying
+    ``NAME: <done>``; a refusal is reported and the others still get
+    theirs; exit 1 if any was refused."""
+    status = CTL_OK
     for name in templates:
         try:
-            ctl_call(target, "POST", "/processes/%s/%s" % (_quote(name), action))
+            ctl_call(target, method, "/processes/" + _quote(name) + suffix)
             _out("%s: %s" % (name, done))
         except CtlExit as exc:
             if exc.status != CTL_REFUSED:
@@ -9604,17 +9618,7 @@ def ctl_cmd_add(target, args):
 
 
 def ctl_cmd_rm(target, args):
-    status = CTL_OK
-    for name in ctl_templates(target, args.names):
-        try:
-            ctl_call(target, "DELETE", "/processes/" + _quote(name))
-            _out("%s: removed" % name)
-        except CtlExit as exc:
-            if exc.status != CTL_REFUSED:
-                raise
-            print("%s: %s" % (name, exc.message.split(": ", 1)[-1]), file=sys.stderr)
-            status = CTL_REFUSED
-    return status
+    return _each(target, ctl_templates(target, args.names), "DELETE", "", "removed")
 
 
 def _recent_output(target, names, lines, label_index, colour):
