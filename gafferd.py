@@ -6403,7 +6403,27 @@ def _ready_on_http(manager, t, slot, proc):
 Manager.READY_PROBES.update(tcp=_ready_on_tcp, http=_ready_on_http)
 
 
-class Webhooks:
+class EventApplication:
+    """An application (``start(loop, manager)``, ``stop()``,
+    ``restart()``) that is fed every event: ``start`` subscribes
+    ``self._on_event(event, payload)`` to ".", ``stop`` unsubscribes it,
+    ``restart`` has nothing to do.  Webhooks and the console output."""
+
+    loop = manager = None
+
+    def start(self, loop, manager):
+        self.loop, self.manager = loop, manager
+        manager.subscribe(".", self._on_event)
+
+    def restart(self):
+        pass
+
+    def stop(self):
+        if self.manager is not None:
+            self.manager.unsubscribe(".", self._on_event)
+
+
+class Webhooks(EventApplication):
     """POST each matching manager event, as JSON, to its URLs.
 
     A hook fires on an exact event name or on ".".  Each URL has its own
@@ -6426,17 +6446,6 @@ class Webhooks:
         for event, url in hooks:
             if url not in self.hooks[event]:
                 self.hooks[event].append(url)
-
-    def start(self, loop, manager):
-        self.loop, self.manager = loop, manager
-        manager.subscribe(".", self._on_event)
-
-    def restart(self):
-        pass
-
-    def stop(self):
-        if self.manager is not None:
-            self.manager.unsubscribe(".", self._on_event)
 
     def drain(self, callback):
         """Call ``callback`` once every queue is empty, or after
@@ -8729,7 +8738,7 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
-class Console:
+class Console(EventApplication):
     """The console application of ``-v``/``-vv``."""
 
     def __init__(self, stream_output=False, out=None):
@@ -8738,17 +8747,6 @@ class Console:
         self.colour = self.out.isatty() if hasattr(self.out, "isatty") else False
         self.colours = {}
         self.manager = None
-
-    def start(self, loop, manager):
-        self.manager = manager
-        manager.subscribe(".", self._on_event)
-
-    def restart(self):
-        pass
-
-    def stop(self):
-        if self.manager is not None:
-            self.manager.unsubscribe(".", self._on_event)
 
     def _on_event(self, event, payload):
         if event.startswith("proc."):
