@@ -1301,23 +1301,58 @@ class Address:
         return all(loopback_literal(i[4][0]) for i in infos)
 
 
-# [gaffer] keys and the endpoint keys they give defaults for.
+def _c_addresses(value, ctx):
+    addresses = []
+    for text in str(value).split(","):
+        if text.strip():
+            text = text.strip()
+            if text.startswith("unix:") and not text[5:].startswith("/") and text[5:]:
+                text = "unix:" + os.path.join(ctx["base_dir"], text[5:])
+            addresses.append(Address.parse(text))
+    return addresses or [Address.parse("")]
+
+
+def _c_path(value, ctx):
+    return os.path.normpath(os.path.join(ctx["base_dir"], os.path.expanduser(str(value).strip())))
+
+
+def _c_list(value, ctx):
+    return parse_list(value)
+
+
+def _c_origins(value, ctx):
+    origins = [o.rstrip("/") for o in parse_list(value)]
+    for origin in origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ValueError("%r is not an origin like https://example.com[:port]" % origin)
+    return origins
+
+
+def _c_secret(value, ctx):
+    return str(value).strip() or None
+
+
+# [gaffer] keys and the endpoint keys they give defaults for; the same
+# format as PROCESS_KEYS: name -> (coerce(value, ctx), default, help).
 ENDPOINT_KEYS = collections.OrderedDict([
-    ("bind", ("addresses", None, "comma-separated addresses to listen on")),
-    ("certfile", ("path", None, "TLS certificate (turns on HTTPS)")),
-    ("keyfile", ("path", None, "TLS private key")),
-    ("backlog", ("count", DEFAULT_BACKLOG, "listen() backlog")),
-    ("cors_origins", ("origins", [], "origins allowed to make cross-site calls")),
-    ("server_names", ("list", [], "extra Host names accepted on loopback binds")),
-    ("auth_token", ("str", None, "require this token (Bearer or Basic password)")),
-    ("auth_token_file", ("path", None, "read auth_token from this file")),
-    ("public_ping", ("bool", False, "let /ping and /ready through without the token")),
-    ("insecure", ("bool", False, "allow a non-loopback bind without a token")),
-    ("max_body_size", ("size", DEFAULT_MAX_BODY, "largest request body")),
-    ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
-    ("request_timeout", ("seconds", REQUEST_TIMEOUT,
+    ("bind", (_c_addresses, None, "comma-separated addresses to listen on")),
+    ("certfile", (_c_path, None, "TLS certificate (turns on HTTPS)")),
+    ("keyfile", (_c_path, None, "TLS private key")),
+    ("backlog", (_c_ranged(parse_int, "backlog"), DEFAULT_BACKLOG, "listen() backlog")),
+    ("cors_origins", (_c_origins, [], "origins allowed to make cross-site calls")),
+    ("server_names", (_c_list, [], "extra Host names accepted on loopback binds")),
+    ("auth_token", (_c_secret, None, "require this token (Bearer or Basic password)")),
+    ("auth_token_file", (_c_path, None, "read auth_token from this file")),
+    ("public_ping", (_c_bool, False, "let /ping and /ready through without the token")),
+    ("insecure", (_c_bool, False, "allow a non-loopback bind without a token")),
+    ("max_body_size", (_c_ranged(parse_size, "max_body_size"), DEFAULT_MAX_BODY,
+                       "largest request body")),
+    ("keepalive_timeout", (_c_ranged(parse_float, "keepalive_timeout"), DEFAULT_KEEPALIVE,
+                           "close idle connections after")),
+    ("request_timeout", (_c_ranged(parse_float, "request_timeout"), REQUEST_TIMEOUT,
                          "a TLS handshake, a request, or each step of a reply must take less")),
-    ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
+    ("max_connections", (_c_ranged(parse_int, "max_connections"), DEFAULT_MAX_CONNECTIONS,
+                         "open connections at most")),
 ])
 GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
                "logfile", "logfile_maxbytes", "logfile_backups")
@@ -1337,46 +1372,15 @@ class EndpointSpec:
         return bool(self.certfile or self.keyfile)
 
 
-def _endpoint_value(kind, value, base_dir, key=None):
-    if kind == "addresses":
-        addresses = []
-        for text in str(value).split(","):
-            if text.strip():
-                text = text.strip()
-                if text.startswith("unix:") and not text[5:].startswith("/") and text[5:]:
-                    text = "unix:" + os.path.join(base_dir, text[5:])
-                addresses.append(Address.parse(text))
-        return addresses or [Address.parse("")]
-    if kind == "path":
-        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
-    minimum, maximum = RANGES[key] if kind in ("count", "size", "seconds") else (0, None)
-    if kind == "count":
-        return parse_int(value, minimum, maximum)
-    if kind == "list":
-        return parse_list(value)
-    if kind == "origins":
-        origins = [o.rstrip("/") for o in parse_list(value)]
-        for origin in origins:
-            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
-                raise ValueError("%r is not an origin like https://example.com[:port]" % origin)
-        return origins
-    if kind == "bool":
-        return parse_bool(value)
-    if kind == "size":
-        return parse_size(value, maximum)
-    if kind == "seconds":
-        return parse_float(value, minimum, maximum)
-    return str(value).strip() or None
-
-
 def build_endpoint(name, items, defaults, source, section, base_dir, resolve=True):
     """Validate an endpoint; ``items`` override ``defaults`` ([gaffer])."""
     values, problems = {}, collections.OrderedDict()
+    ctx = {"base_dir": base_dir}
     for key, value in itertools.chain(defaults.items(), items.items()):
         if key not in ENDPOINT_KEYS:
             continue
         try:
-            values[key] = _endpoint_value(ENDPOINT_KEYS[key][0], value, base_dir, key)
+            values[key] = ENDPOINT_KEYS[key][0](value, ctx)
             problems.pop(key, None)
         except ValueError as exc:          # a bad [gaffer] default is reported there
             problems[key] = ConfigError(source, section, key, str(exc))
@@ -1640,7 +1644,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
     for key, value in cfg.defaults.items():
         try:
-            _endpoint_value(ENDPOINT_KEYS[key][0], value, g_dir, key)
+            ENDPOINT_KEYS[key][0](value, {"base_dir": g_dir})
         except ValueError as exc:
             errors.append(ConfigError(g_label, "gaffer", key, str(exc)))
     pdirs = g.get("plugins_dir") or g.get("plugin_dir")
