@@ -3528,7 +3528,6 @@ class LogFile:
         self._refused = None             # the refusal last logged
         self._pending = bytearray()      # streams: what the reader did not take yet
         self.dropped = 0
-        self.users = 0
 
     def _open(self):
         if self.path == "-":
@@ -3765,7 +3764,7 @@ class Process:
         self.line_watch = None          # callable(label, data) of a log: readiness check
         self.notify = None              # its NotifySocket (ready = notify, watchdog_sec)
         self.core_dumped = False
-        self.exit_status = self.term_signal = None
+        self.exit_status = None         # set at the reap: the process is gone
         self.kill_handle = None
         self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
         self.sample = None              # (time, cpu seconds) for cpu%
@@ -4026,8 +4025,6 @@ class Template:
         self.exits = collections.Counter()     # exit reason -> count, for /metrics
         self.last_exit = None
         self.recent = collections.deque(maxlen=RECENT_PROCESSES)
-        self.last_error = None
-        self.created = now
         self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
 
     @property
@@ -5743,7 +5740,7 @@ class Reaper:
 
     def on_exit(self, proc, exit_status, term_signal):
         self.loop.trimmer.touch()
-        proc.exit_status, proc.term_signal = exit_status, term_signal
+        proc.exit_status = exit_status
         proc.core_dumped = bool(self.loop.core_dumped)
         self.manager._by_pid.pop(proc.pid, None)
         if proc.kill_handle is not None:
@@ -7569,6 +7566,10 @@ class Api:
                    [({"code": code}, n) for code, n in sorted(self.server.requests.items())])
             metric("gafferd_http_connections", "gauge", "Open HTTP connections.",
                    [({}, len(self.server.connections))])
+        for hooks in (a for a in m.apps if isinstance(a, Webhooks)):
+            metric("gafferd_webhook_events_total", "counter", "Webhook events by outcome: "
+                   "delivered, failed (every attempt), dropped (queue full).",
+                   [({"result": r}, getattr(hooks, r)) for r in ("delivered", "failed", "dropped")])
         for app in (self.plugins.apps if self.plugins else ()):
             for line in app.metrics():
                 lines.append(str(line).rstrip("\n"))
