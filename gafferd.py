@@ -3552,9 +3552,6 @@ class LogFile:
         if self._fd is None:
             self._open()
 
-    def reopen(self):
-        self.close()
-
     def close(self):
         if self._file is not None:
             self._file.close()
@@ -3693,7 +3690,9 @@ class LogWriter:
             self.paused.add(proc)
             proc.pause_output(self)
 
-    def reopen(self, logfile):
+    def close_file(self, logfile):
+        """Close ``logfile`` once what is queued before is written; the
+        next write opens it again (how SIGUSR1 reopens rotated files)."""
         self.submit(logfile, None)
 
     def stop(self, timeout=5.0):
@@ -3711,7 +3710,7 @@ class LogWriter:
             if logfile is None:
                 return
             if data is None:
-                logfile.reopen()
+                logfile.close()
                 continue
             logfile.write_now(data)
             with self.cond:
@@ -5541,15 +5540,16 @@ class Spawner:
         return logfile
 
     def reopen_logs(self) -> int:
-        """Reopen every program log file (SIGUSR1); returns how many."""
+        """Reopen every program log file (SIGUSR1): each is closed and
+        opened again at its next write; returns how many."""
         for logfile in self._logfiles.values():
-            self.manager.log_writer.reopen(logfile)
+            self.manager.log_writer.close_file(logfile)
         return len(self._logfiles)
 
     def close_logs(self):
         """Close every program log file; nothing is written after."""
         for logfile in self._logfiles.values():
-            self.manager.log_writer.reopen(logfile)      # i.e. close; nothing follows
+            self.manager.log_writer.close_file(logfile)
 
 
 
@@ -8254,7 +8254,7 @@ class Connection:
             log.debug("closing %s: %d bytes of input not taken", self.remote, len(self.parser.buf))
             self.close()
             return
-        self.process()
+        self.answer_requests()
 
     def write(self, data: bytes):
         if self.closed:
@@ -8367,7 +8367,7 @@ class Connection:
             self._linger()
             return
         if self.busy is None and self.parser.buf:
-            self.process()                      # pipelined requests waiting
+            self.answer_requests()              # pipelined requests waiting
         self._update_reading()
 
     def _linger(self):
@@ -8487,8 +8487,8 @@ class Connection:
         self._send_error(HttpError(408, "request_timeout", "the request took too long"))
 
     # -- requests ----------------------------------------------------------------------
-    def process(self):
-        """Answer the complete requests in the parse buffer, in order:
+    def answer_requests(self):
+        """Parse and answer the complete requests in the buffer, in order:
         _PIPELINE_TURN of them per loop iteration (one client's pipeline
         never holds up the others), and none while ``out`` is above its
         high-water mark (resumed from ``_on_writable``)."""
@@ -8524,7 +8524,7 @@ class Connection:
 
     def _next_turn(self):
         self.turn = None
-        self.process()
+        self.answer_requests()
         self._update_reading()
 
     def _send_error(self, exc: HttpError):
@@ -10315,16 +10315,18 @@ class DaemonLog(logging.Handler):
         else:
             self.writer.submit(self.logfile, data)
 
-    def reopen(self):
+    def close_file(self):
+        """Close the file (after what is queued); the next record opens it
+        again, so SIGUSR1 after a rotation moves the log to the new file."""
         if self.writer is None:
-            self.logfile.reopen()
+            self.logfile.close()
         else:
-            self.writer.reopen(self.logfile)
+            self.writer.close_file(self.logfile)
 
     def close(self):
         """Write what is queued and close the file."""
         if self.writer is not None:
-            self.writer.reopen(self.logfile)         # i.e. close; nothing follows
+            self.writer.close_file(self.logfile)
             self.writer.stop()
         else:
             self.logfile.close()
@@ -10531,7 +10533,7 @@ class Daemon:
     def _on_usr1(self, signum):
         count = self.manager.reopen_logs()
         if self.log_file is not None:
-            self.log_file.reopen()
+            self.log_file.close_file()
             count += 1
         log.info("received SIGUSR1: reopened %d log file(s)", count)
 
