@@ -2271,6 +2271,10 @@ def summarize_stats(name: str, stats: list) -> dict:
 # listener from inside ``publish``.  Used by the manager (§8), webhooks
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
+# The names of the events the manager publishes (bare, for every
+# listener) and of those also published as ``proc.NAME.EVENT``: the
+# registry that docs/streams-and-events.md is checked against
+# (tests/test_docs.py), so a new event is added here and there.
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
                   "stop_pid", "exit", "flap", "restart", "state", "ready")
 PROCESS_EVENTS = ("start", "stop", "spawn", "reap", "stop_pid", "exit", "flap", "restart",
