@@ -113,8 +113,10 @@ def test_eof_with_nothing_is_no_response():
 
 
 @pytest.mark.parametrize("data,problem", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "connection closed after 3 of 10 body bytes"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", "connection closed in a chunked body"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+     "connection closed after 3 of 10 body bytes"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+     "connection closed in a chunked body"),
     (b"HTTP/1.1 200 OK\r\nContent-Le", "connection closed in the response head"),
 ])
 @pytest.mark.parametrize("step", [None, 1])
@@ -185,3 +187,57 @@ def test_request_parser_shares_the_chunked_decoder():
     with pytest.raises(gafferd.HttpError) as info:
         parser.next()
     assert (info.value.status, info.value.message) == (413, "request body over 4 bytes")
+
+
+# -- the client reads through the parser: real sockets, raw replies --------------------------
+
+def raw_server(reply, hold_open=False):
+    """A one-shot TCP server on 127.0.0.1 that reads the request head and
+    sends ``reply`` in small pieces; returns (port, thread)."""
+    import socket
+    import threading
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            for i in range(0, len(reply), 7):
+                conn.sendall(reply[i:i + 7])
+            if hold_open:
+                conn.recv(1)                   # until the client closes
+        listener.close()
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
+@pytest.mark.parametrize("reply,expected", [
+    (INTERIM, (202, b"ok", None)),
+    (CHUNKED, (201, b"abcde", None)),
+    (CLOSE, (200, b"until the end", None)),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc",
+     (0, b"", "connection closed after 3 of 9 body bytes")),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9999\r\n\r\n",
+     (0, b"", "response body over 100 bytes")),
+    (b"garbage\r\n\r\n", (0, b"", "malformed status line")),
+])
+def test_http_request_reads_through_the_parser(reply, expected):
+    from conftest import run_loop_until
+    port, thread = raw_server(reply, hold_open=expected[2] == "response body over 100 bytes")
+    loop = gafferd.Loop()
+    got = []
+    gafferd.http_request(loop, "POST", "http://127.0.0.1:%d/hook" % port, b"{}",
+                         callback=lambda *args: got.append(args), timeout=10, max_response=100)
+    run_loop_until(loop, lambda: got, timeout=10, message="the client's callback")
+    status, body, error = got[0]
+    assert (status, body) == expected[:2]
+    assert (error is None) if expected[2] is None else expected[2] in error, error
+    thread.join(10)
+    loop.close()
