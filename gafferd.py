@@ -377,6 +377,32 @@ def lazy_import(name):
     return importlib.import_module(name)
 
 
+def typo_of(word: str, known, strict=False):
+    """The name in ``known`` that ``word`` is probably a misspelling of,
+    or None: the most similar by difflib's ratio, if at least 0.6.
+    ``strict`` also asks that the lengths differ by one letter at most
+    (a slip of the keyboard, not another word), for the places where a
+    wrong guess would reject a name that is meant (a plugin's section)."""
+    known = list(known)
+    for close in lazy_import("difflib").get_close_matches(word.lower(), known, 3, 0.6):
+        if not strict or abs(len(close) - len(word)) <= 1:
+            return close
+    return None
+
+
+def loopback_literal(host: str):
+    """Whether ``host`` names this machine without a lookup: True for
+    ``localhost`` and a loopback IP address (an IPv6 zone ``%lo``
+    allowed), False for any other IP address, None for any other name
+    (only a lookup, or a policy of the caller, can tell)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return None
+
+
 class _SSLNotLoaded:
     """Stands for the ssl module until TLS is first used: its exception
     classes can appear in ``except`` clauses and are never raised."""
@@ -400,6 +426,19 @@ def load_ssl():
     if ssl is _SSLNotLoaded:
         ssl = importlib.import_module("ssl")
     return ssl
+
+
+def read_nonblocking(read, *args):
+    """``read(*args)`` on a non-blocking pipe or socket (``os.read``,
+    ``sock.recv``): the bytes; b"" at the end, an error included (the
+    peer is gone either way); None when nothing is there yet (a TLS
+    socket waiting for its record, a signal)."""
+    try:
+        return read(*args)
+    except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        return None
+    except OSError:
+        return b""
 
 
 def close_quietly(fd: int) -> None:
@@ -476,6 +515,16 @@ class HttpError(Exception):
     def __init__(self, status, code, message=None):
         super().__init__(message or code)
         self.status, self.code, self.message = status, code, message or code
+
+
+class ResponseError(Exception):
+    """A response the client cannot read; ``str()`` names the problem
+    (``malformed status line``, ``response body over 4194304 bytes``,
+    ``connection closed after 3 of 10 body bytes``...)."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
 
 
 class SpawnError(Exception):
@@ -1645,8 +1694,8 @@ def _template_name_problem(name):
 
 def unknown_key_message(key, known) -> str:
     """The warning for a key no table knows, with the closest known key."""
-    close = lazy_import("difflib").get_close_matches(key, list(known), 1, 0.6)
-    return "unknown key, ignored" + ("; did you mean %r?" % close[0] if close else "")
+    close = typo_of(key, known)
+    return "unknown key, ignored" + ("; did you mean %r?" % close if close else "")
 
 
 def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
@@ -1732,15 +1781,9 @@ def build_spec(name, cmd, raw, *, base_dir, source=None, section=None,
     except ValueError as exc:            # an env_file changed since its key was read
         raise fail("env_file", str(exc)) from None
     try:
-        argv = command_line(spec, env)
-    except KeyError as exc:
-        raise fail("args" if spec.args is not None else "cmd",
-                   "unknown variable $%s (not in the environment)" % exc.args[0]) from None
-    except ValueError as exc:
-        raise fail("args" if spec.args is not None else "cmd", str(exc)) from None
-    if find_executable(argv[0], spec, env) is None:
-        raise fail("cmd", "executable %r not found%s" % (
-            argv[0], "" if "/" in argv[0] else " in PATH"))
+        resolve_command(spec, env)
+    except CommandError as exc:
+        raise fail(exc.key, str(exc)) from None
     return spec
 
 
@@ -1805,6 +1848,35 @@ def command_line(spec: TemplateSpec, env) -> list:
         [string.Template(a).substitute(env) for a in args]
 
 
+class CommandError(ValueError):
+    """Why a template's command cannot run; ``key`` is the config key to
+    blame (``cmd`` or ``args``)."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+def resolve_command(spec: TemplateSpec, env):
+    """``(argv, executable)`` that a spawn of ``spec`` in ``env`` execs:
+    the one place that turns ``cmd``/``args`` into both, for the config
+    check, the spawn and ``--check``.  Raises CommandError for an
+    unknown ``$VAR``, bad quoting and an executable that is not there."""
+    key = "args" if spec.args is not None else "cmd"
+    try:
+        argv = command_line(spec, env)
+    except KeyError as exc:
+        raise CommandError(key, "unknown variable $%s (not in the environment)"
+                           % exc.args[0]) from None
+    except ValueError as exc:
+        raise CommandError(key, str(exc)) from None
+    executable = find_executable(argv[0], spec, env)
+    if executable is None:
+        raise CommandError("cmd", "executable %r not found%s" % (
+            argv[0], "" if "/" in argv[0] else " in PATH"))
+    return argv, executable
+
+
 def find_executable(exe, spec, env):
     """The absolute path a spawn of ``exe`` would exec, or None.  ``./x``
     and ``../x`` are relative to the config file's directory, other
@@ -1863,38 +1935,72 @@ class Address:
         address it resolves to must be a loopback one (an /etc/hosts line
         can point ``app.localhost`` anywhere).  ``resolve=False``: a name
         other than ``localhost`` counts as not loopback."""
-        if self.kind == "unix" or self.host.lower() == "localhost":
+        if self.kind == "unix":
             return True
-        try:
-            return ipaddress.ip_address(self.host.split("%")[0]).is_loopback
-        except ValueError:
-            pass
+        known = loopback_literal(self.host)
+        if known is not None:
+            return known
         if not resolve:
             return False
         try:
             infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
         except OSError:
             return False
-        return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+        return all(loopback_literal(i[4][0]) for i in infos)
 
 
-# [gaffer] keys and the endpoint keys they give defaults for.
+def _c_addresses(value, ctx):
+    addresses = []
+    for text in str(value).split(","):
+        if text.strip():
+            text = text.strip()
+            if text.startswith("unix:") and not text[5:].startswith("/") and text[5:]:
+                text = "unix:" + os.path.join(ctx["base_dir"], text[5:])
+            addresses.append(Address.parse(text))
+    return addresses or [Address.parse("")]
+
+
+def _c_path(value, ctx):
+    return os.path.normpath(os.path.join(ctx["base_dir"], os.path.expanduser(str(value).strip())))
+
+
+def _c_list(value, ctx):
+    return parse_list(value)
+
+
+def _c_origins(value, ctx):
+    origins = [o.rstrip("/") for o in parse_list(value)]
+    for origin in origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ValueError("%r is not an origin like https://example.com[:port]" % origin)
+    return origins
+
+
+def _c_secret(value, ctx):
+    return str(value).strip() or None
+
+
+# [gaffer] keys and the endpoint keys they give defaults for; the same
+# format as PROCESS_KEYS: name -> (coerce(value, ctx), default, help).
 ENDPOINT_KEYS = collections.OrderedDict([
-    ("bind", ("addresses", None, "comma-separated addresses to listen on")),
-    ("certfile", ("path", None, "TLS certificate (turns on HTTPS)")),
-    ("keyfile", ("path", None, "TLS private key")),
-    ("backlog", ("count", DEFAULT_BACKLOG, "listen() backlog")),
-    ("cors_origins", ("origins", [], "origins allowed to make cross-site calls")),
-    ("server_names", ("list", [], "extra Host names accepted on loopback binds")),
-    ("auth_token", ("str", None, "require this token (Bearer or Basic password)")),
-    ("auth_token_file", ("path", None, "read auth_token from this file")),
-    ("public_ping", ("bool", False, "let /ping and /ready through without the token")),
-    ("insecure", ("bool", False, "allow a non-loopback bind without a token")),
-    ("max_body_size", ("size", DEFAULT_MAX_BODY, "largest request body")),
-    ("keepalive_timeout", ("seconds", DEFAULT_KEEPALIVE, "close idle connections after")),
-    ("request_timeout", ("seconds", REQUEST_TIMEOUT,
+    ("bind", (_c_addresses, None, "comma-separated addresses to listen on")),
+    ("certfile", (_c_path, None, "TLS certificate (turns on HTTPS)")),
+    ("keyfile", (_c_path, None, "TLS private key")),
+    ("backlog", (_c_ranged(parse_int, "backlog"), DEFAULT_BACKLOG, "listen() backlog")),
+    ("cors_origins", (_c_origins, [], "origins allowed to make cross-site calls")),
+    ("server_names", (_c_list, [], "extra Host names accepted on loopback binds")),
+    ("auth_token", (_c_secret, None, "require this token (Bearer or Basic password)")),
+    ("auth_token_file", (_c_path, None, "read auth_token from this file")),
+    ("public_ping", (_c_bool, False, "let /ping and /ready through without the token")),
+    ("insecure", (_c_bool, False, "allow a non-loopback bind without a token")),
+    ("max_body_size", (_c_ranged(parse_size, "max_body_size"), DEFAULT_MAX_BODY,
+                       "largest request body")),
+    ("keepalive_timeout", (_c_ranged(parse_float, "keepalive_timeout"), DEFAULT_KEEPALIVE,
+                           "close idle connections after")),
+    ("request_timeout", (_c_ranged(parse_float, "request_timeout"), REQUEST_TIMEOUT,
                          "a TLS handshake, a request, or each step of a reply must take less")),
-    ("max_connections", ("count", DEFAULT_MAX_CONNECTIONS, "open connections at most")),
+    ("max_connections", (_c_ranged(parse_int, "max_connections"), DEFAULT_MAX_CONNECTIONS,
+                         "open connections at most")),
 ])
 GAFFER_KEYS = ("http_endpoints", "plugins_dir", "plugin_dir", "include", "include_dir",
                "logfile", "logfile_maxbytes", "logfile_backups",
@@ -1915,46 +2021,15 @@ class EndpointSpec:
         return bool(self.certfile or self.keyfile)
 
 
-def _endpoint_value(kind, value, base_dir, key=None):
-    if kind == "addresses":
-        addresses = []
-        for text in str(value).split(","):
-            if text.strip():
-                text = text.strip()
-                if text.startswith("unix:") and not text[5:].startswith("/") and text[5:]:
-                    text = "unix:" + os.path.join(base_dir, text[5:])
-                addresses.append(Address.parse(text))
-        return addresses or [Address.parse("")]
-    if kind == "path":
-        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(str(value).strip())))
-    minimum, maximum = RANGES[key] if kind in ("count", "size", "seconds") else (0, None)
-    if kind == "count":
-        return parse_int(value, minimum, maximum)
-    if kind == "list":
-        return parse_list(value)
-    if kind == "origins":
-        origins = [o.rstrip("/") for o in parse_list(value)]
-        for origin in origins:
-            if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
-                raise ValueError("%r is not an origin like https://example.com[:port]" % origin)
-        return origins
-    if kind == "bool":
-        return parse_bool(value)
-    if kind == "size":
-        return parse_size(value, maximum)
-    if kind == "seconds":
-        return parse_float(value, minimum, maximum)
-    return str(value).strip() or None
-
-
 def build_endpoint(name, items, defaults, source, section, base_dir, resolve=True):
     """Validate an endpoint; ``items`` override ``defaults`` ([gaffer])."""
     values, problems = {}, collections.OrderedDict()
+    ctx = {"base_dir": base_dir}
     for key, value in itertools.chain(defaults.items(), items.items()):
         if key not in ENDPOINT_KEYS:
             continue
         try:
-            values[key] = _endpoint_value(ENDPOINT_KEYS[key][0], value, base_dir, key)
+            values[key] = ENDPOINT_KEYS[key][0](value, ctx)
             problems.pop(key, None)
         except ValueError as exc:          # a bad [gaffer] default is reported there
             problems[key] = ConfigError(source, section, key, str(exc))
@@ -2204,24 +2279,6 @@ class Config:
 _SECTION_TYPES = ("gaffer", "webhooks", "process", "env", "endpoint", "socket")
 
 
-def edit_distance(a: str, b: str) -> int:
-    """Damerau-Levenshtein distance (a swap of two letters costs 1)."""
-    d = [[i + j if not i * j else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
-    for i in range(1, len(a) + 1):
-        for j in range(1, len(b) + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1,
-                          d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
-            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
-                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
-    return d[len(a)][len(b)]
-
-
-def typo_of(word: str, known):
-    """The known word ``word`` is probably a misspelling of, or None."""
-    best = min(known, key=lambda k: edit_distance(word.lower(), k))
-    return best if edit_distance(word.lower(), best) <= max(1, len(best) // 4) else None
-
-
 def _parse_ini_file(path, label):
     """One INI file with case kept and no [DEFAULT] magic (merged later)."""
     parser = configparser.ConfigParser(interpolation=None, default_section="\0default",
@@ -2341,7 +2398,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
     cfg.defaults = {k: v for k, v in g.items() if k in ENDPOINT_KEYS and k != "bind"}
     for key, value in cfg.defaults.items():
         try:
-            _endpoint_value(ENDPOINT_KEYS[key][0], value, g_dir, key)
+            ENDPOINT_KEYS[key][0](value, {"base_dir": g_dir})
         except ValueError as exc:
             errors.append(ConfigError(g_label, "gaffer", key, str(exc)))
     pdirs = g.get("plugins_dir") or g.get("plugin_dir")
@@ -2357,7 +2414,7 @@ def read_config(path, plugins_dir=None, resolve=True, environ=None) -> Config:
         flabel, fdir = origin.get(section, (label, cfg.base_dir))
         kind, colon, rest = section.partition(":")
         if kind not in _SECTION_TYPES:
-            close = typo_of(kind, _SECTION_TYPES)
+            close = typo_of(kind, _SECTION_TYPES, strict=True)
             if close:
                 errors.append(ConfigError(flabel, section, None, "unknown section type "
                               "%r; did you mean [%s]?" % (kind, close + colon + rest)))
@@ -3004,6 +3061,10 @@ def summarize_stats(name: str, stats: list) -> dict:
 # listener from inside ``publish``.  Used by the manager (§8), webhooks
 # (§9), the HTTP feeds (§11), console output (§13) and plugins.
 
+# The names of the events the manager publishes (bare, for every
+# listener) and of those also published as ``proc.NAME.EVENT``: the
+# registry that docs/streams-and-events.md is checked against
+# (tests/test_docs.py), so a new event is added here and there.
 MANAGER_EVENTS = ("create", "start", "stop", "update", "delete", "spawn", "reap",
                   "stop_pid", "exit", "flap", "restart", "state", "ready", "limit",
                   "rollout.start", "rollout.step", "rollout.done", "rollout.failed")
@@ -3114,8 +3175,9 @@ class EventBus:
 
 # § 6 HTTP/1.1 protocol (pure) ---------------------------------------------
 # Owns: turning bytes into ``Request`` objects (RFC 9112 framing with
-# this server's limits), rendering response heads, chunked and SSE
-# framing, and RFC 6455 websocket frames.  Never touches a socket: the
+# this server's limits) and, for the client (§9), into ``Response``
+# objects, with one chunked-body decoder for both; rendering response
+# heads, chunked and SSE framing, and RFC 6455 websocket frames.  Never touches a socket: the
 # server (§12) feeds bytes in and writes bytes out.  Uses §1-§2.
 
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH",
@@ -3156,6 +3218,86 @@ class Request:
             raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
 
 
+def parse_header_lines(lines, error) -> dict:
+    """Header field lines (bytes, without CRLF) -> {lower-case name:
+    value}, repeated fields joined with ", " (RFC 9110 5.3); a malformed
+    line, or two Content-Length or Host fields that disagree, raise
+    ``error(400, "bad_request", message)``."""
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN_RE.match(name) or not _HEADER_VALUE_RE.match(value):
+            raise error(400, "bad_request", "malformed header line")
+        key = name.decode("ascii").lower()
+        value = value.strip(b" \t").decode("latin-1")
+        if key in headers:
+            if key in ("content-length", "host"):
+                if headers[key] != value:
+                    raise error(400, "bad_request", "conflicting %s headers" % key)
+                continue
+            headers[key] = headers[key] + ", " + value
+        else:
+            headers[key] = value
+    return headers
+
+
+class ChunkedDecoder:
+    """Decodes one chunked body (RFC 9112 7.1) from the front of a buffer
+    that its owner keeps filling; shared by the request and the response
+    parsers.
+
+    ``decode(buf)`` consumes what it can from the bytearray ``buf`` and
+    returns True once the last chunk and the trailer section (ignored)
+    are in, leaving whatever follows in ``buf``; ``body`` is the decoded
+    bytearray.  A malformed body raises ``error(status, code, message)``
+    with a message that names the problem; a body over ``max_body`` bytes
+    is one (``"<what> body over N bytes"``), as are a chunk-size line over
+    1 KiB and a trailer line over MAX_HEADER_BYTES.
+    """
+
+    def __init__(self, max_body: int, what: str, error):
+        self.max_body, self.what, self.error = max_body, what, error
+        self.body = bytearray()
+        self._state = "size"          # size -> data -> size ... -> trailer
+        self._left = 0                # bytes of the current chunk not yet in
+
+    def decode(self, buf: bytearray) -> bool:
+        while True:
+            if self._state == "size":
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > 1024:
+                        raise self.error(400, "bad_request", "bad chunk size line")
+                    return False
+                size_text = bytes(buf[:end]).split(b";")[0].strip()
+                del buf[:end + 2]
+                if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,8}$", size_text):
+                    raise self.error(400, "bad_request", "bad chunk size")
+                self._left = int(size_text, 16)
+                if len(self.body) + self._left > self.max_body:
+                    raise self.error(413, "body_too_large",
+                                     "%s body over %d bytes" % (self.what, self.max_body))
+                self._state = "data" if self._left else "trailer"
+            elif self._state == "data":
+                if len(buf) < self._left + 2:
+                    return False
+                if buf[self._left:self._left + 2] != b"\r\n":
+                    raise self.error(400, "bad_request", "chunk data not followed by CRLF")
+                self.body += buf[:self._left]
+                del buf[:self._left + 2]
+                self._state = "size"
+            else:                                  # trailer section, ignored
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > MAX_HEADER_BYTES:
+                        raise self.error(431, "headers_too_large", "trailer too large")
+                    return False
+                line = bytes(buf[:end])
+                del buf[:end + 2]
+                if not line:
+                    return True
+
+
 class RequestParser:
     """Incremental request parser: ``feed(bytes)``, then ``next()`` returns
     a complete Request or None (more bytes needed) and raises HttpError.
@@ -3169,7 +3311,7 @@ class RequestParser:
         self.buf = bytearray()
         self.waiting_body = None
         self._length = None          # remaining Content-Length, or None for chunked
-        self._chunks = None          # bytearray of a chunked body being decoded
+        self._chunked = None         # the ChunkedDecoder of a chunked body, while it lasts
 
     @property
     def idle(self) -> bool:
@@ -3185,11 +3327,11 @@ class RequestParser:
                 return None
             self.waiting_body = request
         request = self.waiting_body
-        if self._chunks is not None:
-            if not self._parse_chunked():
+        if self._chunked is not None:
+            if not self._chunked.decode(self.buf):
                 return None
-            request.body = bytes(self._chunks)
-            self._chunks = None
+            request.body = bytes(self._chunked.body)
+            self._chunked = None
         elif self._length:
             if len(self.buf) < self._length:
                 return None
@@ -3233,21 +3375,7 @@ class RequestParser:
         if not (target.startswith(b"/") or target == b"*") or \
                 any(c < 0x21 or c == 0x7f for c in target):
             raise HttpError(400, "bad_request", "malformed request target")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not _TOKEN_RE.match(name) or not _HEADER_VALUE_RE.match(value):
-                raise HttpError(400, "bad_request", "malformed header line")
-            key = name.decode("ascii").lower()
-            value = value.strip(b" \t").decode("latin-1")
-            if key in headers:
-                if key in ("content-length", "host"):
-                    if headers[key] != value:
-                        raise HttpError(400, "bad_request", "conflicting %s headers" % key)
-                    continue
-                headers[key] = headers[key] + ", " + value
-            else:
-                headers[key] = value
+        headers = parse_header_lines(lines[1:], HttpError)
         request = Request(method.decode("ascii"), target.decode("latin-1"),
                           version.decode("ascii"), headers)
         if request.version == "HTTP/1.1" and "host" not in headers:
@@ -3256,9 +3384,7 @@ class RequestParser:
         if te is not None:
             if te.strip().lower() != "chunked" or "content-length" in headers:
                 raise HttpError(400, "bad_request", "unsupported Transfer-Encoding")
-            self._chunks = bytearray()
-            self._chunk_state = "size"
-            self._chunk_left = 0
+            self._chunked = ChunkedDecoder(self.max_body, "request", HttpError)
         elif "content-length" in headers:
             # RFC 9110 8.6: 1*DIGIT, ASCII only (str.isdigit() takes '\xb2',
             # which int() then refuses, and a 500 would desynchronize).
@@ -3271,42 +3397,137 @@ class RequestParser:
                                 "request body over %d bytes" % self.max_body)
         return request
 
-    def _parse_chunked(self) -> bool:
-        """Decode as much of a chunked body as has arrived; True when done."""
-        while True:
-            if self._chunk_state == "size":
-                end = self.buf.find(b"\r\n")
-                if end < 0:
-                    if len(self.buf) > 1024:
-                        raise HttpError(400, "bad_request", "bad chunk size line")
-                    return False
-                size_text = bytes(self.buf[:end]).split(b";")[0].strip()
-                del self.buf[:end + 2]
-                if not size_text or not re.match(rb"^[0-9A-Fa-f]{1,8}$", size_text):
-                    raise HttpError(400, "bad_request", "bad chunk size")
-                self._chunk_left = int(size_text, 16)
-                if len(self._chunks) + self._chunk_left > self.max_body:
-                    raise HttpError(413, "body_too_large",
-                                    "request body over %d bytes" % self.max_body)
-                self._chunk_state = "data" if self._chunk_left else "trailer"
-            elif self._chunk_state == "data":
-                if len(self.buf) < self._chunk_left + 2:
-                    return False
-                if self.buf[self._chunk_left:self._chunk_left + 2] != b"\r\n":
-                    raise HttpError(400, "bad_request", "chunk data not followed by CRLF")
-                self._chunks += self.buf[:self._chunk_left]
-                del self.buf[:self._chunk_left + 2]
-                self._chunk_state = "size"
-            else:                                  # trailer section, ignored
-                end = self.buf.find(b"\r\n")
-                if end < 0:
-                    if len(self.buf) > MAX_HEADER_BYTES:
-                        raise HttpError(431, "headers_too_large", "trailer too large")
-                    return False
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                if not line:
-                    return True
+
+def _response_error(status, code, message):
+    """The ``error`` of the shared helpers, for a response: the request
+    status they carry means nothing here."""
+    return ResponseError(message)
+
+
+class Response:
+    """One parsed response: ``status`` (int), ``reason``, ``version``,
+    ``headers`` (lower-case names, repeats joined with ", ") and
+    ``body`` (bytes, de-chunked)."""
+
+    __slots__ = ("version", "status", "reason", "headers", "body")
+
+    def __init__(self, version, status, reason, headers):
+        self.version, self.status, self.reason, self.headers = version, status, reason, headers
+        self.body = b""
+
+
+_STATUS_LINE_RE = re.compile(rb"^HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?$")
+
+
+class ResponseParser:
+    """Incremental response parser, the client's counterpart of
+    ``RequestParser``: ``feed(bytes)`` as bytes arrive, ``feed_eof()``
+    when the peer has closed, and ``next()`` returns the next complete
+    Response or None (more bytes needed); the bytes after it stay in
+    ``buf`` for the next call (pipelined responses).
+
+    Framing follows RFC 9112 6.3: interim 1xx responses are skipped
+    (101 is an error: this client never asks to switch protocols); a
+    response to HEAD, a 204 and a 304 have no body; then
+    ``Transfer-Encoding: chunked``, then ``Content-Length``, and else the
+    body runs until the connection closes.  ``method`` is the method of
+    the request(s) answered.
+
+    Limits: a head over ``max_head`` bytes and a body over ``max_body``
+    bytes raise ResponseError, as does every malformed input, with a
+    message that names the problem; so does ``next()`` after
+    ``feed_eof()`` when a response was cut short.
+    """
+
+    def __init__(self, method="GET", max_body=4 << 20, max_head=MAX_HEADER_BYTES):
+        self.method = method.upper()
+        self.max_body, self.max_head = max_body, max_head
+        self.buf = bytearray()
+        self.eof = False
+        self._response = None        # head parsed, body still arriving
+        self._length = None          # Content-Length of that body, or None
+        self._chunked = None         # its ChunkedDecoder, or None
+
+    def feed(self, data: bytes) -> None:
+        if self.eof:
+            raise ResponseError("data after the end of input")
+        self.buf += data
+
+    def feed_eof(self) -> None:
+        self.eof = True
+
+    def next(self):
+        while self._response is None:
+            response = self._parse_head()
+            if response is None:
+                return None
+            if response.status == 101:
+                raise ResponseError("unexpected 101 Switching Protocols")
+            if response.status >= 200:
+                self._response = response
+        response = self._response
+        if self._chunked is not None:
+            if not self._chunked.decode(self.buf):
+                if self.eof:
+                    raise ResponseError("connection closed in a chunked body")
+                return None
+            response.body = bytes(self._chunked.body)
+        elif self._length is not None:
+            if len(self.buf) < self._length:
+                if self.eof:
+                    raise ResponseError("connection closed after %d of %d body bytes"
+                                        % (len(self.buf), self._length))
+                return None
+            response.body = bytes(self.buf[:self._length])
+            del self.buf[:self._length]
+        elif self._has_body(response):                 # delimited by the close
+            if len(self.buf) > self.max_body:
+                raise ResponseError("response body over %d bytes" % self.max_body)
+            if not self.eof:
+                return None
+            response.body = bytes(self.buf)
+            self.buf.clear()
+        self._response = self._length = self._chunked = None
+        return response
+
+    def _has_body(self, response) -> bool:
+        return self.method != "HEAD" and response.status not in (204, 304)
+
+    def _parse_head(self):
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > self.max_head:
+                raise ResponseError("response head over %d bytes" % self.max_head)
+            if self.eof and self.buf:
+                raise ResponseError("connection closed in the response head")
+            return None
+        if end > self.max_head:
+            raise ResponseError("response head over %d bytes" % self.max_head)
+        lines = bytes(self.buf[:end]).split(b"\r\n")
+        del self.buf[:end + 4]
+        m = _STATUS_LINE_RE.match(lines[0])
+        if not m:
+            raise ResponseError("malformed status line %r" % lines[0][:80])
+        headers = parse_header_lines(lines[1:], _response_error)
+        response = Response("HTTP/" + m.group(1).decode("ascii"), int(m.group(2)),
+                            (m.group(3) or b"").decode("latin-1"), headers)
+        if response.status < 200 or not self._has_body(response):
+            return response
+        te = headers.get("transfer-encoding")
+        if te is not None:
+            if "content-length" in headers:
+                raise ResponseError("both Transfer-Encoding and Content-Length")
+            if te.split(",")[-1].strip().lower() == "chunked":
+                self._chunked = ChunkedDecoder(self.max_body, "response", _response_error)
+            # another final coding: the body runs until the close
+        elif "content-length" in headers:
+            length = headers["content-length"].strip(" \t")
+            if not is_ascii_digits(length) or len(length) > 15:
+                raise ResponseError("bad Content-Length %r" % length[:20])
+            self._length = int(length)
+            if self._length > self.max_body:
+                raise ResponseError("response body over %d bytes" % self.max_body)
+        return response
 
 
 def reason(status: int) -> str:
@@ -3649,17 +3870,19 @@ class Loop:
         self._update(fd, 0, Handle(0, 0, callback, args))
 
     def remove_reader(self, fd):
-        try:
-            self._update(fd, 0, None)
-        except (ValueError, OSError):
-            pass
+        self._forget(fd, 0)
 
     def add_writer(self, fd, callback, *args):
         self._update(fd, 1, Handle(0, 0, callback, args))
 
     def remove_writer(self, fd):
+        self._forget(fd, 1)
+
+    def _forget(self, fd, index):
+        """Drop the reader (0) or writer (1) of ``fd``; an fd already
+        closed (ValueError, OSError from the selector) has none left."""
         try:
-            self._update(fd, 1, None)
+            self._update(fd, index, None)
         except (ValueError, OSError):
             pass
 
@@ -4176,7 +4399,6 @@ class LogFile:
         self._refused = None             # the refusal last logged
         self._pending = bytearray()      # streams: what the reader did not take yet
         self.dropped = 0
-        self.users = 0
 
     def _open(self):
         if self.path == "-":
@@ -4200,9 +4422,6 @@ class LogFile:
         """Open at once (the daemon's own log at start-up); OSError."""
         if self._fd is None:
             self._open()
-
-    def reopen(self):
-        self.close()
 
     def close(self):
         if self._file is not None:
@@ -4352,7 +4571,9 @@ class LogWriter:
             self.paused.add(proc)
             proc.pause_output(self)
 
-    def reopen(self, logfile):
+    def close_file(self, logfile):
+        """Close ``logfile`` once what is queued before is written; the
+        next write opens it again (how SIGUSR1 reopens rotated files)."""
         self.submit(logfile, None)
 
     def stop(self, timeout=5.0):
@@ -4383,7 +4604,7 @@ class LogWriter:
             if logfile is None:
                 return
             if data is None:
-                logfile.reopen()
+                logfile.close()
                 continue
             if logfile.write_now(data):
                 waiting.add(logfile)
@@ -4497,7 +4718,7 @@ class Process:
         self.line_watch = None          # callable(label, data) of a log: readiness check
         self.notify = None              # its NotifySocket (ready = notify, watchdog_sec)
         self.core_dumped = False
-        self.exit_status = self.term_signal = None
+        self.exit_status = None         # set at the reap: the process is gone
         self.kill_handle = None
         self.kill_deadline = None       # when SIGKILL follows the SIGTERM of a stop
         self.sample = None              # (time, cpu seconds) for cpu%
@@ -4613,12 +4834,9 @@ class Process:
 
     def _on_output(self, fd):
         label = self._fds.get(fd)
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = read_nonblocking(os.read, fd, READ_CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close_fd(fd)
             return
@@ -4678,13 +4896,8 @@ class Process:
         """Read what is left in the pipes (the last words of a crash)."""
         for fd in list(self._fds):
             for _ in range(64):
-                try:
-                    data = os.read(fd, READ_CHUNK)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    data = b""
-                if not data:
+                data = read_nonblocking(os.read, fd, READ_CHUNK)
+                if not data:                     # nothing more now, or the end
                     break
                 data = self._whole_characters(fd, data)
                 if data:
@@ -4819,8 +5032,6 @@ class Template:
         self.exits = collections.Counter()     # exit reason -> count, for /metrics
         self.last_exit = None
         self.recent = collections.deque(maxlen=RECENT_PROCESSES)
-        self.last_error = None
-        self.created = now
         self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
         self.sched = None                      # ScheduleState when it has a schedule
 
@@ -6706,17 +6917,12 @@ class Spawner:
     def _exec(self, proc):
         spec = proc.spec
         env = self.process_environment(proc)
-        try:
-            argv = command_line(spec, env)
-        except KeyError as exc:
-            raise SpawnError("unknown variable $%s" % exc.args[0]) from None
-        except ValueError as exc:
-            raise SpawnError(str(exc)) from None
         if not os.path.isdir(spec.cwd):
             raise SpawnError("working directory %r does not exist" % spec.cwd)
-        executable = find_executable(argv[0], spec, env)
-        if executable is None:
-            raise SpawnError("executable %r not found" % argv[0])
+        try:
+            argv, executable = resolve_command(spec, env)
+        except CommandError as exc:
+            raise SpawnError(str(exc)) from None
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
         controls = exec_controls(spec)      # None: no preexec step for the controls
         ours, theirs = [], []                # pipe ends to keep / to close after fork
@@ -6856,15 +7062,16 @@ class Spawner:
         return logfile
 
     def reopen_logs(self) -> int:
-        """Reopen every program log file (SIGUSR1); returns how many."""
+        """Reopen every program log file (SIGUSR1): each is closed and
+        opened again at its next write; returns how many."""
         for logfile in self._logfiles.values():
-            self.manager.log_writer.reopen(logfile)
+            self.manager.log_writer.close_file(logfile)
         return len(self._logfiles)
 
     def close_logs(self):
         """Close every program log file; nothing is written after."""
         for logfile in self._logfiles.values():
-            self.manager.log_writer.reopen(logfile)      # i.e. close; nothing follows
+            self.manager.log_writer.close_file(logfile)
 
 
 
@@ -7238,7 +7445,7 @@ class Reaper:
 
     def on_exit(self, proc, exit_status, term_signal):
         self.loop.trimmer.touch()
-        proc.exit_status, proc.term_signal = exit_status, term_signal
+        proc.exit_status = exit_status
         proc.core_dumped = bool(self.loop.core_dumped)
         self.manager._by_pid.pop(proc.pid, None)
         if proc.kill_handle is not None:
@@ -7804,15 +8011,73 @@ class _DnsLookup:
         self.callback(address, error)
 
 
+class TcpConnect:
+    """Resolve ``host`` without blocking, then connect to ``port`` without
+    blocking: ``callback(sock, None)`` once connected (the non-blocking
+    socket is the callback's, with no reader or writer left on it), or
+    ``callback(None, error)``.  ``cancel()`` drops the attempt and closes
+    its socket; the callback is not called then.  Serves the HTTP client
+    and the ``tcp:`` readiness check."""
+
+    def __init__(self, loop, host, port, callback, timeout=5.0):
+        self.loop, self.host, self.port, self.callback = loop, host, port, callback
+        self.sock, self.over = None, False
+        resolve(loop, host, self._on_resolved, timeout)
+
+    def _on_resolved(self, address, error):
+        if self.over:
+            return
+        if address is None:
+            self._finish(None, error)
+            return
+        try:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
+                                      socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            err = self.sock.connect_ex((address, self.port))
+        except OSError as exc:
+            self._finish(None, str(exc))
+            return
+        if err == errno.EINPROGRESS:
+            self.loop.add_writer(self.sock.fileno(), self._on_connected)
+        else:
+            self._connected(err)
+
+    def _on_connected(self):
+        self._connected(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def _connected(self, err):
+        if err:
+            self._finish(None, "cannot connect to %s:%d: %s" % (self.host, self.port,
+                                                                 os.strerror(err)))
+            return
+        self.loop.remove_writer(self.sock.fileno())
+        sock, self.sock = self.sock, None
+        self._finish(sock, None)
+
+    def _finish(self, sock, error):
+        if not self.over:
+            self.cancel()
+            self.callback(sock, error)
+
+    def cancel(self):
+        self.over = True
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+
 class _ClientRequest:
-    """One HTTP request on the loop; see ``http_request``."""
+    """One HTTP request on the loop; see ``http_request``.  The socket
+    callbacks only move bytes: the ResponseParser of §6 reads them."""
 
     MAX_RESPONSE = 4 << 20
 
     def __init__(self, loop, method, url, body, headers, timeout, callback, max_response=None):
         self.loop, self.callback = loop, callback
-        if max_response is not None:
-            self.MAX_RESPONSE = max_response
+        self.parser = ResponseParser(method, self.MAX_RESPONSE if max_response is None
+                                     else max_response)
         parts = urllib.parse.urlsplit(url)
         self.tls = parts.scheme == "https"
         self.host = parts.hostname or ""
@@ -7827,39 +8092,19 @@ class _ClientRequest:
                 "User-Agent: gafferd/%s" % GAFFERD_VERSION]
         head.extend("%s: %s" % kv for kv in (headers or {}).items())
         self.out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        self.response = bytearray()
-        self.sock = None
+        self.sock = self.connect = None
         self.done = False
         self.timer = loop.call_later(timeout, self._fail, "timed out after %ss" % timeout)
         if parts.scheme not in ("http", "https") or not self.host:
             loop.call_soon(self._fail, "unsupported URL %r" % url)
         else:
-            resolve(loop, self.host, self._on_resolved)
+            self.connect = TcpConnect(loop, self.host, self.port, self._on_connected)
 
-    def _on_resolved(self, address, error):
-        if self.done:
-            return
-        if address is None:
+    def _on_connected(self, sock, error):
+        if sock is None:
             self._fail(error)
             return
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        try:
-            self.sock = socket.socket(family, socket.SOCK_STREAM)
-            self.sock.setblocking(False)
-            err = self.sock.connect_ex((address, self.port))
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if err not in (0, errno.EINPROGRESS):
-            self._fail(os.strerror(err))
-            return
-        self.loop.add_writer(self.sock.fileno(), self._on_connected)
-
-    def _on_connected(self):
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self._fail("cannot connect to %s:%d: %s" % (self.host, self.port, os.strerror(err)))
-            return
+        self.sock = sock
         if self.tls:
             try:
                 context = load_ssl().create_default_context()
@@ -7913,51 +8158,22 @@ class _ClientRequest:
             except OSError as exc:
                 self._fail(str(exc))
                 return
+            try:
+                if data:
+                    self.parser.feed(data)
+                else:
+                    self.parser.feed_eof()
+                response = self.parser.next()
+            except ResponseError as exc:
+                self._fail(exc.message)
+                return
+            if response is not None:
+                self._close()
+                self.callback(response.status, response.body, None)
+                return
             if not data:
-                self._finish()
+                self._fail("connection closed before a response")
                 return
-            self.response += data
-            if len(self.response) > self.MAX_RESPONSE:
-                self._fail("response too large")
-                return
-            if self._complete():
-                self._finish()
-                return
-
-    def _complete(self) -> bool:
-        end = self.response.find(b"\r\n\r\n")
-        if end < 0:
-            return False
-        head = bytes(self.response[:end]).lower()
-        m = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
-        if m:
-            return len(self.response) >= end + 4 + int(m.group(1))
-        if b"chunked" in head:
-            return self.response.endswith(b"0\r\n\r\n")
-        return False
-
-    def _finish(self):
-        end = self.response.find(b"\r\n\r\n")
-        m = re.match(rb"^HTTP/1\.[01] (\d{3})", bytes(self.response[:16]))
-        if end < 0 or not m:
-            self._fail("malformed response")
-            return
-        body = bytes(self.response[end + 4:])
-        if b"chunked" in bytes(self.response[:end]).lower():
-            decoded = bytearray()
-            while body:
-                size_line, _, rest = body.partition(b"\r\n")
-                try:
-                    size = int(size_line.split(b";")[0], 16)
-                except ValueError:
-                    break
-                if size == 0:
-                    break
-                decoded += rest[:size]
-                body = rest[size + 2:]
-            body = bytes(decoded)
-        self._close()
-        self.callback(int(m.group(1)), body, None)
 
     def _fail(self, error):
         if self.done:
@@ -7973,6 +8189,8 @@ class _ClientRequest:
     def _close(self):
         self.done = True
         self.timer.cancel()
+        if self.connect is not None:
+            self.connect.cancel()
         if self.sock is not None:
             fd = self.sock.fileno()
             if fd >= 0:
@@ -7986,7 +8204,8 @@ def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callba
                  max_response=None):
     """Send one HTTP(S) request without blocking; ``callback(status,
     body, error)`` gets status 0 and an error string on failure (a
-    response over ``max_response`` bytes, 4 MB by default, is one).
+    response body over ``max_response`` bytes, 4 MB by default, a head
+    over 16 KB and a response cut short are failures).
     Returns the request, whose ``cancel()`` drops it."""
     return _ClientRequest(loop, method, url, body, headers, timeout,
                           callback or (lambda status, body, error: None), max_response)
@@ -7994,48 +8213,21 @@ def http_request(loop, method, url, body=b"", headers=None, timeout=20.0, callba
 
 # -- readiness checks that need the resolver or the client -------------------
 class _TcpAttempt:
-    """One ``tcp:[HOST:]PORT`` check: resolve HOST without blocking, then a
-    non-blocking connect; ``done(connected)``.  Closed at once either way
-    (the ReadyPoller bounds how long it may take)."""
+    """One ``tcp:[HOST:]PORT`` check: ``done(connected)``, the socket
+    closed at once either way (the ReadyPoller bounds how long it may
+    take)."""
 
     def __init__(self, loop, host, port, limit, done):
-        self.loop, self.port, self.done = loop, port, done
-        self.sock, self.over = None, False
-        resolve(loop, host, self._on_resolved, limit)
+        self.done = done
+        self.connect = TcpConnect(loop, host, port, self._on_connected, limit)
 
-    def _on_resolved(self, address, error):
-        if self.over:
-            return
-        if address is None:
-            self._finish(False)
-            return
-        try:
-            self.sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET,
-                                      socket.SOCK_STREAM)
-            self.sock.setblocking(False)
-            err = self.sock.connect_ex((address, self.port))
-        except OSError:
-            self._finish(False)
-            return
-        if err == errno.EINPROGRESS:
-            self.loop.add_writer(self.sock.fileno(), self._on_connected)
-        else:
-            self._finish(err == 0)
-
-    def _on_connected(self):
-        self._finish(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0)
-
-    def _finish(self, ok):
-        if not self.over:
-            self.cancel()
-            self.done(ok)
+    def _on_connected(self, sock, error):
+        if sock is not None:
+            sock.close()
+        self.done(sock is not None)
 
     def cancel(self):
-        self.over = True
-        if self.sock is not None:
-            self.loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        self.connect.cancel()
 
 
 def _ready_on_tcp(manager, t, slot, proc):
@@ -8057,7 +8249,27 @@ def _ready_on_http(manager, t, slot, proc):
 Manager.READY_PROBES.update(tcp=_ready_on_tcp, http=_ready_on_http)
 
 
-class Webhooks:
+class EventApplication:
+    """An application (``start(loop, manager)``, ``stop()``,
+    ``restart()``) that is fed every event: ``start`` subscribes
+    ``self._on_event(event, payload)`` to ".", ``stop`` unsubscribes it,
+    ``restart`` has nothing to do.  Webhooks and the console output."""
+
+    loop = manager = None
+
+    def start(self, loop, manager):
+        self.loop, self.manager = loop, manager
+        manager.subscribe(".", self._on_event)
+
+    def restart(self):
+        pass
+
+    def stop(self):
+        if self.manager is not None:
+            self.manager.unsubscribe(".", self._on_event)
+
+
+class Webhooks(EventApplication):
     """POST each matching manager event, as JSON, to its URLs.
 
     A hook fires on an exact event name or on ".".  Each URL has its own
@@ -8080,17 +8292,6 @@ class Webhooks:
         for event, url in hooks:
             if url not in self.hooks[event]:
                 self.hooks[event].append(url)
-
-    def start(self, loop, manager):
-        self.loop, self.manager = loop, manager
-        manager.subscribe(".", self._on_event)
-
-    def restart(self):
-        pass
-
-    def stop(self):
-        if self.manager is not None:
-            self.manager.unsubscribe(".", self._on_event)
 
     def drain(self, callback):
         """Call ``callback`` once every queue is empty, or after
@@ -9430,6 +9631,10 @@ class Api:
                    [({"code": code}, n) for code, n in sorted(self.server.requests.items())])
             metric("gafferd_http_connections", "gauge", "Open HTTP connections.",
                    [({}, len(self.server.connections))])
+        for hooks in (a for a in m.apps if isinstance(a, Webhooks)):
+            metric("gafferd_webhook_events_total", "counter", "Webhook events by outcome: "
+                   "delivered, failed (every attempt), dropped (queue full).",
+                   [({"result": r}, getattr(hooks, r)) for r in ("delivered", "failed", "dropped")])
         for app in (self.plugins.apps if self.plugins else ()):
             for line in app.metrics():
                 lines.append(str(line).rstrip("\n"))
@@ -9624,7 +9829,7 @@ class Listener:
                 bound = sock.getsockname()
                 shown = "[%s]" % bound[0] if family == socket.AF_INET6 else bound[0]
                 self.url = "%s://%s:%d" % ("https" if ep.tls else "http", shown, bound[1])
-                self.loopback_tcp = ipaddress.ip_address(bound[0].split("%")[0]).is_loopback
+                self.loopback_tcp = bool(loopback_literal(bound[0]))
             sock.listen(ep.backlog or DEFAULT_BACKLOG)
             sock.setblocking(False)
         except BindError:
@@ -10013,12 +10218,9 @@ def _host_is_loopback(host: str, extra) -> bool:
         name = host[1:host.find("]")] if "]" in host else host
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name in extra or name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    # RFC 6761 6.3 reserves *.localhost for loopback and browsers resolve
+    # it there themselves, so a rebinding page cannot claim such a name
+    return name in extra or name.endswith(".localhost") or bool(loopback_literal(name))
 
 
 def token_matches(header: str, token: str, basic=True) -> bool:
@@ -10036,7 +10238,34 @@ def token_matches(header: str, token: str, basic=True) -> bool:
     return lazy_import("hmac").compare_digest(candidate.encode("utf-8"), token.encode("utf-8"))
 
 
-class _Sink:
+class _ClosingStream:
+    """What a _Sink and a _WebSocket share: ``on_close(callback)`` runs
+    the callback once the stream has ended (at once if it has), and
+    ``_close()`` ends it, running each callback once; one failing is
+    logged and the others still run."""
+
+    closed = False
+    _what = "stream"
+
+    def on_close(self, callback):
+        if self.closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def _close(self):
+        if self.closed:
+            return
+        self.closed = True
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("%s clean-up failed", self._what)
+        self._callbacks = []
+
+
+class _Sink(_ClosingStream):
     """What a Feed writes to; see ``Feed``."""
 
     def __init__(self, conn, chunked):
@@ -10059,26 +10288,11 @@ class _Sink:
         self._close()
         conn.feed_done()
 
-    def on_close(self, callback):
-        if self.closed:
-            callback()
-        else:
-            self._callbacks.append(callback)
 
-    def _close(self):
-        if self.closed:
-            return
-        self.closed = True
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("stream clean-up failed")
-        self._callbacks = []
-
-
-class _WebSocket:
+class _WebSocket(_ClosingStream):
     """The server side of one websocket; see ``Upgrade``."""
+
+    _what = "websocket"
 
     def __init__(self, conn):
         self.conn = conn
@@ -10108,12 +10322,6 @@ class _WebSocket:
     def on_message(self, callback):
         self._on_message = callback
 
-    def on_close(self, callback):
-        if self.closed:
-            callback()
-        else:
-            self._callbacks.append(callback)
-
     def feed(self, data):
         try:
             messages = self.parser.feed(data)
@@ -10136,17 +10344,6 @@ class _WebSocket:
                         return
                 if self._on_message is not None:
                     self._on_message(opcode, payload)
-
-    def _close(self):
-        if self.closed:
-            return
-        self.closed = True
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("websocket clean-up failed")
-        self._callbacks = []
 
 
 def serve_file(req, root, rest) -> Reply:
@@ -10376,22 +10573,13 @@ class Connection:
         if self.handshaking and not self._handshake():
             return
         chunks = []
-        while True:
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                break
-            except ssl.SSLWantWriteError:
-                break
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
+        data = self._recv()
+        while data is not None:
             chunks.append(data)
             if not (self.listener.tls and self.sock.pending()):
                 break
-        if not chunks:
+            data = self._recv()
+        if self.closed or not chunks:
             return
         data = b"".join(chunks)
         self.received += len(data)
@@ -10407,7 +10595,7 @@ class Connection:
             log.debug("closing %s: %d bytes of input not taken", self.remote, len(self.parser.buf))
             self.close()
             return
-        self.process()
+        self.answer_requests()
 
     def write(self, data: bytes):
         if self.closed:
@@ -10520,7 +10708,7 @@ class Connection:
             self._linger()
             return
         if self.busy is None and self.parser.buf:
-            self.process()                      # pipelined requests waiting
+            self.answer_requests()              # pipelined requests waiting
         self._update_reading()
 
     def _linger(self):
@@ -10546,15 +10734,16 @@ class Connection:
 
     def _discard_input(self):
         for _ in range(4):
-            try:
-                data = self.sock.recv(_RECV_SIZE)
-            except (BlockingIOError, InterruptedError):
+            if self._recv() is None:
                 return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
+
+    def _recv(self):
+        """The bytes the socket has, or None: nothing yet, or the peer
+        has gone (the connection is closed then)."""
+        data = read_nonblocking(self.sock.recv, _RECV_SIZE)
+        if data == b"":
+            self.close()
+        return data or None
 
     def close(self):
         if self.closed:
@@ -10639,8 +10828,8 @@ class Connection:
         self._send_error(HttpError(408, "request_timeout", "the request took too long"))
 
     # -- requests ----------------------------------------------------------------------
-    def process(self):
-        """Answer the complete requests in the parse buffer, in order:
+    def answer_requests(self):
+        """Parse and answer the complete requests in the buffer, in order:
         _PIPELINE_TURN of them per loop iteration (one client's pipeline
         never holds up the others), and none while ``out`` is above its
         high-water mark (resumed from ``_on_writable``)."""
@@ -10676,7 +10865,7 @@ class Connection:
 
     def _next_turn(self):
         self.turn = None
-        self.process()
+        self.answer_requests()
         self._update_reading()
 
     def _send_error(self, exc: HttpError):
@@ -10904,7 +11093,7 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
-class Console:
+class Console(EventApplication):
     """The console application of ``-v``/``-vv``."""
 
     def __init__(self, stream_output=False, out=None):
@@ -10913,17 +11102,6 @@ class Console:
         self.colour = self.out.isatty() if hasattr(self.out, "isatty") else False
         self.colours = {}
         self.manager = None
-
-    def start(self, loop, manager):
-        self.manager = manager
-        manager.subscribe(".", self._on_event)
-
-    def restart(self):
-        pass
-
-    def stop(self):
-        if self.manager is not None:
-            self.manager.unsubscribe(".", self._on_event)
 
     def _on_event(self, event, payload):
         if event.startswith("proc."):
@@ -11669,7 +11847,6 @@ def ctl_cmd_status(target, args):
 def _act(target, names, action, done):
     """POST an action to each template; a refusal is reported and the
     others still get theirs; exit 1 if any was refused."""
-    status = CTL_OK
     try:
         templates = ctl_templates(target, names)
     except CtlExit as exc:
@@ -11677,9 +11854,17 @@ def _act(target, names, action, done):
             raise
         print(exc.message, file=sys.stderr)
         return CTL_REFUSED
+    return _each(target, templates, "POST", "/" + action, done)
+
+
+def _each(target, templates, method, suffix, done):
+    """``method /processes/NAME<suffix>`` for each template, saying
+    ``NAME: <done>``; a refusal is reported and the others still get
+    theirs; exit 1 if any was refused."""
+    status = CTL_OK
     for name in templates:
         try:
-            ctl_call(target, "POST", "/processes/%s/%s" % (_quote(name), action))
+            ctl_call(target, method, "/processes/" + _quote(name) + suffix)
             _out("%s: %s" % (name, done))
         except CtlExit as exc:
             if exc.status != CTL_REFUSED:
@@ -11790,17 +11975,7 @@ def ctl_cmd_add(target, args):
 
 
 def ctl_cmd_rm(target, args):
-    status = CTL_OK
-    for name in ctl_templates(target, args.names):
-        try:
-            ctl_call(target, "DELETE", "/processes/" + _quote(name))
-            _out("%s: removed" % name)
-        except CtlExit as exc:
-            if exc.status != CTL_REFUSED:
-                raise
-            print("%s: %s" % (name, exc.message.split(": ", 1)[-1]), file=sys.stderr)
-            status = CTL_REFUSED
-    return status
+    return _each(target, ctl_templates(target, args.names), "DELETE", "", "removed")
 
 
 def _recent_output(target, names, lines, label_index, colour):
@@ -12193,10 +12368,9 @@ class _CtlParser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         typo = re.match(r"argument COMMAND: invalid choice: '(.*?)'", message)
         if typo:
-            close = lazy_import("difflib").get_close_matches(
-                typo.group(1), [c[0] for c in CTL_COMMANDS], 1)
+            close = typo_of(typo.group(1), [c[0] for c in CTL_COMMANDS])
             message = "unknown command %r%s (gafferd ctl --help lists them)" % (
-                typo.group(1), "; did you mean %r?" % close[0] if close else "")
+                typo.group(1), "; did you mean %r?" % close if close else "")
         raise CtlExit(CTL_USAGE, "%s: error: %s" % (self.prog, message))
 
 
@@ -12497,16 +12671,18 @@ class DaemonLog(logging.Handler):
         else:
             self.writer.submit(self.logfile, data)
 
-    def reopen(self):
+    def close_file(self):
+        """Close the file (after what is queued); the next record opens it
+        again, so SIGUSR1 after a rotation moves the log to the new file."""
         if self.writer is None:
-            self.logfile.reopen()
+            self.logfile.close()
         else:
-            self.writer.reopen(self.logfile)
+            self.writer.close_file(self.logfile)
 
     def close(self):
         """Write what is queued and close the file."""
         if self.writer is not None:
-            self.writer.reopen(self.logfile)         # i.e. close; nothing follows
+            self.writer.close_file(self.logfile)
             self.writer.stop()
         else:
             self.logfile.close()
@@ -12718,10 +12894,9 @@ class Daemon:
         for spec in self.config.sockets.values():
             out.append("[socket:%s] %s" % (spec.name, json.dumps(spec.to_dict())))
         for spec in self.config.templates:
-            env = checked_environment(spec, os.environ)
-            argv = command_line(spec, env)
+            argv, executable = resolve_command(spec, checked_environment(spec, os.environ))
             out.append("[process:%s]" % spec.name)
-            out.append("  # resolved: executable = %s" % find_executable(argv[0], spec, env))
+            out.append("  # resolved: executable = %s" % executable)
             out.append("  # resolved: argv = %s" % " ".join(shlex.quote(a) for a in argv))
             out.append("  # resolved: working directory = %s" % spec.cwd)
             for index, label in enumerate(spec.labels):
@@ -12888,7 +13063,7 @@ class Daemon:
     def _on_usr1(self, signum):
         count = self.manager.reopen_logs()
         if self.log_file is not None:
-            self.log_file.reopen()
+            self.log_file.close_file()
             count += 1
         log.info("received SIGUSR1: reopened %d log file(s)", count)
 

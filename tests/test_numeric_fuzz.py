@@ -75,12 +75,13 @@ def query_parameters_in_source():
     return names
 
 
-def numeric_process_keys():
-    """PROCESS_KEYS whose coerce function takes '5' and refuses words:
-    the numeric ones, found by their behaviour, not by a list."""
+def numeric_process_keys(table=None):
+    """PROCESS_KEYS (or ENDPOINT_KEYS, which has the same format) whose
+    coerce function takes '5' and refuses words: the numeric ones, found
+    by their behaviour, not by a list."""
     ctx = {"base_dir": "/"}
     found = []
-    for key, (coerce, _, _) in gafferd.PROCESS_KEYS.items():
+    for key, (coerce, _, _) in (table or gafferd.PROCESS_KEYS).items():
         try:
             coerce("5", ctx)
         except Exception:
@@ -93,8 +94,7 @@ def numeric_process_keys():
 
 
 def numeric_endpoint_keys():
-    return [k for k, (kind, _, _) in gafferd.ENDPOINT_KEYS.items()
-            if kind in ("count", "size", "seconds")]
+    return numeric_process_keys(gafferd.ENDPOINT_KEYS)
 
 
 def may_be_negative(key):
