@@ -55,7 +55,8 @@ NUMERIC_QUERY = {
     "last_event_id": ["/streams/{id}/stdout?feed=eventsource&last_event_id={v}",
                       "/watch?feed=eventsource&last_event_id={v}"],
 }
-OTHER_QUERY = {"dry_run", "running", "label", "feed", "v", "no_deps"}
+OTHER_QUERY = {"dry_run", "running", "label", "feed", "v", "no_deps",
+               "rolling", "wait"}                # booleans of a rolling _restart
 
 # Numbers in paths: (method, path).  Where a value that is not an id
 # can also be a template name, 404 is right; a count or a signal is 400.
