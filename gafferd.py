@@ -240,6 +240,7 @@ RANGES = {
     "rolling_max_surge": (1, MAX_NUMPROCESSES),
     "sockets": (0, 64),                  # names in one sockets list
     "nice": (-20, 19),                   # setpriority(2)
+    "umask": (0, 0o777),
     "oom_score_adj": (-1000, 1000),      # proc(5)
     "rlimit": (0, MAX_ID),               # each rlimit_* value but "unlimited"
     "max_memory": (0, MAX_FILE_SIZE),
@@ -1187,10 +1188,10 @@ def _c_env_file(value, ctx):
 
 def _c_umask(value, ctx):
     """Octal digits (``027``, ``0o027``); a JSON number is read the same way."""
-    text = str(value).strip() if isinstance(value, (str, int)) and \
-        not isinstance(value, bool) else ""
+    text = str(value) if isinstance(value, (str, int)) and \
+        not isinstance(value, bool) else ""         # an INI value comes stripped
     digits = text[2:] if text[:2].lower() == "0o" else text
-    if not re.fullmatch(r"[0-7]{1,4}", digits, re.ASCII) or int(digits, 8) > 0o777:
+    if not re.fullmatch(r"[0-7]{1,4}", digits, re.ASCII) or int(digits, 8) > RANGES["umask"][1]:
         raise ValueError("%r is not an octal umask from 000 to 777" % (value,))
     return int(digits, 8)
 
@@ -1216,7 +1217,6 @@ RLIMIT_KEYS = collections.OrderedDict([
 
 def _rlimit_value(text, in_bytes):
     """One limit: ``unlimited`` (None), a number, or a size for a byte limit."""
-    text = text.strip() if isinstance(text, str) else text
     if isinstance(text, str) and text.lower() in ("unlimited", "infinity"):
         return None
     minimum, maximum = RANGES["rlimit"]

@@ -111,7 +111,10 @@ def test_the_enumeration_finds_what_it_must():
                                             "request_timeout", "max_connections"}
     for key in numeric_process_keys() + numeric_endpoint_keys():
         # flapping and backoff are lists of numbers with ranges per field
-        assert key in gafferd.RANGES or key in ("uid", "gid", "flapping", "backoff"), key
+        # (ids of users and groups are looked up; every rlimit_* key shares
+        # the range of "rlimit")
+        assert key in gafferd.RANGES or key in ("uid", "gid", "groups", "flapping", "backoff") or \
+            key.startswith("rlimit_") and "rlimit" in gafferd.RANGES, key
     assert gafferd.MAX_DURATION == 7 * 24 * 3600
 
 
@@ -237,7 +240,7 @@ def test_numbers_in_json_bodies(talker):
     keys = numeric_process_keys()
     for i, raw in enumerate(JSON_BAD):
         for key in keys:
-            if key in ("flapping", "backoff") and raw == '" 5"':
+            if key in ("flapping", "backoff", "groups") and raw == '" 5"':
                 continue       # a list "attempts, window, ...": blanks separate values
             if may_be_negative(key) and raw in ("-5", '"-5"'):
                 continue
