@@ -48,7 +48,10 @@ Architecture
     dispatches them through the route table of §11, whose handlers are
     thin calls into the manager.  Webhooks (§9), console output (§13)
     and plugins (§10) are "applications": objects with
-    ``start(loop, manager)``, ``stop()`` and ``restart()``.
+    ``start(loop, manager)``, ``stop()`` and ``restart()``.  Besides the
+    loop's thread there are only helpers that hand results back through
+    ``loop.call_soon_threadsafe``: the log file writer, and the starter
+    threads that fork children and wait for their exec (§8).
 
 Error boundaries (everywhere else exceptions travel)
     * a loop callback (§7): logged with its traceback, the loop goes on;
@@ -152,6 +155,8 @@ LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before chil
 STORM_LINES = 10                     # exit lines per template and second before a summary
 SPAWN_BATCH = 64                     # spawns per restart step
 SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
+SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
+STARTER_THREADS = 4                  # threads that fork and wait for execs
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds sample this often, as gaffer 0.4.4 did
@@ -2723,6 +2728,8 @@ class Loop:
         self._signal_handlers = {}
         self._child_watchers = {}
         self.unwatched_child = None        # watcher of children nobody watches
+        self.child_starting = None         # pid -> True: a start not reported yet (leave it)
+        self.reap_deferred = False         # a pass stopped at such a child
         self.core_dumped = False           # of the exit a child watcher is being told about
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -2843,7 +2850,13 @@ class Loop:
         while the child is still a zombie (its pid and process group
         cannot be reused yet).  A child nobody watches (an orphan the
         daemon adopted as subreaper) goes to ``unwatched_child``, a
-        watcher of the same shape, when one is set."""
+        watcher of the same shape, when one is set.
+
+        A child started off the loop can exit before its starter learns
+        its pid: ``child_starting(pid)``, when set, is asked about a child
+        nobody watches; it may register the watcher at once, or answer
+        True, and then the zombie is left (with everything the kernel
+        lists after it) until the starter calls ``reap_children`` again."""
         self._child_watchers[pid] = callback
 
     def watches_child(self, pid) -> bool:
@@ -2866,6 +2879,11 @@ class Loop:
                 return
             pid = info.si_pid
             watcher = self._child_watchers.pop(pid, None)
+            if watcher is None and self.child_starting is not None:
+                if self.child_starting(pid):
+                    self.reap_deferred = True
+                    return
+                watcher = self._child_watchers.pop(pid, None)
             if watcher is None:
                 watcher = self.unwatched_child
             before = getattr(watcher, "before_reap", None)
@@ -3034,7 +3052,8 @@ class MemoryTrimmer:
 # groups.  The Manager keeps the API and the template operations and hands
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
-# ``Spawner`` (spawn queue, budget, exec), ``Shutdown`` (the way down),
+# ``Spawner`` (spawn queue, budget, exec; the fork and the wait for the
+# exec run on its ``_Starter`` threads), ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
 # Uses §1-§7.
 # The HTTP API (§11), plugins (§10) and main() (§15) drive it through the
@@ -3561,6 +3580,8 @@ class Process:
         self._stdin = collections.deque()
         self.stdin_queued = 0
         self.custom_fds = {}            # custom label -> our socket end
+        self.start = None               # its _Start while the starter thread has it
+        self.pending_signals = ()       # signals sent before the start came back
 
     @property
     def alive(self) -> bool:
@@ -3765,7 +3786,12 @@ class Process:
     def kill(self, signum) -> None:
         """Send ``signum`` to the process group, or to the process alone
         if it left its group."""
-        if not self.alive or self.pid is None:
+        if not self.alive:
+            return
+        if self.pid is None:
+            if self.start is not None:       # being started: cancel it, or signal it once back
+                self.start.cancelled = True
+                self.pending_signals += (signum,)
             return
         try:
             os.killpg(self.pid, signum)
@@ -4205,6 +4231,7 @@ class Manager:
         self.spawn_failures = 0
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
+        loop.child_starting = self.spawner.child_starting
         self.groups_left = GroupCleaner(loop, self._by_pid)
         self.on_critical = None                        # callback(name): a critical template failed
         self.dependencies = Dependencies(self)
@@ -4212,7 +4239,8 @@ class Manager:
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
-        return os_pid in self._by_pid or self.loop.watches_child(os_pid)
+        return os_pid in self._by_pid or self.loop.watches_child(os_pid) or \
+            self.spawner.child_starting(os_pid)
 
     # -- events ----------------------------------------------------------------
     def subscribe(self, pattern, listener):
@@ -4406,13 +4434,17 @@ class Manager:
             t.replacing = False
             return
 
-        def waiting():
-            return any(new.member and new.state == STARTING and new.proc is None
-                       for _, new in pairs)
-        while waiting() and self.spawner.budget_left() and self.spawner.has_unspawned(t):
+        def waiting(started):       # replacements not handed over / not back yet
+            return any(new.member and new.state == STARTING and
+                       (new.proc is None if not started else
+                        new.proc is not None and new.proc.pid is None) for _, new in pairs)
+        while waiting(False) and self.spawner.budget_left() and self.spawner.has_unspawned(t):
             self._spawn(t)
-        if waiting():
+        if waiting(False) and not self.spawner.full():
             self.loop.call_soon(self._replace, t, pairs, rest)     # budget spent
+            return
+        if waiting(False) or waiting(True):
+            self.spawner.when_free(self._replace, t, pairs, rest)  # when a start is back
             return
         for old, _ in pairs:
             if old.member:
@@ -4657,7 +4689,7 @@ class Manager:
         self.mark_ready(proc)
 
     def _ready_on_notify(self, t, slot, proc):
-        pass                            # _exec gave it its NotifySocket, already listening
+        pass                            # _prepare gave it its NotifySocket, already listening
 
     def _ready_on_cmd(self, t, slot, proc):
         proc.watch.append(ReadyPoller(self, proc, lambda done: _CmdAttempt(self, proc, done)))
@@ -5084,6 +5116,141 @@ class Dependencies:
                     self.manager.set_waiting(t.name, missing)
 
 
+def _insert_by_id(running, by_id, proc):
+    """Add ``proc`` to a template's ``running`` list and the manager's
+    ``running`` map keeping both in id (spawn) order, which the API shows
+    and the oldest-first choices rely on: starts come back from several
+    threads, now and then out of order."""
+    index = len(running)
+    while index and running[index - 1].id > proc.id:
+        index -= 1
+    running.insert(index, proc)
+    later = []
+    for pid in reversed(by_id):         # an OrderedDict in id order: stop at the first older
+        if pid < proc.id:
+            break
+        later.append(pid)
+    by_id[proc.id] = proc
+    for pid in reversed(later):
+        by_id.move_to_end(pid)
+
+
+class _Start:
+    """One child being started off the loop: what ``Spawner._prepare``
+    decided (argv, Popen arguments, pipe ends), and what came back
+    (``popen``, or ``error``; neither when ``cancelled`` before the fork).
+
+    The loop fills it and reads it back only after the starter reported
+    it; the starter thread touches ``run`` and nothing else."""
+
+    __slots__ = ("proc", "argv", "kwargs", "ours", "theirs", "hold_below", "cancelled",
+                 "popen", "error", "seq", "done", "landed")
+
+    def __init__(self, proc, argv):
+        self.proc, self.argv, self.kwargs = proc, argv, None
+        self.ours, self.theirs = [], []         # pipe ends to keep / to close once started
+        self.hold_below = 0                     # fd numbers to occupy during the fork
+        self.cancelled = False
+        self.popen = self.error = None
+        self.seq = 0                            # its place among the spawner's starts
+        self.done = False                       # the starter is through with it
+        self.landed = False                     # the loop has taken it back
+
+    def run(self):
+        """On the starter thread: fork and wait for the exec (Popen blocks
+        reading its error pipe, with the GIL released), then close the
+        child's pipe ends."""
+        held = []
+        try:
+            if not self.cancelled:
+                if self.hold_below:
+                    held = _hold_fd_numbers(self.hold_below)
+                self.popen = subprocess.Popen(self.argv, **self.kwargs)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            self.error = "%s: %s" % (self.argv[0], getattr(exc, "strerror", None) or exc)
+        except Exception as exc:            # keep the thread alive; the slot gets a failed start
+            self.error = "%s: %r" % (self.argv[0], exc)
+        finally:
+            for fd in self.theirs + held:
+                close_quietly(fd)
+            self.theirs = []
+
+    def release(self, failed):
+        """On the loop: close what no child got (every end when ``failed``)."""
+        for fd in self.theirs:
+            close_quietly(fd)
+        self.theirs = []
+        if failed:
+            proc = self.proc
+            for fd in self.ours:
+                close_quietly(fd)
+            self.ours = []
+            proc.close_custom_streams()
+            proc._fds.clear()
+            proc.stdin_fd = None
+            if proc.notify is not None:
+                proc.notify.cancel()
+                proc.notify = None
+
+
+class _Starter:
+    """The threads that fork and exec children for a Spawner, so that the
+    loop never waits for an exec (about 1 ms, far more on a busy machine).
+
+    Starts are taken in the order submitted by up to STARTER_THREADS
+    threads (another thread is started only when every one is busy, so
+    an exec that hangs holds up one thread, not every spawn).  After each
+    start its thread records the child's pid in ``landed``, then marks
+    the start ``done`` (in that order: the reaper relies on it), and
+    hands it back to the loop through ``call_soon_threadsafe``: one
+    wake-up for as many starts as are back by then.  Idle threads sleep
+    on a condition."""
+
+    def __init__(self, loop, on_back):
+        self.loop, self.on_back = loop, on_back
+        self.landed = {}                    # child pid -> _Start, until the loop registers it
+        self._jobs = collections.deque()
+        self._back = collections.deque()
+        self._cond = threading.Condition()
+        self._threads = 0
+        self._idle = 0
+        self._wake_pending = False
+
+    def submit(self, start):
+        with self._cond:
+            self._jobs.append(start)
+            self._cond.notify()
+            more = self._idle < len(self._jobs) and self._threads < STARTER_THREADS
+            if more:
+                self._threads += 1
+        if more:
+            threading.Thread(target=self._run, name="gafferd-starter", daemon=True).start()
+
+    def _run(self):
+        cond, jobs = self._cond, self._jobs
+        while True:
+            with cond:
+                self._idle += 1
+                while not jobs:
+                    cond.wait()
+                self._idle -= 1
+                start = jobs.popleft()
+            start.run()
+            if start.popen is not None:
+                self.landed[start.popen.pid] = start
+            start.done = True
+            self._back.append(start)
+            if not self._wake_pending:
+                self._wake_pending = True
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):
+        self._wake_pending = False          # first: a start back from now wakes us again
+        back = self._back
+        while back:
+            self.on_back(back.popleft())
+
+
 class Spawner:
     """Starts the processes of a Manager: the spawn queue, the spawn
     budget, the exec with its pipes, sockets and identity, and the
@@ -5093,18 +5260,28 @@ class Spawner:
     per-iteration budget, the internal process ids and the LogFile of
     each path (shared by the templates that name it).
 
-    Callers may rely on: a slot given to ``queue`` is execed at the
+    Callers may rely on: a slot given to ``queue`` is started at the
     latest on a later loop iteration while its template is eligible, in
     template (priority) order, within SPAWN_BUDGET seconds of each loop
-    iteration (the first spawn of an iteration always goes); ``spawn``
-    feeds ``spawned`` to the slot, or on a failed exec an exit with
-    status 127 (a failed start), and returns whether the exec succeeded.
-    ``identity`` and ``process_environment`` give what a child (or its
-    ``cmd:`` check) runs as and with.
+    iteration (the first spawn of an iteration always goes) and with at
+    most SPAWN_IN_FLIGHT starts out at a time.  The loop never waits for
+    an exec: ``spawn`` prepares the child on the loop (``_prepare``), the
+    ``_Starter`` thread forks and waits for the exec, and the start comes
+    back to the loop (``_land``), which feeds ``spawned`` to the slot,
+    or on a failed exec an exit with status 127 (a failed start).  From
+    ``spawn`` to ``_land`` the slot's process is alive with no pid: a
+    signal sent to it then cancels the start, or reaches the child once
+    back (``Process.kill``); ``in_flight`` lists such processes, and
+    ``child_starting`` tells the reaper and the orphan scans whether an
+    unknown child may be one of them.  ``identity`` and
+    ``process_environment`` give what a child (or its ``cmd:`` check)
+    runs as and with.
 
     Called by the manager's ``spawn`` action (``queue``), by its restart
-    step (``budget_left``, ``has_unspawned``, through ``Manager._spawn``),
-    by ``_CmdAttempt`` (``identity``) and at shutdown (``close_logs``).
+    step (``budget_left``, ``has_unspawned``, ``full``, ``when_free``,
+    through ``Manager._spawn``), by the loop's reaper and the orphan
+    scans (``child_starting``), by ``_CmdAttempt`` (``identity``) and at
+    shutdown (``in_flight``, ``close_logs``).
     """
 
     def __init__(self, manager):
@@ -5116,6 +5293,11 @@ class Spawner:
         self._pump_scheduled = False
         self._budget_iteration = -1
         self._budget_end = 0.0
+        self._in_flight = {}                           # Process -> _Start, until back
+        self._submitted = 0                            # starts handed to the starter
+        self._unknown = {}                             # unwatched child pid -> _submitted then
+        self._when_free = []
+        self._starter = _Starter(self.loop, self._land)
 
     def queue(self, t, slot):
         """``slot`` of ``t`` wants a process: queue it and spawn what the
@@ -5135,7 +5317,11 @@ class Spawner:
     def budget_left(self) -> bool:
         """Spawning may use SPAWN_BUDGET seconds of each loop iteration, so
         that a crash storm or a mass start never starves the API.  The
-        first spawn of an iteration is always allowed (progress)."""
+        first spawn of an iteration is always allowed (progress).  At most
+        SPAWN_IN_FLIGHT starts wait for the starter thread (each holds
+        its pipes open)."""
+        if self.full():
+            return False
         if self._budget_iteration != self.loop.iteration:
             self._budget_iteration = self.loop.iteration
             self._budget_end = self.loop.time() + SPAWN_BUDGET
@@ -5153,8 +5339,8 @@ class Spawner:
                 self._spawn_wanted.discard(t)
                 continue
             self.manager._spawn(t)        # the manager's seam: every spawn passes it
-        if queue and not self._pump_scheduled:
-            self._pump_scheduled = True
+        if queue and not self._pump_scheduled and not self.full():
+            self._pump_scheduled = True     # (at the limit, the next start back pumps)
             self.loop.call_soon(self._pump_later)
 
     def _pump_later(self):
@@ -5171,31 +5357,39 @@ class Spawner:
         return bool(queue)
 
     def spawn(self, t) -> bool:
-        """Exec the process of the next slot of ``t`` waiting for one;
-        False when the exec failed (a failed start for that slot)."""
+        """Start the process of the next slot of ``t`` waiting for one: its
+        pipes, sockets, environment and arguments are prepared here, the
+        fork and the wait for the exec happen on the starter thread
+        (``_Starter``), and ``_land`` finishes on a later iteration.  False
+        when nothing was started (the preparation failed: a failed start
+        for that slot)."""
         if not self.has_unspawned(t):
             return False
         slot = t.unspawned.popleft()
-        spec = t.spec
         proc = Process(self.manager, t, next(self._ids))
         proc.slot = slot
         try:
-            self._exec(proc)
+            start = self._prepare(proc)
         except SpawnError as exc:
-            self.manager.spawn_failures += 1
-            t.last_error = str(exc)
-            log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
-            # counts as an exit with status 127 after no time up: respawn and backoff apply
-            self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, False)
+            self._failed(proc, str(exc))
             return False
-        self.manager.spawned_total += 1
-        slot.proc = proc
-        t.running.append(proc)
-        self.manager.running[proc.id] = proc
-        self.manager._by_pid[proc.pid] = proc
-        self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
-        self.manager.lifecycle.feed(t, slot, SPAWNED)
+        slot.proc = proc                    # in flight: alive, no pid yet
+        proc.start = start
+        self._in_flight[proc] = start
+        self._submitted += 1
+        start.seq = self._submitted
+        self._starter.submit(start)
         return True
+
+    def _failed(self, proc, error, asked=False):
+        """A start that produced no process: counts as an exit with status
+        127 after no time up (respawn and backoff apply)."""
+        t, slot = proc.template, proc.slot
+        if error is not None:
+            self.manager.spawn_failures += 1
+            t.last_error = error
+            log.error("cannot start %s (slot %d): %s", t.name, slot.index, error)
+        self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, asked)
 
     def process_environment(self, proc) -> dict:
         """The environment ``proc`` is started with (a new dict), which
@@ -5205,7 +5399,13 @@ class Spawner:
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
 
-    def _exec(self, proc):
+    # -- preparation (on the loop): argv, environment, fds, Popen arguments ------
+    def _prepare(self, proc) -> "_Start":
+        """Everything the child needs, decided and opened on the loop: a
+        ``_Start`` with argv and the Popen keyword arguments, the pipe ends
+        to keep and those to close once the child has them.  Options that
+        change the child (identity, fds on 3.., environment, preexec
+        steps) are added here.  SpawnError with nothing left open."""
         spec = proc.spec
         env = self.process_environment(proc)
         try:
@@ -5220,8 +5420,8 @@ class Spawner:
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
-        ours, theirs = [], []                # pipe ends to keep / to close after fork
-        held = []                            # fd numbers reserved during the fork
+        start = _Start(proc, argv)
+        ours, theirs = start.ours, start.theirs
         stdio = [subprocess.DEVNULL] * 3
         try:
             if proc.redirect_input:
@@ -5266,26 +5466,61 @@ class Spawner:
                 # there) and nothing else the daemon holds or inherited
                 kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
-                held = _hold_fd_numbers(3 + len(custom))
-            proc.popen = subprocess.Popen(
-                argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
-                stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
-                restore_signals=True, close_fds=True, **kwargs)
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            for fd in ours:
-                close_quietly(fd)
-            proc.close_custom_streams()
-            proc._fds.clear()
-            proc.stdin_fd = None
-            if proc.notify is not None:
-                proc.notify.cancel()
-                proc.notify = None
+                start.hold_below = 3 + len(custom)
+        except (OSError, ValueError) as exc:
+            start.release(failed=True)
             raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
-        finally:
-            for fd in theirs + held:
-                close_quietly(fd)
-        proc.pid = proc.popen.pid
-        for fd in ours:
+        kwargs.update(executable=executable, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
+                      cwd=spec.cwd, env=env, start_new_session=True, restore_signals=True,
+                      close_fds=True)
+        start.kwargs = kwargs
+        return start
+
+    # -- the start's return (on the loop) -----------------------------------------
+    def _land(self, start):
+        """The starter is done with ``start`` (a child, a failed exec, or a
+        start cancelled before its fork): register the child and feed
+        ``spawned`` to its slot, or count the failure.  Runs once per start,
+        from the starter's report or earlier from the reaper."""
+        if start.landed:
+            return
+        start.landed = True
+        proc = start.proc
+        self._in_flight.pop(proc, None)
+        proc.start = None
+        t, slot, m = proc.template, proc.slot, self.manager
+        if start.popen is None:
+            start.release(failed=True)
+            self._failed(proc, start.error, asked=start.error is None or proc.requested)
+            if m.stopping:
+                m.shutdown.child_exited()
+        else:
+            self._register(proc, start)
+            if slot.proc is proc and slot.state == STARTING:
+                m.lifecycle.feed(t, slot, SPAWNED)
+            else:                           # stopped while it was being started
+                for signum in proc.pending_signals:
+                    proc.kill(signum)
+        proc.pending_signals = ()
+        if not self._in_flight:
+            self._unknown.clear()
+        if self.loop.reap_deferred:         # a zombie waited for this start (never re-entrant)
+            self.loop.reap_deferred = False
+            self.loop.call_soon(self.loop.reap_children)
+        waiting, self._when_free = self._when_free, []
+        for callback, args in waiting:
+            self.loop.call_soon(callback, *args)
+        if self._spawn_queue:
+            self.pump()
+
+    def _register(self, proc, start):
+        spec, m = proc.spec, self.manager
+        proc.popen = start.popen
+        proc.pid = start.popen.pid
+        proc.started = self.loop.time()
+        self._unknown.pop(proc.pid, None)
+        self._starter.landed.pop(proc.pid, None)
+        for fd in start.ours:
             os.set_blocking(fd, False)
         for fd in proc._fds:
             self.loop.add_reader(fd, proc._on_output, fd)
@@ -5300,9 +5535,44 @@ class Spawner:
         if proc.notify is not None:
             proc.notify.start()
             proc.watch.append(proc.notify)
-        watcher = _ChildWatcher(self.manager, proc)
-        self.loop.watch_child(proc.pid, watcher)
+        self.loop.watch_child(proc.pid, _ChildWatcher(m, proc))
         proc.sample = (self.loop.time(), 0.0)
+        m.spawned_total += 1
+        m._by_pid[proc.pid] = proc
+        if not proc.requested:
+            _insert_by_id(proc.template.running, m.running, proc)
+        m._emit("spawn", proc.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+
+    def child_starting(self, pid) -> bool:
+        """The reaper (or an orphan scan) met child ``pid`` that nobody
+        watches.  A child of a start that is back is registered now
+        (False: the caller looks up its watcher again).  True while it
+        may still be the child of a start handed over before it was
+        first seen and not back yet; after that it is not ours."""
+        first = self._unknown.setdefault(pid, self._submitted)
+        pending = any(not s.done and s.seq <= first for s in self._in_flight.values())
+        start = self._starter.landed.get(pid)     # read after ``done``: see _Starter
+        if start is not None:
+            self._land(start)
+            return False
+        if pending:
+            return True
+        del self._unknown[pid]
+        return False
+
+    @property
+    def in_flight(self) -> list:
+        """Processes handed to the starter and not back yet."""
+        return list(self._in_flight)
+
+    def full(self) -> bool:
+        """SPAWN_IN_FLIGHT starts are out: the next waits for one back."""
+        return len(self._in_flight) >= SPAWN_IN_FLIGHT
+
+    def when_free(self, callback, *args):
+        """``callback(*args)`` on the iteration after the next start comes
+        back (for a caller the in-flight limit held up)."""
+        self._when_free.append((callback, args))
 
     def identity(self, spec):
         """Popen arguments that switch group, groups and user in the child."""
@@ -5391,7 +5661,7 @@ class Shutdown:
             for t in self._to_stop:
                 m._stop(t)
             self._to_stop = []
-            for proc in list(m._by_pid.values()):
+            for proc in list(m._by_pid.values()) + m.spawner.in_flight:
                 proc.kill(signal.SIGKILL)
             self.kill_orphans(signal.SIGKILL)
             return
@@ -5444,8 +5714,8 @@ class Shutdown:
         return out
 
     def _check_stopped(self):
-        if self.manager._by_pid:
-            return
+        if self.manager._by_pid or self.manager.spawner.in_flight:
+            return                  # (a start coming back during the stop calls child_exited)
         if self._orphan_deadline is None:
             # orphaned descendants adopted by us as subreaper had SIGTERM at
             # the start; they get at least 1 s, then SIGKILL
@@ -5474,9 +5744,7 @@ class Shutdown:
         running if it died last); returns how many live ones got it."""
         me = os.getpid()
         kids = children_map()
-        ours = self.manager._by_pid
-        todo = [pid for pid in kids.get(me, ())
-                if pid not in ours and pid not in self.loop._child_watchers]
+        todo = [pid for pid in kids.get(me, ()) if not self.manager._is_ours(pid)]
         seen, count = set(), 0
         while todo:
             pid = todo.pop()
