@@ -3845,6 +3845,7 @@ class Template:
         self.last_error = None
         self.created = now
         self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
+        self.spawn_cache = None                # the Spawner's _SpawnCache of this spec
 
     @property
     def group(self):
@@ -5116,6 +5117,40 @@ class Dependencies:
                     self.manager.set_waiting(t.name, missing)
 
 
+class _SpawnCache:
+    """What the starts of one template spec share: the environment before
+    the per-process variables, argv when nothing in it is substituted,
+    and the executables found (a PATH search is a dozen stat calls; a
+    found file is checked to be still executable at every start, and
+    searched for again when it is not).  A new spec (reload, update)
+    gets a new cache."""
+
+    __slots__ = ("spec", "environment", "argv", "_found")
+
+    def __init__(self, spec, environ):
+        self.spec = spec
+        self.environment = child_environment(spec, environ)
+        self.argv = None
+        self._found = {}
+        if "$" not in spec.cmd and not any("$" in a for a in spec.args or ()):
+            try:
+                self.argv = command_line(spec, {})
+            except (KeyError, ValueError):
+                pass                    # the start reports it
+
+    def executable(self, exe, spec, env):
+        key = (exe, env.get("PATH"))
+        path = self._found.get(key)
+        if path is not None and os.access(path, os.X_OK):
+            return path
+        path = find_executable(exe, spec, env)
+        if path is not None:
+            if len(self._found) >= 64:      # (exe comes from substitutions: bounded)
+                self._found.clear()
+            self._found[key] = path
+        return path
+
+
 def _insert_by_id(running, by_id, proc):
     """Add ``proc`` to a template's ``running`` list and the manager's
     ``running`` map keeping both in id (spawn) order, which the API shows
@@ -5391,10 +5426,17 @@ class Spawner:
             log.error("cannot start %s (slot %d): %s", t.name, slot.index, error)
         self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, asked)
 
+    def _cache(self, t) -> "_SpawnCache":
+        """What every start of ``t`` shares while its spec stays the same."""
+        cache = t.spawn_cache
+        if cache is None or cache.spec is not t.spec:
+            cache = t.spawn_cache = _SpawnCache(t.spec, self.manager.environ)
+        return cache
+
     def process_environment(self, proc) -> dict:
         """The environment ``proc`` is started with (a new dict), which
         its ``cmd:`` readiness check gets too."""
-        env = child_environment(proc.spec, self.manager.environ)
+        env = dict(self._cache(proc.template).environment)
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
@@ -5407,16 +5449,18 @@ class Spawner:
         change the child (identity, fds on 3.., environment, preexec
         steps) are added here.  SpawnError with nothing left open."""
         spec = proc.spec
+        cache = self._cache(proc.template)
         env = self.process_environment(proc)
+        argv = cache.argv
         try:
-            argv = command_line(spec, env)
+            argv = list(argv) if argv is not None else command_line(spec, env)
         except KeyError as exc:
             raise SpawnError("unknown variable $%s" % exc.args[0]) from None
         except ValueError as exc:
             raise SpawnError(str(exc)) from None
         if not os.path.isdir(spec.cwd):
             raise SpawnError("working directory %r does not exist" % spec.cwd)
-        executable = find_executable(argv[0], spec, env)
+        executable = cache.executable(argv[0], spec, env)
         if executable is None:
             raise SpawnError("executable %r not found" % argv[0])
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
