@@ -154,7 +154,10 @@ STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
 STORM_LINES = 10                     # exit lines per template and second before a summary
 SPAWN_BATCH = 64                     # spawns per restart step
-SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
+SPAWN_BUDGET = 0.003                 # seconds of spawning per loop iteration
+LAND_BUDGET = 0.002                  # seconds of registering started children per iteration
+REAP_BUDGET = 0.003                  # seconds of reaping per iteration (the rest on the next)
+GIL_SWITCH_INTERVAL = 0.0005         # a starter thread holds the loop up at most this long
 SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
 STARTER_THREADS = 4                  # threads that fork and wait for execs
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
@@ -2730,6 +2733,7 @@ class Loop:
         self.unwatched_child = None        # watcher of children nobody watches
         self.child_starting = None         # pid -> True: a start not reported yet (leave it)
         self.reap_deferred = False         # a pass stopped at such a child
+        self._reap_scheduled = False       # the rest of an exit burst, next iteration
         self.core_dumped = False           # of the exit a child watcher is being told about
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -2867,8 +2871,16 @@ class Loop:
 
         Each zombie is first looked at with WNOWAIT so that its watcher
         can signal what is left of its process group while the group id
-        still cannot be reused, then reaped."""
+        still cannot be reused, then reaped.  After REAP_BUDGET seconds the
+        rest waits for the next iteration (an exit storm must not hold up
+        the API)."""
+        end = self.time() + REAP_BUDGET
         while True:
+            if self.time() >= end:
+                if not self._reap_scheduled:
+                    self._reap_scheduled = True
+                    self.call_soon(self._reap_later)
+                return
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -2906,6 +2918,10 @@ class Loop:
                     watcher(pid, exit_status, term_signal)
                 except Exception:
                     log.exception("error in child watcher for %d", pid)
+
+    def _reap_later(self):
+        self._reap_scheduled = False
+        self.reap_children()
 
     # -- running ---------------------------------------------------------------
     def stop(self):
@@ -5239,7 +5255,9 @@ class _Starter:
     the start ``done`` (in that order: the reaper relies on it), and
     hands it back to the loop through ``call_soon_threadsafe``: one
     wake-up for as many starts as are back by then.  Idle threads sleep
-    on a condition."""
+    on a condition.  Popen's own Python code runs on these threads with
+    the GIL: the daemon lowers the switch interval to GIL_SWITCH_INTERVAL
+    (from 5 ms) so that the loop gets it back soon."""
 
     def __init__(self, loop, on_back):
         self.loop, self.on_back = loop, on_back
@@ -5280,10 +5298,17 @@ class _Starter:
                 self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self):
+        """Take the starts that are back, for at most LAND_BUDGET seconds
+        (the rest on the next iteration: a burst must not hold up the API)."""
         self._wake_pending = False          # first: a start back from now wakes us again
-        back = self._back
+        back, loop = self._back, self.loop
+        end = loop.time() + LAND_BUDGET
         while back:
             self.on_back(back.popleft())
+            if back and loop.time() >= end:
+                self._wake_pending = True
+                loop.call_soon(self._deliver)
+                return
 
 
 class Spawner:
@@ -10556,6 +10581,8 @@ class Daemon:
         if missing:
             raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
         self.loop = Loop()
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)     # see _Starter
         self.manager = Manager(self.loop)
         self.manager.on_critical = self._on_critical_failure
         self.api = Api(self.manager, self.plugins,
