@@ -3500,9 +3500,10 @@ class LogWriter:
 
     def submit(self, logfile, data, proc=None):
         with self.cond:
+            if not self.queue:
+                self.cond.notify()              # (it waits only on an empty queue)
             self.queue.append((logfile, data))
             self.queued += len(data or b"")
-            self.cond.notify()
             full = self.queued > LOG_QUEUE_LIMIT
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="gafferd-logs", daemon=True)
@@ -3520,20 +3521,38 @@ class LogWriter:
             self.submit(None, None)
             self.thread.join(timeout)
 
+    # Chunks of one file that follow each other in the queue are written
+    # with one write() of up to this many bytes.
+    BATCH = 1 << 20
+
     def _run(self):
+        cond, queue = self.cond, self.queue
         while True:
-            with self.cond:
-                while not self.queue:
-                    self.cond.wait()
-                logfile, data = self.queue.popleft()
-            if logfile is None:
-                return
-            if data is None:
-                logfile.reopen()
-                continue
-            logfile.write_now(data)
-            with self.cond:
-                self.queued -= len(data)
+            with cond:
+                while not queue:
+                    cond.wait()
+                batch = list(queue)             # everything queued: one lock round trip
+                queue.clear()
+            written = 0
+            index = 0
+            while index < len(batch):
+                logfile, data = batch[index]
+                index += 1
+                if logfile is None:
+                    return
+                if data is None:
+                    logfile.reopen()
+                    continue
+                parts, size = [data], len(data)
+                while index < len(batch) and batch[index][0] is logfile and \
+                        batch[index][1] is not None and size < self.BATCH:
+                    parts.append(batch[index][1])
+                    size += len(batch[index][1])
+                    index += 1
+                logfile.write_now(parts[0] if len(parts) == 1 else b"".join(parts))
+                written += size
+            with cond:
+                self.queued -= written
                 drained = self.paused and self.queued < LOG_QUEUE_LIMIT // 2
             if drained:
                 self.loop.call_soon_threadsafe(self._resume)
@@ -8124,10 +8143,19 @@ def _host_is_loopback(host: str, extra) -> bool:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if name in extra or name == "localhost" or name.endswith(".localhost"):
         return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    known = _LOOPBACK_NAMES.get(name)
+    if known is None:
+        try:
+            known = ipaddress.ip_address(name).is_loopback
+        except ValueError:
+            known = False
+        if len(_LOOPBACK_NAMES) >= 256:      # names come from clients: bounded
+            _LOOPBACK_NAMES.clear()
+        _LOOPBACK_NAMES[name] = known
+    return known
+
+
+_LOOPBACK_NAMES = {}                         # Host name -> is a loopback address (parsed once)
 
 
 def token_matches(header: str, token: str, basic=True) -> bool:
