@@ -474,6 +474,8 @@ class HttpError(Exception):
 class SpawnError(Exception):
     """A template that cannot be started (bad user, variable, cwd, exec)."""
 
+    fd_short = False                    # it failed for want of file descriptors
+
 
 # § 3 configuration (pure) ---------------------------------------------------
 # Owns: the INI format (docs/configuration.md) and the JSON template format
@@ -3824,8 +3826,7 @@ class Process:
         if not self.alive:
             return
         if self.pid is None:
-            if self.start is not None:       # being started: cancel it, or signal it once back
-                self.start.cancelled = True
+            if self.start is not None:       # being started: the signal follows the start
                 self.pending_signals += (signum,)
             return
         try:
@@ -5208,20 +5209,22 @@ def _insert_by_id(running, by_id, proc):
 class _Start:
     """One child being started off the loop: what ``Spawner._prepare``
     decided (argv, Popen arguments, pipe ends), and what came back
-    (``popen``, or ``error``; neither when ``cancelled`` before the fork).
+    (``popen``, or ``error``).  A start is never called off: a process
+    stopped while it is being started still gets its ``spawn`` and
+    ``exit``, as it did when starts were synchronous.
 
     The loop fills it and reads it back only after the starter reported
     it; the starter thread touches ``run`` and nothing else."""
 
-    __slots__ = ("proc", "argv", "kwargs", "ours", "theirs", "hold_below", "cancelled",
-                 "popen", "error", "seq", "done", "landed")
+    __slots__ = ("proc", "argv", "kwargs", "ours", "theirs", "hold_below",
+                 "popen", "error", "fd_short", "seq", "done", "landed")
 
     def __init__(self, proc, argv):
         self.proc, self.argv, self.kwargs = proc, argv, None
         self.ours, self.theirs = [], []         # pipe ends to keep / to close once started
         self.hold_below = 0                     # fd numbers to occupy during the fork
-        self.cancelled = False
         self.popen = self.error = None
+        self.fd_short = False                   # it failed for want of file descriptors
         self.seq = 0                            # its place among the spawner's starts
         self.done = False                       # the starter is through with it
         self.landed = False                     # the loop has taken it back
@@ -5232,12 +5235,12 @@ class _Start:
         child's pipe ends."""
         held = []
         try:
-            if not self.cancelled:
-                if self.hold_below:
-                    held = _hold_fd_numbers(self.hold_below)
-                self.popen = subprocess.Popen(self.argv, **self.kwargs)
+            if self.hold_below:
+                held = _hold_fd_numbers(self.hold_below)
+            self.popen = subprocess.Popen(self.argv, **self.kwargs)
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             self.error = "%s: %s" % (self.argv[0], getattr(exc, "strerror", None) or exc)
+            self.fd_short = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE)
         except Exception as exc:            # keep the thread alive; the slot gets a failed start
             self.error = "%s: %r" % (self.argv[0], exc)
         finally:
@@ -5349,8 +5352,7 @@ class Spawner:
     back to the loop (``_land``), which feeds ``spawned`` to the slot,
     or on a failed exec an exit with status 127 (a failed start).  From
     ``spawn`` to ``_land`` the slot's process is alive with no pid: a
-    signal sent to it then cancels the start, or reaches the child once
-    back (``Process.kill``); ``in_flight`` lists such processes, and
+    signal sent to it then reaches the child once back (``Process.kill``); ``in_flight`` lists such processes, and
     ``child_starting`` tells the reaper and the orphan scans whether an
     unknown child may be one of them.  ``identity`` and
     ``process_environment`` give what a child (or its ``cmd:`` check)
@@ -5376,6 +5378,7 @@ class Spawner:
         self._submitted = 0                            # starts handed to the starter
         self._unknown = {}                             # unwatched child pid -> _submitted then
         self._when_free = []
+        self._fd_short = False                         # the last start lacked fds
         self._starter = _Starter(self.loop, self._land)
 
     def queue(self, t, slot):
@@ -5450,6 +5453,7 @@ class Spawner:
         try:
             start = self._prepare(proc)
         except SpawnError as exc:
+            self._fd_short = exc.fd_short
             self._failed(proc, str(exc))
             return False
         slot.proc = proc                    # in flight: alive, no pid yet
@@ -5557,7 +5561,9 @@ class Spawner:
                 start.hold_below = 3 + len(custom)
         except (OSError, ValueError) as exc:
             start.release(failed=True)
-            raise SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) from None
+            error = SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc))
+            error.fd_short = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE)
+            raise error from None
         kwargs.update(executable=executable, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
                       cwd=spec.cwd, env=env, start_new_session=True, restore_signals=True,
                       close_fds=True)
@@ -5566,8 +5572,8 @@ class Spawner:
 
     # -- the start's return (on the loop) -----------------------------------------
     def _land(self, start):
-        """The starter is done with ``start`` (a child, a failed exec, or a
-        start cancelled before its fork): register the child and feed
+        """The starter is done with ``start`` (a child or a failed exec):
+        register the child and feed
         ``spawned`` to its slot, or count the failure.  Runs once per start,
         from the starter's report or earlier from the reaper."""
         if start.landed:
@@ -5577,9 +5583,10 @@ class Spawner:
         self._in_flight.pop(proc, None)
         proc.start = None
         t, slot, m = proc.template, proc.slot, self.manager
+        self._fd_short = start.fd_short
         if start.popen is None:
             start.release(failed=True)
-            self._failed(proc, start.error, asked=start.error is None or proc.requested)
+            self._failed(proc, start.error, asked=proc.requested)
             if m.stopping:
                 m.shutdown.child_exited()
         else:
@@ -5654,8 +5661,11 @@ class Spawner:
         return list(self._in_flight)
 
     def full(self) -> bool:
-        """SPAWN_IN_FLIGHT starts are out: the next waits for one back."""
-        return len(self._in_flight) >= SPAWN_IN_FLIGHT
+        """SPAWN_IN_FLIGHT starts are out: the next waits for one back.
+        After a start failed for want of file descriptors, one at a time
+        until a start succeeds (a start holds its pipes while it is out;
+        several would leave none for accepting the API's connections)."""
+        return len(self._in_flight) >= (1 if self._fd_short else SPAWN_IN_FLIGHT)
 
     def when_free(self, callback, *args):
         """``callback(*args)`` on the iteration after the next start comes
