@@ -4276,8 +4276,10 @@ class Manager:
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
-        return os_pid in self._by_pid or self.loop.watches_child(os_pid) or \
-            self.spawner.child_starting(os_pid)
+        if os_pid in self._by_pid or self.loop.watches_child(os_pid):
+            return True
+        # a start not back yet, or back just now (then registered by the call)
+        return self.spawner.child_starting(os_pid) or os_pid in self._by_pid
 
     # -- events ----------------------------------------------------------------
     def subscribe(self, pattern, listener):
