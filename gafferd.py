@@ -49,7 +49,10 @@ Architecture
     dispatches them through the route table of §11, whose handlers are
     thin calls into the manager.  Webhooks (§9), console output (§13)
     and plugins (§10) are "applications": objects with
-    ``start(loop, manager)``, ``stop()`` and ``restart()``.
+    ``start(loop, manager)``, ``stop()`` and ``restart()``.  Besides the
+    loop's thread there are only helpers that hand results back through
+    ``loop.call_soon_threadsafe``: the log file writer, and the starter
+    threads that fork children and wait for their exec (§8).
 
 Error boundaries (everywhere else exceptions travel)
     * a loop callback (§7): logged with its traceback, the loop goes on;
@@ -154,7 +157,12 @@ STDIN_QUEUE_LIMIT = 1 << 20          # unwritten bytes per child stdin
 LOG_QUEUE_LIMIT = 4 << 20            # log bytes queued for the disk before children wait
 STORM_LINES = 10                     # exit lines per template and second before a summary
 SPAWN_BATCH = 64                     # spawns per restart step
-SPAWN_BUDGET = 0.010                 # seconds of spawning per loop iteration
+SPAWN_BUDGET = 0.003                 # seconds of spawning per loop iteration
+LAND_BUDGET = 0.002                  # seconds of registering started children per iteration
+REAP_BUDGET = 0.003                  # seconds of reaping per iteration (the rest on the next)
+GIL_SWITCH_INTERVAL = 0.0005         # a starter thread holds the loop up at most this long
+SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
+STARTER_THREADS = 4                  # threads that fork and wait for execs
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds sample this often, as gaffer 0.4.4 did
@@ -530,6 +538,8 @@ class ResponseError(Exception):
 
 class SpawnError(Exception):
     """A template that cannot be started (bad user, variable, cwd, exec)."""
+
+    fd_short = False                    # it failed for want of file descriptors
 
 
 # § 3 configuration (pure) ---------------------------------------------------
@@ -1857,20 +1867,24 @@ class CommandError(ValueError):
         self.key = key
 
 
-def resolve_command(spec: TemplateSpec, env):
+def resolve_command(spec: TemplateSpec, env, cache=None):
     """``(argv, executable)`` that a spawn of ``spec`` in ``env`` execs:
     the one place that turns ``cmd``/``args`` into both, for the config
     check, the spawn and ``--check``.  Raises CommandError for an
-    unknown ``$VAR``, bad quoting and an executable that is not there."""
+    unknown ``$VAR``, bad quoting and an executable that is not there.
+    A spawn passes the spec's ``_SpawnCache``: what does not change
+    between its starts is not worked out again."""
     key = "args" if spec.args is not None else "cmd"
     try:
-        argv = command_line(spec, env)
+        argv = list(cache.argv) if cache is not None and cache.argv is not None \
+            else command_line(spec, env)
     except KeyError as exc:
         raise CommandError(key, "unknown variable $%s (not in the environment)"
                            % exc.args[0]) from None
     except ValueError as exc:
         raise CommandError(key, str(exc)) from None
-    executable = find_executable(argv[0], spec, env)
+    executable = cache.executable(argv[0], spec, env) if cache is not None \
+        else find_executable(argv[0], spec, env)
     if executable is None:
         raise CommandError("cmd", "executable %r not found%s" % (
             argv[0], "" if "/" in argv[0] else " in PATH"))
@@ -3786,6 +3800,9 @@ class Loop:
         self._signal_handlers = {}
         self._child_watchers = {}
         self.unwatched_child = None        # watcher of children nobody watches
+        self.child_starting = None         # pid -> True: a start not reported yet (leave it)
+        self.reap_deferred = False         # a pass stopped at such a child
+        self._reap_scheduled = False       # the rest of an exit burst, next iteration
         self.core_dumped = False           # of the exit a child watcher is being told about
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -3913,7 +3930,13 @@ class Loop:
         while the child is still a zombie (its pid and process group
         cannot be reused yet).  A child nobody watches (an orphan the
         daemon adopted as subreaper) goes to ``unwatched_child``, a
-        watcher of the same shape, when one is set."""
+        watcher of the same shape, when one is set.
+
+        A child started off the loop can exit before its starter learns
+        its pid: ``child_starting(pid)``, when set, is asked about a child
+        nobody watches; it may register the watcher at once, or answer
+        True, and then the zombie is left (with everything the kernel
+        lists after it) until the starter calls ``reap_children`` again."""
         self._child_watchers[pid] = callback
 
     def watches_child(self, pid) -> bool:
@@ -3924,8 +3947,16 @@ class Loop:
 
         Each zombie is first looked at with WNOWAIT so that its watcher
         can signal what is left of its process group while the group id
-        still cannot be reused, then reaped."""
+        still cannot be reused, then reaped.  After REAP_BUDGET seconds the
+        rest waits for the next iteration (an exit storm must not hold up
+        the API)."""
+        end = self.time() + REAP_BUDGET
         while True:
+            if self.time() >= end:
+                if not self._reap_scheduled:
+                    self._reap_scheduled = True
+                    self.call_soon(self._reap_later)
+                return
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -3936,6 +3967,11 @@ class Loop:
                 return
             pid = info.si_pid
             watcher = self._child_watchers.pop(pid, None)
+            if watcher is None and self.child_starting is not None:
+                if self.child_starting(pid):
+                    self.reap_deferred = True
+                    return
+                watcher = self._child_watchers.pop(pid, None)
             if watcher is None:
                 watcher = self.unwatched_child
             before = getattr(watcher, "before_reap", None)
@@ -3958,6 +3994,10 @@ class Loop:
                     watcher(pid, exit_status, term_signal)
                 except Exception:
                     log.exception("error in child watcher for %d", pid)
+
+    def _reap_later(self):
+        self._reap_scheduled = False
+        self.reap_children()
 
     # -- running ---------------------------------------------------------------
     def stop(self):
@@ -4116,7 +4156,8 @@ class MemoryTrimmer:
 # the rest to collaborators it owns, one home each: ``Lifecycle`` (slot
 # states and the table's actions), ``Dependencies`` (``depends_on``),
 # ``Scheduler`` (``schedule``: when a periodic template runs),
-# ``Spawner`` (spawn queue, budget, exec), ``Rollout`` (a rolling restart),
+# ``Spawner`` (spawn queue, budget, exec; the fork and the wait for the
+# exec run on its ``_Starter`` threads), ``Rollout`` (a rolling restart),
 # ``Shutdown`` (the way down),
 # ``Reaper`` (exits) and ``GroupCleaner`` (what an exit leaves behind).
 # Uses §1-§7.
@@ -4560,9 +4601,10 @@ class LogWriter:
 
     def submit(self, logfile, data, proc=None):
         with self.cond:
+            if not self.queue:
+                self.cond.notify()              # (it waits only on an empty queue)
             self.queue.append((logfile, data))
             self.queued += len(data or b"")
-            self.cond.notify()
             full = self.queued > LOG_QUEUE_LIMIT
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="gafferd-logs", daemon=True)
@@ -4585,31 +4627,47 @@ class LogWriter:
     # While a pipe (``-``, a FIFO) has not taken all it was given, the
     # thread tries again this often; with nothing waiting it just sleeps.
     STREAM_RETRY = 0.05
+    # Chunks of one file that follow each other in the queue are written
+    # with one write() of up to this many bytes.
+    BATCH = 1 << 20
 
     def _run(self):
+        cond, queue = self.cond, self.queue
         waiting = set()                        # streams holding what a pipe did not take
         while True:
-            with self.cond:
-                if waiting and not self.queue:
-                    self.cond.wait(self.STREAM_RETRY)
-                while not self.queue and not waiting:
-                    self.cond.wait()
-                item = self.queue.popleft() if self.queue else None
-            if item is None:
+            with cond:
+                if waiting and not queue:
+                    cond.wait(self.STREAM_RETRY)
+                while not queue and not waiting:
+                    cond.wait()
+                batch = list(queue)             # everything queued: one lock round trip
+                queue.clear()
+            if not batch:
                 for logfile in list(waiting):
                     if not logfile.write_now(b""):
                         waiting.discard(logfile)
                 continue
-            logfile, data = item
-            if logfile is None:
-                return
-            if data is None:
-                logfile.close()
-                continue
-            if logfile.write_now(data):
-                waiting.add(logfile)
-            with self.cond:
-                self.queued -= len(data)
+            written = 0
+            index = 0
+            while index < len(batch):
+                logfile, data = batch[index]
+                index += 1
+                if logfile is None:
+                    return
+                if data is None:
+                    logfile.close()
+                    continue
+                parts, size = [data], len(data)
+                while index < len(batch) and batch[index][0] is logfile and \
+                        batch[index][1] is not None and size < self.BATCH:
+                    parts.append(batch[index][1])
+                    size += len(batch[index][1])
+                    index += 1
+                if logfile.write_now(parts[0] if len(parts) == 1 else b"".join(parts)):
+                    waiting.add(logfile)
+                written += size
+            with cond:
+                self.queued -= written
                 drained = self.paused and self.queued < LOG_QUEUE_LIMIT // 2
             if drained:
                 self.loop.call_soon_threadsafe(self._resume)
@@ -4734,6 +4792,8 @@ class Process:
         self._stdin = collections.deque()
         self.stdin_queued = 0
         self.custom_fds = {}            # custom label -> our socket end
+        self.start = None               # its _Start while the starter thread has it
+        self.pending_signals = ()       # signals sent before the start came back
 
     @property
     def alive(self) -> bool:
@@ -4981,7 +5041,11 @@ class Process:
     def kill(self, signum) -> None:
         """Send ``signum`` to the process group, or to the process alone
         if it left its group."""
-        if not self.alive or self.pid is None:
+        if not self.alive:
+            return
+        if self.pid is None:
+            if self.start is not None:       # being started: the signal follows the start
+                self.pending_signals += (signum,)
             return
         try:
             os.killpg(self.pid, signum)
@@ -5034,6 +5098,7 @@ class Template:
         self.recent = collections.deque(maxlen=RECENT_PROCESSES)
         self.storm = [0.0, 0, 0, None]         # window start, lines in it, lines held, timer
         self.sched = None                      # ScheduleState when it has a schedule
+        self.spawn_cache = None                # the Spawner's _SpawnCache of this spec
 
     @property
     def group(self):
@@ -5453,6 +5518,7 @@ class Manager:
         self.spawn_failures = 0
         self.orphans = Orphans(loop, self._is_ours)
         loop.unwatched_child = self.orphans
+        loop.child_starting = self.spawner.child_starting
         self.groups_left = GroupCleaner(loop, self._by_pid, session_ids)
         self.limits = ResourceWatch(self)               # max_memory, max_cpu
         self.on_critical = None                        # callback(name): a critical template failed
@@ -5466,7 +5532,10 @@ class Manager:
 
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
-        return os_pid in self._by_pid or self.loop.watches_child(os_pid)
+        if os_pid in self._by_pid or self.loop.watches_child(os_pid):
+            return True
+        # a start not back yet, or back just now (then registered by the call)
+        return self.spawner.child_starting(os_pid) or os_pid in self._by_pid
 
     # -- events ----------------------------------------------------------------
     def subscribe(self, pattern, listener):
@@ -5735,13 +5804,17 @@ class Manager:
             t.replacing = False
             return
 
-        def waiting():
-            return any(new.member and new.state == STARTING and new.proc is None
-                       for _, new in pairs)
-        while waiting() and self.spawner.budget_left() and self.spawner.has_unspawned(t):
+        def waiting(started):       # replacements not handed over / not back yet
+            return any(new.member and new.state == STARTING and
+                       (new.proc is None if not started else
+                        new.proc is not None and new.proc.pid is None) for _, new in pairs)
+        while waiting(False) and self.spawner.budget_left() and self.spawner.has_unspawned(t):
             self._spawn(t)
-        if waiting():
+        if waiting(False) and not self.spawner.full():
             self.loop.call_soon(self._replace, t, pairs, rest)     # budget spent
+            return
+        if waiting(False) or waiting(True):
+            self.spawner.when_free(self._replace, t, pairs, rest)  # when a start is back
             return
         for old, _ in pairs:
             if old.member:
@@ -6013,7 +6086,7 @@ class Manager:
         self.mark_ready(proc)
 
     def _ready_on_notify(self, t, slot, proc):
-        pass                            # _exec gave it its NotifySocket, already listening
+        pass                            # _prepare gave it its NotifySocket, already listening
 
     def _ready_on_cmd(self, t, slot, proc):
         proc.watch.append(ReadyPoller(self, proc, lambda done: _CmdAttempt(self, proc, done)))
@@ -6565,6 +6638,8 @@ class ExecControls:
             for fd in self._report:
                 close_quietly(fd)
             self._report = None
+
+
 class ScheduleState:
     """The schedule side of one scheduled template (``Template.sched``):
     ``paused`` (by a stop, until a start), ``due`` (the next run: loop
@@ -6787,6 +6862,191 @@ class Scheduler:
                 s.last_exit)
 
 
+class _SpawnCache:
+    """What the starts of one template spec share: the environment before
+    the per-process variables, argv when nothing in it is substituted,
+    and the executables found (a PATH search is a dozen stat calls; a
+    found file is checked to be still executable at every start, and
+    searched for again when it is not).  A new spec (reload, update)
+    gets a new cache."""
+
+    __slots__ = ("spec", "environment", "argv", "_found")
+
+    def __init__(self, spec, environ):
+        self.spec = spec
+        # an env_file is read again at every start (Spawner.process_environment)
+        self.environment = None if spec.env_file else child_environment(spec, environ)
+        self.argv = None
+        self._found = {}
+        if "$" not in spec.cmd and not any("$" in a for a in spec.args or ()):
+            try:
+                self.argv = command_line(spec, {})
+            except (KeyError, ValueError):
+                pass                    # the start reports it
+
+    def executable(self, exe, spec, env):
+        key = (exe, env.get("PATH"))
+        path = self._found.get(key)
+        if path is not None and os.access(path, os.X_OK):
+            return path
+        path = find_executable(exe, spec, env)
+        if path is not None:
+            if len(self._found) >= 64:      # (exe comes from substitutions: bounded)
+                self._found.clear()
+            self._found[key] = path
+        return path
+
+
+def _insert_by_id(running, by_id, proc):
+    """Add ``proc`` to a template's ``running`` list and the manager's
+    ``running`` map keeping both in id (spawn) order, which the API shows
+    and the oldest-first choices rely on: starts come back from several
+    threads, now and then out of order."""
+    index = len(running)
+    while index and running[index - 1].id > proc.id:
+        index -= 1
+    running.insert(index, proc)
+    later = []
+    for pid in reversed(by_id):         # an OrderedDict in id order: stop at the first older
+        if pid < proc.id:
+            break
+        later.append(pid)
+    by_id[proc.id] = proc
+    for pid in reversed(later):
+        by_id.move_to_end(pid)
+
+
+class _Start:
+    """One child being started off the loop: what ``Spawner._prepare``
+    decided (argv, Popen arguments, pipe ends), and what came back
+    (``popen``, or ``error``).  A start is never called off: a process
+    stopped while it is being started still gets its ``spawn`` and
+    ``exit``, as it did when starts were synchronous.
+
+    The loop fills it and reads it back only after the starter reported
+    it; the starter thread touches ``run`` and nothing else."""
+
+    __slots__ = ("proc", "argv", "kwargs", "controls", "ours", "theirs", "hold_below",
+                 "popen", "error", "fd_short", "seq", "done", "landed")
+
+    def __init__(self, proc, argv):
+        self.proc, self.argv, self.kwargs = proc, argv, None
+        self.controls = None                    # ExecControls, when the spec sets any
+        self.ours, self.theirs = [], []         # pipe ends to keep / to close once started
+        self.hold_below = 0                     # fd numbers to occupy during the fork
+        self.popen = self.error = None
+        self.fd_short = False                   # it failed for want of file descriptors
+        self.seq = 0                            # its place among the spawner's starts
+        self.done = False                       # the starter is through with it
+        self.landed = False                     # the loop has taken it back
+
+    def run(self):
+        """On the starter thread: fork and wait for the exec (Popen blocks
+        reading its error pipe, with the GIL released), then close the
+        child's pipe ends."""
+        held = []
+        try:
+            if self.hold_below:
+                held = _hold_fd_numbers(self.hold_below)
+            self.popen = subprocess.Popen(self.argv, **self.kwargs)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            why = self.controls.failure() if self.controls is not None else None
+            self.error = why or "%s: %s" % (self.argv[0], getattr(exc, "strerror", None) or exc)
+            self.fd_short = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE)
+        except Exception as exc:            # keep the thread alive; the slot gets a failed start
+            self.error = "%s: %r" % (self.argv[0], exc)
+        finally:
+            for fd in self.theirs + held:
+                close_quietly(fd)
+            self.theirs = []
+            if self.controls is not None:
+                self.controls.close()
+
+    def release(self, failed):
+        """On the loop: close what no child got (every end when ``failed``)."""
+        for fd in self.theirs:
+            close_quietly(fd)
+        self.theirs = []
+        if failed:
+            proc = self.proc
+            for fd in self.ours:
+                close_quietly(fd)
+            self.ours = []
+            proc.close_custom_streams()
+            proc._fds.clear()
+            proc.stdin_fd = None
+            if proc.notify is not None:
+                proc.notify.cancel()
+                proc.notify = None
+
+
+class _Starter:
+    """The threads that fork and exec children for a Spawner, so that the
+    loop never waits for an exec (about 1 ms, far more on a busy machine).
+
+    Starts are taken in the order submitted by up to STARTER_THREADS
+    threads (another thread is started only when every one is busy, so
+    an exec that hangs holds up one thread, not every spawn).  After each
+    start its thread records the child's pid in ``landed``, then marks
+    the start ``done`` (in that order: the reaper relies on it), and
+    hands it back to the loop through ``call_soon_threadsafe``: one
+    wake-up for as many starts as are back by then.  Idle threads sleep
+    on a condition.  Popen's own Python code runs on these threads with
+    the GIL: the daemon lowers the switch interval to GIL_SWITCH_INTERVAL
+    (from 5 ms) so that the loop gets it back soon."""
+
+    def __init__(self, loop, on_back):
+        self.loop, self.on_back = loop, on_back
+        self.landed = {}                    # child pid -> _Start, until the loop registers it
+        self._jobs = collections.deque()
+        self._back = collections.deque()
+        self._cond = threading.Condition()
+        self._threads = 0
+        self._idle = 0
+        self._wake_pending = False
+
+    def submit(self, start):
+        with self._cond:
+            self._jobs.append(start)
+            self._cond.notify()
+            more = self._idle < len(self._jobs) and self._threads < STARTER_THREADS
+            if more:
+                self._threads += 1
+        if more:
+            threading.Thread(target=self._run, name="gafferd-starter", daemon=True).start()
+
+    def _run(self):
+        cond, jobs = self._cond, self._jobs
+        while True:
+            with cond:
+                self._idle += 1
+                while not jobs:
+                    cond.wait()
+                self._idle -= 1
+                start = jobs.popleft()
+            start.run()
+            if start.popen is not None:
+                self.landed[start.popen.pid] = start
+            start.done = True
+            self._back.append(start)
+            if not self._wake_pending:
+                self._wake_pending = True
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):
+        """Take the starts that are back, for at most LAND_BUDGET seconds
+        (the rest on the next iteration: a burst must not hold up the API)."""
+        self._wake_pending = False          # first: a start back from now wakes us again
+        back, loop = self._back, self.loop
+        end = loop.time() + LAND_BUDGET
+        while back:
+            self.on_back(back.popleft())
+            if back and loop.time() >= end:
+                self._wake_pending = True
+                loop.call_soon(self._deliver)
+                return
+
+
 class Spawner:
     """Starts the processes of a Manager: the spawn queue, the spawn
     budget, the exec with its pipes, sockets and identity, and the
@@ -6796,19 +7056,27 @@ class Spawner:
     per-iteration budget, the internal process ids and the LogFile of
     each path (shared by the templates that name it).
 
-    Callers may rely on: a slot given to ``queue`` is execed at the
+    Callers may rely on: a slot given to ``queue`` is started at the
     latest on a later loop iteration while its template is eligible, in
     template (priority) order, within ``budget`` seconds (SPAWN_BUDGET
-    unless given) of each loop iteration (the first spawn of an iteration
-    always goes); ``spawn``
-    feeds ``spawned`` to the slot, or on a failed exec an exit with
-    status 127 (a failed start), and returns whether the exec succeeded.
-    ``identity`` and ``process_environment`` give what a child (or its
-    ``cmd:`` check) runs as and with.
+    unless given) of each loop (the first spawn of an iteration always goes) and with at
+    most SPAWN_IN_FLIGHT starts out at a time.  The loop never waits for
+    an exec: ``spawn`` prepares the child on the loop (``_prepare``), the
+    ``_Starter`` thread forks and waits for the exec, and the start comes
+    back to the loop (``_land``), which feeds ``spawned`` to the slot,
+    or on a failed exec an exit with status 127 (a failed start).  From
+    ``spawn`` to ``_land`` the slot's process is alive with no pid: a
+    signal sent to it then reaches the child once back (``Process.kill``); ``in_flight`` lists such processes, and
+    ``child_starting`` tells the reaper and the orphan scans whether an
+    unknown child may be one of them.  ``identity`` and
+    ``process_environment`` give what a child (or its ``cmd:`` check)
+    runs as and with.
 
     Called by the manager's ``spawn`` action (``queue``), by its restart
-    step (``budget_left``, ``has_unspawned``, through ``Manager._spawn``),
-    by ``_CmdAttempt`` (``identity``) and at shutdown (``close_logs``).
+    step (``budget_left``, ``has_unspawned``, ``full``, ``when_free``,
+    through ``Manager._spawn``), by the loop's reaper and the orphan
+    scans (``child_starting``), by ``_CmdAttempt`` (``identity``) and at
+    shutdown (``in_flight``, ``close_logs``).
     """
 
     def __init__(self, manager, budget=SPAWN_BUDGET):
@@ -6821,6 +7089,12 @@ class Spawner:
         self._pump_scheduled = False
         self._budget_iteration = -1
         self._budget_end = 0.0
+        self._in_flight = {}                           # Process -> _Start, until back
+        self._submitted = 0                            # starts handed to the starter
+        self._unknown = {}                             # unwatched child pid -> _submitted then
+        self._when_free = []
+        self._fd_short = False                         # the last start lacked fds
+        self._starter = _Starter(self.loop, self._land)
 
     def queue(self, t, slot):
         """``slot`` of ``t`` wants a process: queue it and spawn what the
@@ -6840,7 +7114,11 @@ class Spawner:
     def budget_left(self) -> bool:
         """Spawning may use ``budget`` seconds of each loop iteration, so
         that a crash storm or a mass start never starves the API.  The
-        first spawn of an iteration is always allowed (progress)."""
+        first spawn of an iteration is always allowed (progress).  At most
+        SPAWN_IN_FLIGHT starts wait for the starter thread (each holds
+        its pipes open)."""
+        if self.full():
+            return False
         if self._budget_iteration != self.loop.iteration:
             self._budget_iteration = self.loop.iteration
             self._budget_end = self.loop.time() + self.budget
@@ -6858,8 +7136,8 @@ class Spawner:
                 self._spawn_wanted.discard(t)
                 continue
             self.manager._spawn(t)        # the manager's seam: every spawn passes it
-        if queue and not self._pump_scheduled:
-            self._pump_scheduled = True
+        if queue and not self._pump_scheduled and not self.full():
+            self._pump_scheduled = True     # (at the limit, the next start back pumps)
             self.loop.call_soon(self._pump_later)
 
     def _pump_later(self):
@@ -6876,57 +7154,83 @@ class Spawner:
         return bool(queue)
 
     def spawn(self, t) -> bool:
-        """Exec the process of the next slot of ``t`` waiting for one;
-        False when the exec failed (a failed start for that slot)."""
+        """Start the process of the next slot of ``t`` waiting for one: its
+        pipes, sockets, environment and arguments are prepared here, the
+        fork and the wait for the exec happen on the starter thread
+        (``_Starter``), and ``_land`` finishes on a later iteration.  False
+        when nothing was started (the preparation failed: a failed start
+        for that slot)."""
         if not self.has_unspawned(t):
             return False
         slot = t.unspawned.popleft()
-        spec = t.spec
         proc = Process(self.manager, t, next(self._ids))
         proc.slot = slot
         try:
-            self._exec(proc)
+            start = self._prepare(proc)
         except SpawnError as exc:
-            self.manager.spawn_failures += 1
-            t.last_error = str(exc)
-            log.error("cannot start %s (slot %d): %s", t.name, slot.index, exc)
-            # counts as an exit with status 127 after no time up: respawn and backoff apply
-            self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, False)
+            self._fd_short = exc.fd_short
+            self._failed(proc, str(exc))
             return False
-        self.manager.spawned_total += 1
-        slot.proc = proc
-        t.running.append(proc)
-        self.manager.running[proc.id] = proc
-        self.manager._by_pid[proc.pid] = proc
-        self.manager._emit("spawn", t.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
-        self.manager.lifecycle.feed(t, slot, SPAWNED)
-        self.manager.limits.watch(proc)
+        slot.proc = proc                    # in flight: alive, no pid yet
+        proc.start = start
+        self._in_flight[proc] = start
+        self._submitted += 1
+        start.seq = self._submitted
+        self._starter.submit(start)
         return True
+
+    def _failed(self, proc, error, asked=False):
+        """A start that produced no process: counts as an exit with status
+        127 after no time up (respawn and backoff apply)."""
+        t, slot = proc.template, proc.slot
+        if error is not None:
+            self.manager.spawn_failures += 1
+            t.last_error = error
+            log.error("cannot start %s (slot %d): %s", t.name, slot.index, error)
+        self.manager.reaper.after_exit(t, slot, proc, 127, 0, 0.0, asked)
+
+    def _cache(self, t) -> "_SpawnCache":
+        """What every start of ``t`` shares while its spec stays the same."""
+        cache = t.spawn_cache
+        if cache is None or cache.spec is not t.spec:
+            cache = t.spawn_cache = _SpawnCache(t.spec, self.manager.environ)
+        return cache
 
     def process_environment(self, proc) -> dict:
         """The environment ``proc`` is started with (a new dict), which
         its ``cmd:`` readiness check gets too."""
-        try:
-            env = child_environment(proc.spec, self.manager.environ)
-        except ValueError as exc:        # an env_file gone or broken since the config was read
-            raise SpawnError("env_file: %s" % exc) from None
+        spec = proc.spec
+        if spec.env_file:                  # read again at every start
+            try:
+                env = child_environment(spec, self.manager.environ)
+            except ValueError as exc:    # an env_file gone or broken since the config was read
+                raise SpawnError("env_file: %s" % exc) from None
+        else:
+            env = dict(self._cache(proc.template).environment)
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
 
-    def _exec(self, proc):
+    # -- preparation (on the loop): argv, environment, fds, Popen arguments ------
+    def _prepare(self, proc) -> "_Start":
+        """Everything the child needs, decided and opened on the loop: a
+        ``_Start`` with argv and the Popen keyword arguments, the pipe ends
+        to keep and those to close once the child has them.  Options that
+        change the child (identity, fds on 3.., environment, preexec
+        steps) are added here.  SpawnError with nothing left open."""
         spec = proc.spec
+        cache = self._cache(proc.template)
         env = self.process_environment(proc)
         if not os.path.isdir(spec.cwd):
             raise SpawnError("working directory %r does not exist" % spec.cwd)
         try:
-            argv, executable = resolve_command(spec, env)
+            argv, executable = resolve_command(spec, env, cache)
         except CommandError as exc:
             raise SpawnError(str(exc)) from None
         kwargs = self.identity(spec)        # SpawnError before any fd is opened
-        controls = exec_controls(spec)      # None: no preexec step for the controls
-        ours, theirs = [], []                # pipe ends to keep / to close after fork
-        held = []                            # fd numbers reserved during the fork
+        start = _Start(proc, argv)
+        start.controls = controls = exec_controls(spec)   # None: no preexec step for them
+        ours, theirs = start.ours, start.theirs
         stdio = [subprocess.DEVNULL] * 3
         try:
             if controls is not None:
@@ -6978,30 +7282,66 @@ class Spawner:
                 # holds or inherited
                 kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
-                held = _hold_fd_numbers(3 + len(custom))
-            proc.popen = subprocess.Popen(
-                argv, executable=executable, stdin=stdio[0], stdout=stdio[1],
-                stderr=stdio[2], cwd=spec.cwd, env=env, start_new_session=True,
-                restore_signals=True, close_fds=True, **kwargs)
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            for fd in ours:
-                close_quietly(fd)
-            proc.close_custom_streams()
-            proc._fds.clear()
-            proc.stdin_fd = None
-            if proc.notify is not None:
-                proc.notify.cancel()
-                proc.notify = None
-            why = controls.failure() if controls is not None else None
-            raise SpawnError(why or "%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc)) \
-                from None
-        finally:
-            for fd in theirs + held:
-                close_quietly(fd)
+                start.hold_below = 3 + len(custom)
+        except (OSError, ValueError) as exc:
+            start.release(failed=True)
             if controls is not None:
                 controls.close()
-        proc.pid = proc.popen.pid
-        for fd in ours:
+            error = SpawnError("%s: %s" % (argv[0], getattr(exc, "strerror", None) or exc))
+            error.fd_short = getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE)
+            raise error from None
+        kwargs.update(executable=executable, stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
+                      cwd=spec.cwd, env=env, start_new_session=True, restore_signals=True,
+                      close_fds=True)
+        start.argv, start.kwargs = argv, kwargs
+        return start
+
+    # -- the start's return (on the loop) -----------------------------------------
+    def _land(self, start):
+        """The starter is done with ``start`` (a child or a failed exec):
+        register the child and feed
+        ``spawned`` to its slot, or count the failure.  Runs once per start,
+        from the starter's report or earlier from the reaper."""
+        if start.landed:
+            return
+        start.landed = True
+        proc = start.proc
+        self._in_flight.pop(proc, None)
+        proc.start = None
+        t, slot, m = proc.template, proc.slot, self.manager
+        self._fd_short = start.fd_short
+        if start.popen is None:
+            start.release(failed=True)
+            self._failed(proc, start.error, asked=proc.requested)
+            if m.stopping:
+                m.shutdown.child_exited()
+        else:
+            self._register(proc, start)
+            if slot.proc is proc and slot.state == STARTING:
+                m.lifecycle.feed(t, slot, SPAWNED)
+            else:                           # stopped while it was being started
+                for signum in proc.pending_signals:
+                    proc.kill(signum)
+        proc.pending_signals = ()
+        if not self._in_flight:
+            self._unknown.clear()
+        if self.loop.reap_deferred:         # a zombie waited for this start (never re-entrant)
+            self.loop.reap_deferred = False
+            self.loop.call_soon(self.loop.reap_children)
+        waiting, self._when_free = self._when_free, []
+        for callback, args in waiting:
+            self.loop.call_soon(callback, *args)
+        if self._spawn_queue:
+            self.pump()
+
+    def _register(self, proc, start):
+        spec, m = proc.spec, self.manager
+        proc.popen = start.popen
+        proc.pid = start.popen.pid
+        proc.started = self.loop.time()
+        self._unknown.pop(proc.pid, None)
+        self._starter.landed.pop(proc.pid, None)
+        for fd in start.ours:
             os.set_blocking(fd, False)
         for fd in proc._fds:
             self.loop.add_reader(fd, proc._on_output, fd)
@@ -7016,9 +7356,48 @@ class Spawner:
         if proc.notify is not None:
             proc.notify.start()
             proc.watch.append(proc.notify)
-        watcher = _ChildWatcher(self.manager, proc)
-        self.loop.watch_child(proc.pid, watcher)
+        self.loop.watch_child(proc.pid, _ChildWatcher(m, proc))
         proc.sample = (self.loop.time(), 0.0)
+        m.spawned_total += 1
+        m._by_pid[proc.pid] = proc
+        if not proc.requested:
+            _insert_by_id(proc.template.running, m.running, proc)
+        m._emit("spawn", proc.name, pid=proc.id, detached=spec.detach, os_pid=proc.pid)
+        m.limits.watch(proc)
+
+    def child_starting(self, pid) -> bool:
+        """The reaper (or an orphan scan) met child ``pid`` that nobody
+        watches.  A child of a start that is back is registered now
+        (False: the caller looks up its watcher again).  True while it
+        may still be the child of a start handed over before it was
+        first seen and not back yet; after that it is not ours."""
+        first = self._unknown.setdefault(pid, self._submitted)
+        pending = any(not s.done and s.seq <= first for s in self._in_flight.values())
+        start = self._starter.landed.get(pid)     # read after ``done``: see _Starter
+        if start is not None:
+            self._land(start)
+            return False
+        if pending:
+            return True
+        del self._unknown[pid]
+        return False
+
+    @property
+    def in_flight(self) -> list:
+        """Processes handed to the starter and not back yet."""
+        return list(self._in_flight)
+
+    def full(self) -> bool:
+        """SPAWN_IN_FLIGHT starts are out: the next waits for one back.
+        After a start failed for want of file descriptors, one at a time
+        until a start succeeds (a start holds its pipes while it is out;
+        several would leave none for accepting the API's connections)."""
+        return len(self._in_flight) >= (1 if self._fd_short else SPAWN_IN_FLIGHT)
+
+    def when_free(self, callback, *args):
+        """``callback(*args)`` on the iteration after the next start comes
+        back (for a caller the in-flight limit held up)."""
+        self._when_free.append((callback, args))
 
     def identity(self, spec):
         """Popen arguments that switch group, groups and user in the child.
@@ -7298,7 +7677,7 @@ class Shutdown:
             for t in self._to_stop:
                 m._stop(t)
             self._to_stop = []
-            for proc in list(m._by_pid.values()):
+            for proc in list(m._by_pid.values()) + m.spawner.in_flight:
                 proc.kill(signal.SIGKILL)
             self.kill_orphans(signal.SIGKILL)
             return
@@ -7351,8 +7730,8 @@ class Shutdown:
         return out
 
     def _check_stopped(self):
-        if self.manager._by_pid:
-            return
+        if self.manager._by_pid or self.manager.spawner.in_flight:
+            return                  # (a start coming back during the stop calls child_exited)
         if self._orphan_deadline is None:
             # orphaned descendants adopted by us as subreaper had SIGTERM at
             # the start; they get at least 1 s, then SIGKILL
@@ -7381,9 +7760,7 @@ class Shutdown:
         running if it died last); returns how many live ones got it."""
         me = os.getpid()
         kids = children_map()
-        ours = self.manager._by_pid
-        todo = [pid for pid in kids.get(me, ())
-                if pid not in ours and pid not in self.loop._child_watchers]
+        todo = [pid for pid in kids.get(me, ()) if not self.manager._is_ours(pid)]
         seen, count = set(), 0
         while todo:
             pid = todo.pop()
@@ -10220,7 +10597,18 @@ def _host_is_loopback(host: str, extra) -> bool:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     # RFC 6761 6.3 reserves *.localhost for loopback and browsers resolve
     # it there themselves, so a rebinding page cannot claim such a name
-    return name in extra or name.endswith(".localhost") or bool(loopback_literal(name))
+    if name in extra or name.endswith(".localhost"):
+        return True
+    known = _LOOPBACK_NAMES.get(name)
+    if known is None:
+        known = bool(loopback_literal(name))
+        if len(_LOOPBACK_NAMES) >= 256:      # names come from clients: bounded
+            _LOOPBACK_NAMES.clear()
+        _LOOPBACK_NAMES[name] = known
+    return known
+
+
+_LOOPBACK_NAMES = {}                         # Host name -> is a loopback address (parsed once)
 
 
 def token_matches(header: str, token: str, basic=True) -> bool:
@@ -12920,6 +13308,8 @@ class Daemon:
             raise ConfigErrors([ConfigError(None, None, None, line) for line in missing])
         self.loop = Loop()
         self.notify = SystemdNotify.take(self.loop, os.environ)
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL)     # see _Starter
         self.manager = Manager(self.loop)
         self.manager.on_critical = self._on_critical_failure
         self.api = Api(self.manager, self.plugins,
