@@ -163,6 +163,7 @@ REAP_BUDGET = 0.003                  # seconds of reaping per iteration (the res
 GIL_SWITCH_INTERVAL = 0.0005         # a starter thread holds the loop up at most this long
 SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
 STARTER_THREADS = 4                  # threads that fork and wait for execs
+START_ORDER_WAIT = 0.05              # seconds a start back early waits for those before it
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds sample this often, as gaffer 0.4.4 did
@@ -5478,7 +5479,8 @@ class Manager:
             [(process, (cpu_seconds, rss_bytes, open_fds) or None)],
         get_groups(), get_group(name), start_group / stop_group /
             restart_group (name, rolling=None, watcher=None) / remove_group (name),
-        processes (name -> Template), running (id -> Process),
+        templates (name -> Template; ``processes`` is the same map under
+            the name of plugin API 1), running (id -> Process),
         get_process(name_or_id), monitor(name_or_id, cb), unmonitor(...),
         stop(callback=None), restart(callback=None), loop.
     The lifecycle hooks (readiness checks, dependencies):
@@ -5501,7 +5503,7 @@ class Manager:
         self.loop = loop
         self.bus = EventBus(loop.call_soon)
         self.environ = os.environ if environ is None else environ
-        self.processes = collections.OrderedDict()     # name -> Template
+        self.templates = collections.OrderedDict()     # name -> Template
         self.running = collections.OrderedDict()       # id -> Process (live, not stopping)
         self.groups = collections.OrderedDict()        # group -> [template names]
         self.apps = []
@@ -5530,6 +5532,13 @@ class Manager:
         self.syslog_senders = {}                       # address -> SyslogSender (metrics)
         self.daemon_syslog = None                      # the daemon's own (metrics)
 
+
+    @property
+    def processes(self):
+        """``templates`` under its first name (it maps names to templates,
+        not to processes); kept so that plugins written for it work."""
+        return self.templates
+
     def _is_ours(self, os_pid) -> bool:
         """A child the daemon started (a process, or one a plugin watches)."""
         if os_pid in self._by_pid or self.loop.watches_child(os_pid):
@@ -5556,7 +5565,7 @@ class Manager:
         if per_process:
             self.bus.publish("proc.%s.%s" % (name, event), payload)
         if event in _EVENT_LINES:
-            t = self.processes.get(name)
+            t = self.templates.get(name)
             if t is not None and t.spec.log_events:
                 self._log_event(t, event, payload)
 
@@ -5588,7 +5597,7 @@ class Manager:
     # -- lookups -----------------------------------------------------------------
     def get_template(self, name) -> Template:
         try:
-            return self.processes[name]
+            return self.templates[name]
         except KeyError:
             raise KeyError(name) from None
 
@@ -5610,10 +5619,10 @@ class Manager:
     # -- templates ------------------------------------------------------------------
     def add_template(self, spec: TemplateSpec, start=None) -> Template:
         """Register ``spec`` and start it unless ``start`` is false."""
-        if spec.name in self.processes:
+        if spec.name in self.templates:
             raise KeyError(spec.name)
         t = Template(spec, self.loop.time())
-        self.processes[spec.name] = t
+        self.templates[spec.name] = t
         if spec.group:
             self.groups.setdefault(spec.group, []).append(spec.name)
         self._emit("create", spec.name, per_process=False)
@@ -5637,7 +5646,7 @@ class Manager:
         return spec
 
     def add_process(self, name, cmd, **settings) -> Template:
-        if name in self.processes:
+        if name in self.templates:
             raise KeyError(name)
         start = settings.pop("start", True)
         spec = self._spec_from_api(name, cmd, settings)
@@ -5677,7 +5686,7 @@ class Manager:
         change of nothing but ``depends_on`` restarts nothing (a waiting
         template waits for the new list)."""
         wanted = collections.OrderedDict((s.name, s) for s in specs)
-        kept = [t.spec for n, t in self.processes.items()
+        kept = [t.spec for n, t in self.templates.items()
                 if t.spec.origin != "config" and n not in wanted]
         problems = dependency_problems(list(specs) + kept)
         if problems:
@@ -5685,12 +5694,12 @@ class Manager:
             raise ConfigErrors([ConfigError(by_name[n].source or "(made over HTTP)",
                                             "process:" + n, "depends_on", message)
                                 for n, message in problems])
-        added = [n for n in wanted if n not in self.processes]
-        removed = [n for n, t in self.processes.items()
+        added = [n for n in wanted if n not in self.templates]
+        removed = [n for n, t in self.templates.items()
                    if t.spec.origin == "config" and n not in wanted]
         changed, unchanged = [], []
         for name, spec in wanted.items():
-            t = self.processes.get(name)
+            t = self.templates.get(name)
             if t is None:
                 continue
             if t.spec.key() == spec.key() and t.spec.numprocesses == spec.numprocesses:
@@ -5704,7 +5713,7 @@ class Manager:
         for name in removed:
             self.remove_process(name)
         for name in changed:
-            t, spec = self.processes[name], wanted[name]
+            t, spec = self.templates[name], wanted[name]
             if t.spec.key() == spec.key():
                 t.take_spec(spec)
                 self.scale_to(name, spec.numprocesses)
@@ -5729,7 +5738,7 @@ class Manager:
         t = self.get_template(name)
         self._stop(t)
         self.scheduler.detach(t)
-        del self.processes[name]
+        del self.templates[name]
         if t.group and name in self.groups.get(t.group, []):
             self.groups[t.group].remove(name)
         self._emit("delete", name, per_process=False)
@@ -5879,7 +5888,7 @@ class Manager:
         other in one Rollout, which is returned (or None)."""
         members = self.get_group(name)
         rolled = [m for m in members if (rolling if rolling is not None
-                                         else self.processes[m].spec.restart_mode == "rolling")]
+                                         else self.templates[m].spec.restart_mode == "rolling")]
         if rolled and any(m in self.rollouts for m in rolled):
             self.rollout(rolled)                         # the ValueError
         for member in members:
@@ -5889,7 +5898,7 @@ class Manager:
 
     def remove_group(self, name):
         for member in self.get_group(name):
-            if member in self.processes:
+            if member in self.templates:
                 self.remove_process(member)
         del self.groups[name]
 
@@ -5935,7 +5944,7 @@ class Manager:
     def processes_stats(self):
         kids = children_map() if self.running else {}
         out = []
-        for t in self.processes.values():
+        for t in self.templates.values():
             stats = [s for s in (self.process_stats(p, kids) for p in t.running) if s]
             out.append(summarize_stats(t.name, stats))
         return out
@@ -6169,7 +6178,7 @@ class Manager:
 
     def _eligible(self, t) -> bool:
         return t.wanted and not t.waiting and not self.stopping and \
-            self.processes.get(t.name) is t
+            self.templates.get(t.name) is t
 
     # -- reaping -------------------------------------------------------------------------
     # Contract: the loop reaps (§7) and calls ``_ChildWatcher``: first
@@ -6215,7 +6224,7 @@ class Manager:
                 app.restart()
             except Exception:
                 log.exception("application %r failed to restart", app)
-        for t in list(self.processes.values()):
+        for t in list(self.templates.values()):
             if t.wanted and t.name not in self.rollouts:    # a rollout goes on
                 self.restart_process(t.name)
         if callback:
@@ -6441,8 +6450,8 @@ class Dependencies:
                     out.append(node)
                 continue
             name, condition = item
-            for member in dependency_targets(name, self.manager.processes, self.manager.groups):
-                d = self.manager.processes[member]
+            for member in dependency_targets(name, self.manager.templates, self.manager.groups):
+                d = self.manager.templates[member]
                 if member in seen:
                     continue
                 seen.add(member)
@@ -6462,7 +6471,7 @@ class Dependencies:
         """ValueError naming the problem if ``spec``, added or put in place
         of the template of its name, would make ``depends_on`` name an
         unknown template or group, the template itself, or a cycle."""
-        specs = [spec] + [t.spec for name, t in self.manager.processes.items() if name != spec.name]
+        specs = [spec] + [t.spec for name, t in self.manager.templates.items() if name != spec.name]
         problems = ["%s: %s" % (name, message) for name, message in dependency_problems(specs)]
         if problems:
             raise ValueError("depends_on: " + "; ".join(problems))
@@ -6472,10 +6481,10 @@ class Dependencies:
         templates of ``names`` stand for: what removing them would leave
         depending on nothing."""
         names, out = set(names), []
-        for t in self.manager.processes.values():
+        for t in self.manager.templates.values():
             if t.name not in names and any(
                     set(members) <= names for members in (
-                        dependency_targets(dep, self.manager.processes, self.manager.groups)
+                        dependency_targets(dep, self.manager.templates, self.manager.groups)
                         for dep, _ in t.spec.depends_on) if members):
                 out.append(t.name)
         return out
@@ -6485,11 +6494,11 @@ class Dependencies:
         do not hold yet, and why one never can (or None)."""
         missing = []
         for name, condition in t.spec.depends_on:
-            members = dependency_targets(name, self.manager.processes, self.manager.groups)
+            members = dependency_targets(name, self.manager.templates, self.manager.groups)
             if not members:                     # start-up: not added yet
                 missing.append("%s:%s" % (name, condition))
             for member in members:
-                d = self.manager.processes[member]
+                d = self.manager.templates[member]
                 status = dependency_status(condition, d.state, d.counts)
                 if status == "never":
                     return missing, "dependency %s is %s, so %s:%s can never hold%s" % (
@@ -6513,8 +6522,8 @@ class Dependencies:
         self._check_scheduled = False
         if self.manager.stopping:
             return
-        for t in list(self.manager.processes.values()):
-            if t.waiting and t.wanted and self.manager.processes.get(t.name) is t:
+        for t in list(self.manager.templates.values()):
+            if t.waiting and t.wanted and self.manager.templates.get(t.name) is t:
                 missing, never = self._report(t)
                 if never:
                     self._block(t, never)
@@ -6800,7 +6809,7 @@ class Scheduler:
 
     def _fire(self, t) -> None:
         s = t.sched
-        if s is None or s.timer is None or self.manager.processes.get(t.name) is not t:
+        if s is None or s.timer is None or self.manager.templates.get(t.name) is not t:
             return
         s.timer = None
         if self.manager.stopping or s.paused:
@@ -6990,8 +6999,11 @@ class _Starter:
     start its thread records the child's pid in ``landed``, then marks
     the start ``done`` (in that order: the reaper relies on it), and
     hands it back to the loop through ``call_soon_threadsafe``: one
-    wake-up for as many starts as are back by then.  Idle threads sleep
-    on a condition.  Popen's own Python code runs on these threads with
+    wake-up for as many starts as are back by then.  The loop takes them
+    in the order they were submitted (so ``spawn`` events and ids agree,
+    as when starts were synchronous); a start back early waits for the
+    ones before it at most START_ORDER_WAIT seconds, so an exec that hangs
+    holds up no other.  Idle threads sleep on a condition.  Popen's own Python code runs on these threads with
     the GIL: the daemon lowers the switch interval to GIL_SWITCH_INTERVAL
     (from 5 ms) so that the loop gets it back soon."""
 
@@ -7004,6 +7016,9 @@ class _Starter:
         self._threads = 0
         self._idle = 0
         self._wake_pending = False
+        self._held = []                     # heap of (seq, start): back, waiting for its turn
+        self._next = 1                      # the seq whose turn it is
+        self._order_timer = None
 
     def submit(self, start):
         with self._cond:
@@ -7034,17 +7049,37 @@ class _Starter:
                 self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self):
-        """Take the starts that are back, for at most LAND_BUDGET seconds
-        (the rest on the next iteration: a burst must not hold up the API)."""
+        """Take the starts that are back, in submission order, for at most
+        LAND_BUDGET seconds (the rest on the next iteration: a burst must
+        not hold up the API)."""
         self._wake_pending = False          # first: a start back from now wakes us again
-        back, loop = self._back, self.loop
-        end = loop.time() + LAND_BUDGET
+        back, held = self._back, self._held
         while back:
-            self.on_back(back.popleft())
-            if back and loop.time() >= end:
+            start = back.popleft()
+            heapq.heappush(held, (start.seq, start))
+        end = self.loop.time() + LAND_BUDGET
+        while held and held[0][0] <= self._next:
+            seq, start = heapq.heappop(held)
+            self._next = max(self._next, seq + 1)
+            self.on_back(start)
+            if held and held[0][0] <= self._next and self.loop.time() >= end:
                 self._wake_pending = True
-                loop.call_soon(self._deliver)
+                self.loop.call_soon(self._deliver)
                 return
+        if not held:
+            if self._order_timer is not None:
+                self._order_timer.cancel()
+                self._order_timer = None
+        elif self._order_timer is None:
+            self._order_timer = self.loop.call_later(START_ORDER_WAIT, self._overdue)
+
+    def _overdue(self):
+        """The start whose turn it is has been out START_ORDER_WAIT seconds
+        while later ones are back: they go first (it lands when back)."""
+        self._order_timer = None
+        if self._held:
+            self._next = self._held[0][0]
+            self._deliver()
 
 
 class Spawner:
@@ -7511,7 +7546,7 @@ class Rollout:
     def _next_template(self):
         m = self.manager
         while self.names:
-            t = m.processes.get(self.names.pop(0))
+            t = m.templates.get(self.names.pop(0))
             if t is None:
                 continue
             self.t = t
@@ -7684,7 +7719,7 @@ class Shutdown:
         m.stopping = True
         self._started = self.loop.time()
         self.kill_orphans(signal.SIGTERM)       # adopted orphans: same grace as the rest
-        self._to_stop = list(m.processes.values())
+        self._to_stop = list(m.templates.values())
         self._needed_by = self._dependents_map()
         self._stop_in_order()                   # dependents first
         self._check_stopped()
@@ -7720,11 +7755,11 @@ class Shutdown:
         """Template -> the templates that depend on it (directly or by its
         group)."""
         m = self.manager
-        out = {t: [] for t in m.processes.values()}
-        for d in m.processes.values():
+        out = {t: [] for t in m.templates.values()}
+        for d in m.templates.values():
             for dep, _ in d.spec.depends_on:
-                for member in dependency_targets(dep, m.processes, m.groups):
-                    t = m.processes[member]
+                for member in dependency_targets(dep, m.templates, m.groups):
+                    t = m.templates[member]
                     if t is not d and d not in out[t]:
                         out[t].append(d)
         return out
@@ -9397,7 +9432,7 @@ class Api:
 
     # -- lookups ----------------------------------------------------------------------
     def _template(self, name) -> Template:
-        t = self.manager.processes.get(name)
+        t = self.manager.templates.get(name)
         if t is None:
             raise ApiError(404, "not_found", "no template named %r" % name)
         return t
@@ -9433,7 +9468,7 @@ class Api:
         running is ready, else 503 with ``not_ready``: {name: state}."""
         stopping = self.manager.stopping
         return self._readiness({name: "stopping" if stopping else t.state
-                                for name, t in self.manager.processes.items()
+                                for name, t in self.manager.templates.items()
                                 if t.wanted and (stopping or t.state not in self._READY_STATES)})
 
     def ready_template(self, req, name):
@@ -9461,7 +9496,7 @@ class Api:
 
     def status_all(self, req):
         return json_reply(200, {name: t.summary(self.loop)
-                                for name, t in self.manager.processes.items()})
+                                for name, t in self.manager.templates.items()})
 
     def reload(self, req):
         if self.reload_config is None:
@@ -9492,7 +9527,7 @@ class Api:
     def list_templates(self, req):
         if req.query.get("running", "").strip() in ("1", "true"):
             return json_reply(200, list(self.manager.running))
-        return json_reply(200, list(self.manager.processes))
+        return json_reply(200, list(self.manager.templates))
 
     def _body_spec(self, req, name=None):
         obj = req.json()
@@ -9508,7 +9543,7 @@ class Api:
             start = parse_bool(obj.get("start", True))
         except ValueError as exc:
             raise ApiError(400, "invalid_process_info", "start: %s" % exc) from None
-        if name in self.manager.processes and req.method == "POST" and req.path == "/processes":
+        if name in self.manager.templates and req.method == "POST" and req.path == "/processes":
             raise ApiError(409, "conflict", "a template named %r exists" % name)
         warnings = []
         try:
@@ -9536,7 +9571,7 @@ class Api:
         return self._ok(warnings)
 
     def head_template(self, req, name):
-        return Reply(200 if name in self.manager.processes else 404)
+        return Reply(200 if name in self.manager.templates else 404)
 
     def get_template(self, req, name):
         return json_reply(200, self._template(name).spec.definition())
@@ -9637,7 +9672,7 @@ class Api:
             (lambda watcher: m.restart_process(name, rolling, watcher))
         members = m.get_group(name) if group else [name]
         if not any(rolling if rolling is not None else
-                   m.processes[n].spec.restart_mode == "rolling" for n in members):
+                   m.templates[n].spec.restart_mode == "rolling" for n in members):
             start(None)
             return json_reply(200, OK)
         busy = [n for n in members if n in m.rollouts]
@@ -9668,7 +9703,7 @@ class Api:
                 sink.write(b"\n], " + json_dumps(tail).strip()[1:] + b"\n")
                 sink.end()
             rolled = [n for n in members if (rolling if rolling is not None else
-                                             m.processes[n].spec.restart_mode == "rolling")]
+                                             m.templates[n].spec.restart_mode == "rolling")]
             sink.write(b'{"rolling": %s, "events": [' % json_dumps(rolled).strip())
             start(watcher)
         return Feed("application/json; charset=UTF-8", opener)
@@ -9923,7 +9958,7 @@ class Api:
                 lines.append("%s%s %s" % (name, _metric_labels(**labels), repr(float(value))
                                           if isinstance(value, float) else value))
         m = self.manager
-        templates = list(m.processes.values())
+        templates = list(m.templates.values())
         metric("gafferd_uptime_seconds", "gauge", "Seconds since the daemon started.",
                [({}, round(now - m.started, 3))])
         metric("gafferd_children", "gauge", "Live child processes.",
@@ -13215,10 +13250,10 @@ class SystemdNotify:
 
 def status_summary(manager) -> str:
     """The one-line STATUS= of gafferd: templates by state, processes."""
-    states = collections.Counter(t.state for t in manager.processes.values())
+    states = collections.Counter(t.state for t in manager.templates.values())
     parts = ["%d %s" % (states[s], s) for s in TEMPLATE_STATES if states[s]]
     return "%d template(s)%s; %d process(es)%s" % (
-        len(manager.processes), " (%s)" % ", ".join(parts) if parts else "",
+        len(manager.templates), " (%s)" % ", ".join(parts) if parts else "",
         len(manager._by_pid), "; stopping" if manager.stopping else "")
 
 
@@ -13497,7 +13532,7 @@ class Daemon:
         manager = self.manager
         if manager.stopping:
             raise ConfigError(self.config_path, None, None, "the daemon is shutting down")
-        kept = [t.spec for n, t in manager.processes.items()
+        kept = [t.spec for n, t in manager.templates.items()
                 if t.spec.origin != "config" and n not in {s.name for s in new.templates}]
         problems = socket_problems(kept, new.sockets)
         if problems:
@@ -13511,8 +13546,8 @@ class Daemon:
                 raise ConfigError(self.config_path, None, None, str(exc)) from None
             result = manager.reload_templates(new.templates)
             for name in result["unchanged"]:      # their processes listen on the old address
-                if set(manager.processes[name].spec.sockets) & set(rebound) and \
-                        manager.processes[name].wanted:
+                if set(manager.templates[name].spec.sockets) & set(rebound) and \
+                        manager.templates[name].wanted:
                     manager.restart_process(name, rolling=False if name in manager.rollouts
                                             else None)
                     result["changed"].append(name)

@@ -316,7 +316,7 @@ def test_eventsource_feed(daemon, child):
         daemon.json("POST", "/processes", template("es", child))
         received = []
         fields = {}
-        while len(received) < 5:
+        while len(received) < 7:
             line = resp.readline()
             assert line, "stream ended early after %r" % received
             line = line.rstrip(b"\r\n").decode()
@@ -328,10 +328,11 @@ def test_eventsource_feed(daemon, child):
             key, _, value = line.partition(":")
             fields[key] = value[1:] if value.startswith(" ") else value
         assert [f["event"] for f in received] == [
-            "create", "start", "proc.es.start", "spawn", "proc.es.spawn"]
+            "create", "start", "proc.es.start", "state", "proc.es.state", "spawn",
+            "proc.es.spawn"]
         for f in received:
             assert json.loads(f["data"])["event"] == f["event"]
-        assert json.loads(received[3]["data"])["os_pid"] == daemon.os_pid(daemon.pids("es")[0])
+        assert json.loads(received[5]["data"])["os_pid"] == daemon.os_pid(daemon.pids("es")[0])
     finally:
         conn.close()
 

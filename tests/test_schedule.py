@@ -247,7 +247,7 @@ def spin(loop, iterations=3):
 def test_every_runs_on_its_interval_and_reports_the_run(sched):
     clocks, loop, m = sched
     m.add_process("job", "sh", args=["-c", "exit 3"], schedule="every 10s")
-    t = m.processes["job"]
+    t = m.templates["job"]
     assert t.state == "scheduled" and not t.slots
     r = report(m, "job")
     assert r["next_run"] == WALL0 + 10 and r["last_run"] is None and r["last_exit"] is None
@@ -273,7 +273,7 @@ def test_the_wall_clock_does_not_move_every_runs(sched):
     m.add_process("job", "true", schedule="every 10s")
     clocks.wall[0] += 3600                           # the clock is set forward an hour
     spin(loop)
-    assert report(m, "job")["runs"] == 0 and not m.processes["job"].slots
+    assert report(m, "job")["runs"] == 0 and not m.templates["job"].slots
     clocks.advance(10)
     run_until(loop, lambda: report(m, "job")["runs"] == 1, "the run")
 
@@ -291,7 +291,7 @@ def test_missed_every_runs_are_not_caught_up(sched):
 def test_overlap_skip_keeps_the_run_going(sched):
     clocks, loop, m = sched
     m.add_process("job", "sleep 60", schedule="every 10s")
-    t = m.processes["job"]
+    t = m.templates["job"]
     clocks.advance(10)
     run_until(loop, lambda: len(t.running) == 1, "the run's process")
     pid = t.running[0].pid
@@ -304,7 +304,7 @@ def test_overlap_allow_runs_side_by_side_then_shrinks_back(sched):
     clocks, loop, m = sched
     m.add_process("job", "sleep 60", schedule="every 10s", overlap="allow",
                   graceful_timeout=5)
-    t = m.processes["job"]
+    t = m.templates["job"]
     clocks.advance(10)
     run_until(loop, lambda: len(t.running) == 1, "the first run")
     clocks.advance(10)
@@ -322,7 +322,7 @@ def test_overlap_restart_replaces_the_process(sched):
     clocks, loop, m = sched
     m.add_process("job", "sleep 60", schedule="every 10s", overlap="restart",
                   graceful_timeout=5)
-    t = m.processes["job"]
+    t = m.templates["job"]
     clocks.advance(10)
     run_until(loop, lambda: len(t.running) == 1, "the first run")
     first = t.running[0].pid
@@ -339,7 +339,7 @@ def gafferd_alive(manager, os_pid):
 def test_stop_pauses_and_start_runs_now(sched):
     clocks, loop, m = sched
     m.add_process("job", "sleep 60", schedule="every 10s", graceful_timeout=5)
-    t = m.processes["job"]
+    t = m.templates["job"]
     clocks.advance(10)
     run_until(loop, lambda: len(t.running) == 1, "the run")
     m.stop_process("job")                            # stops the run, pauses the schedule
@@ -359,7 +359,7 @@ def test_stop_pauses_and_start_runs_now(sched):
 def test_start_false_loads_it_paused_and_run_on_start_runs_at_once(sched):
     clocks, loop, m = sched
     m.add_process("paused", "true", schedule="every 10s", start=False)
-    assert report(m, "paused")["paused"] and m.processes["paused"].state == "stopped"
+    assert report(m, "paused")["paused"] and m.templates["paused"].state == "stopped"
     m.add_process("eager", "true", schedule="@daily", run_on_start=True)
     run_until(loop, lambda: report(m, "eager")["runs"] == 1, "the run at load")
     assert report(m, "eager")["last_run"] == WALL0
@@ -368,7 +368,7 @@ def test_start_false_loads_it_paused_and_run_on_start_runs_at_once(sched):
 def test_cron_runs_at_the_wall_clock_time_and_rechecks_after_a_jump(sched):
     clocks, loop, m = sched
     m.add_process("job", "true", schedule="*/5 * * * *", schedule_timezone="utc")
-    t = m.processes["job"]
+    t = m.templates["job"]
     due = utc("2024-01-01 00:05")
     assert report(m, "job")["next_run"] == due
     assert t.sched.timer.when == clocks.mono[0] + (due - WALL0)     # one timer, no tick
@@ -392,7 +392,7 @@ def test_cron_runs_at_the_wall_clock_time_and_rechecks_after_a_jump(sched):
 def test_a_removed_template_leaves_no_timer_behind(sched):
     clocks, loop, m = sched
     m.add_process("job", "true", schedule="every 10s")
-    handle = m.processes["job"].sched.timer
+    handle = m.templates["job"].sched.timer
     m.remove_process("job")
     assert handle.cancelled
 
@@ -403,7 +403,7 @@ def test_a_run_waits_for_its_dependencies(sched):
     m.add_process("job", "true", schedule="every 10s", depends_on="db:started")
     clocks.advance(10)
     spin(loop)
-    assert m.processes["job"].state == "waiting"
+    assert m.templates["job"].state == "waiting"
     m.start_process("db")
     run_until(loop, lambda: report(m, "job")["runs"] == 1, "the run after db started")
 
@@ -412,7 +412,7 @@ def test_retries_of_a_failed_run_follow_restart(sched):
     clocks, loop, m = sched
     m.add_process("job", "sh", args=["-c", "exit 1"], schedule="every 1h",
                   restart="on-failure", start_retries=2, backoff="0, 1, 0")
-    t = m.processes["job"]
+    t = m.templates["job"]
     clocks.advance(3600)
     run_until(loop, lambda: report(m, "job")["runs"] == 1, "the run and its retries")
     assert t.exits["failed_start"] == 2 and t.exits["gave_up"] == 1

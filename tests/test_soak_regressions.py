@@ -192,9 +192,9 @@ def test_a_mass_stop_scans_proc_for_leftover_sessions_a_few_times_not_per_iterat
         session_ids=lambda: scans.append(1) or gafferd.session_ids())
     try:
         manager.add_process("many", "sleep 1000", numprocesses=100, graceful_timeout=0.5)
-        run_loop_until(loop, lambda: len(manager.processes["many"].running) == 100, 30,
+        run_loop_until(loop, lambda: len(manager.templates["many"].running) == 100, 30,
                         "100 processes")
-        procs = list(manager.processes["many"].running)
+        procs = list(manager.templates["many"].running)
         old = [p.pid for p in procs]
         # one stop per loop iteration or so, over 0.2 s, as a rolling
         # restart does it; each grace deadline falls in its own iteration
@@ -222,19 +222,22 @@ def test_a_restart_keeps_to_the_spawn_budget():
         old = set(manager.running)
         events = []
         manager.subscribe(".", lambda name, payload: events.append(payload))
-        # spawns per loop iteration, read off the public spawn counter
-        # around each run_once (the restart call itself is one more step)
+        # starts per loop iteration: those back (the public spawn counter)
+        # plus those still on the starter threads, around each run_once
+        # (the restart call itself is one more step)
+        def started():
+            return manager.spawned_total + len(manager.spawner.in_flight)
         per_iteration = []
-        before = manager.spawned_total
+        before = started()
         manager.restart_group("g")
-        per_iteration.append(manager.spawned_total - before)
+        per_iteration.append(started() - before)
         deadline = time.monotonic() + 30
         while not (len(manager.running) == 30 and not old & set(manager.running)):
             assert time.monotonic() < deadline, "timed out waiting for every process replaced"
             loop.call_later(0.05, lambda: None)
-            before = manager.spawned_total
+            before = started()
             loop.run_once()
-            per_iteration.append(manager.spawned_total - before)
+            per_iteration.append(started() - before)
         assert sum(per_iteration) == 30
         assert max(per_iteration) == 1, per_iteration
         # each template still sees its 3 spawns before its 3 reaps (new before old)

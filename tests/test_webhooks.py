@@ -112,8 +112,8 @@ def receiver():
 
 # with startsecs = 600 the process stays "starting": the state events of
 # a start and a stop come in this order
-HOOK_SEQUENCE = ["create", "start", "proc.Hook.start", "spawn", "proc.Hook.spawn",
-                 "state", "proc.Hook.state",
+HOOK_SEQUENCE = ["create", "start", "proc.Hook.start", "state", "proc.Hook.state",
+                 "spawn", "proc.Hook.spawn",
                  "stop", "proc.Hook.stop", "stop_pid", "proc.Hook.stop_pid",
                  "state", "proc.Hook.state", "exit", "proc.Hook.exit"]
 
@@ -185,7 +185,8 @@ def test_bad_receivers_are_retried_logged_and_do_not_hold_anything_up(gafferd, r
             """ % {"u": u, "hang": hanger.url, "refused": refused})
         t0 = time.monotonic()
         assert d.post("/processes/w/_start").status == 200
-        expected = ["create", "start", "proc.w.start", "spawn", "proc.w.spawn"]
+        expected = ["create", "start", "proc.w.start", "state", "proc.w.state", "spawn",
+                    "proc.w.spawn"]
         # the good receivers get their events at once, whatever the others do
         wait_for(lambda: len(receiver.requests("/all")) >= len(expected), 10.0,
                  message="the events at the good '.' receiver")
