@@ -10150,6 +10150,59 @@ def remove_socket_file(path, ident):
         os.close(dir_fd)
 
 
+
+def bind_unix_socket(path, mode, refuse_live=False):
+    """A unix stream socket bound at ``path`` with permissions ``mode``,
+    and the ``(st_dev, st_ino)`` of its file (to remove that file and no
+    other later).  A stale socket file is removed first; with
+    ``refuse_live``, not one a program still accepts on.  Everything
+    happens through the directory held open (walked like every file the
+    daemon writes) and the mode comes from the umask, never from a chmod
+    by path, which would follow whatever was swapped in after bind().
+    Raises BindError (something else is at ``path``) or OSError."""
+    dir_fd, name = open_directory_of(path)
+    try:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BindError("%s exists and is not a socket" % path)
+            if refuse_live and _unix_socket_live(path):
+                raise BindError("cannot listen on %s: a program is listening there already"
+                                % path)
+            os.unlink(name, dir_fd=dir_fd)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o777 & ~mode)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, (st.st_dev, st.st_ino)
+    finally:
+        os.close(dir_fd)
+
+
+def _unix_socket_live(path) -> bool:
+    """Whether a program accepts on the unix socket ``path`` (a
+    non-blocking connect: a listener's backlog answers at once)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 class Listener:
     """One listening socket of an endpoint.  ``bind = localhost`` makes
     two: this one on 127.0.0.1 and its ``twin`` on ::1 with the same port,
@@ -10202,32 +10255,8 @@ class Listener:
         address, ep = self.address, self.endpoint
         try:
             if address.kind == "unix":
-                # The umask alone makes the socket 0600: a chmod by path
-                # would follow whatever was swapped in after bind().
-                # The stale socket is removed, and its inode noted, in the
-                # directory held by fd (walked like every file we write).
-                path = address.path
-                dir_fd, name = open_directory_of(path)
-                try:
-                    try:
-                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        st = None
-                    if st is not None:
-                        if not stat.S_ISSOCK(st.st_mode):
-                            raise BindError("%s exists and is not a socket" % path)
-                        os.unlink(name, dir_fd=dir_fd)
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    old = os.umask(0o177)
-                    try:
-                        sock.bind(path)
-                    finally:
-                        os.umask(old)
-                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                    self.sock_file = (st.st_dev, st.st_ino)
-                finally:
-                    os.close(dir_fd)
-                self.url = "unix:" + path
+                sock, self.sock_file = bind_unix_socket(address.path, 0o600)
+                self.url = "unix:" + address.path
             else:
                 host = address.host
                 infos = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC,
@@ -10409,43 +10438,10 @@ class HeldSockets:
         address, ident, sock = spec.address, None, None
         try:
             if address.kind == "unix":
-                # made as Listener makes its unix sockets: a stale socket
-                # removed and the new inode noted through the directory fd;
-                # the mode comes from the umask, never a chmod by path
-                path = address.path
-                dir_fd, name = open_directory_of(path)
                 try:
-                    try:
-                        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        st = None
-                    if st is not None:
-                        if not stat.S_ISSOCK(st.st_mode):
-                            raise BindError("[socket:%s] %s exists and is not a socket"
-                                            % (spec.name, path))
-                        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                        try:
-                            probe.setblocking(False)
-                            probe.connect(path)
-                            live = True
-                        except OSError:
-                            live = False
-                        finally:
-                            probe.close()
-                        if live:
-                            raise BindError("[socket:%s] cannot listen on %s: a program is "
-                                            "listening there already" % (spec.name, path))
-                        os.unlink(name, dir_fd=dir_fd)
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    old = os.umask(0o777 & ~spec.mode)
-                    try:
-                        sock.bind(path)
-                    finally:
-                        os.umask(old)
-                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                    ident = (st.st_dev, st.st_ino)
-                finally:
-                    os.close(dir_fd)
+                    sock, ident = bind_unix_socket(address.path, spec.mode, refuse_live=True)
+                except BindError as exc:
+                    raise BindError("[socket:%s] %s" % (spec.name, exc)) from None
             else:
                 family, sockaddr = self._sockaddr(spec, resolve)
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -12033,9 +12029,9 @@ def ctl_table(rows, header) -> list:
 
 def _mem_bytes(stats) -> int:
     total = 0
-    for stat in stats:
+    for entry in stats:
         try:
-            total += parse_size(str(stat.get("mem_info1") or 0))
+            total += parse_size(str(entry.get("mem_info1") or 0))
         except ValueError:
             pass
     return total

@@ -1141,14 +1141,17 @@ def worker_circusstatus(p):
 
 
 def worker_circuscmd(p):
-    """S8: one circus command (restart), waited for."""
+    """S8, S9: one circus command, waited for; ``command`` is its name (no
+    properties) or the whole message.  The result is circusd's answer."""
     from circus.client import CircusClient
+    command = p["command"]
+    if isinstance(command, str):
+        command = {"command": command, "properties": {}}
     client = CircusClient(endpoint=p["endpoint"], timeout=120)
     try:
-        res = client.call({"command": p["command"], "properties": {}})
+        _result(client.call(command))
     finally:
         client.stop()
-    _result({"status": res.get("status")})
 
 
 def worker_spawnloop(p):
@@ -1490,15 +1493,6 @@ def worker_statussampler(p):
             states = []
     _result({"n": n, "errors": errors, "min_running": min_running,
              "min_ready": min_ready, "states": states})
-
-
-def worker_circuscmd(p):
-    from circus.client import CircusClient
-    client = CircusClient(endpoint=p["endpoint"], timeout=120)
-    try:
-        _result(client.call(p["command"]))
-    finally:
-        client.stop()
 
 
 def worker_webclient(p):

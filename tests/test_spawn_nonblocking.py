@@ -11,12 +11,10 @@ is in flight ends the child, and children get no fd of the daemon.
 """
 
 import os
-import re
 import signal
 import textwrap
-import time
 
-from conftest import Daemon, EventWatcher, holds_for, pid_alive, wait_for
+from conftest import EventWatcher, holds_for, pid_alive, wait_for
 
 # The plugin adds a preexec step to the children of some templates:
 #   held*:  wait for a byte on $HOLD_FIFO, then exec
