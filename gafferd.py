@@ -11581,6 +11581,7 @@ class Console(EventApplication):
 # may wait on sockets and run a thread per followed feed.
 
 CTL_OK, CTL_REFUSED, CTL_USAGE, CTL_TIMEOUT, CTL_UNREACHABLE = 0, 1, 2, 3, 4
+CTL_ROLLOUT_SILENCE = 3600.0     # seconds `ctl restart` waits between two steps of a rollout
 CTL_FEED_HEARTBEAT = 10          # seconds between keep-alives asked of a feed
 CTL_FEED_TIMEOUT = 45.0          # a feed silent this long is a dropped connection
 CTL_RETRY_MAX = 2.0              # longest pause between two reconnections
@@ -12263,7 +12264,7 @@ def ctl_cmd_status(target, args):
     return CTL_OK
 
 
-def _act(target, names, action, done):
+def _act(target, names, action, done, timeout=30.0):
     """POST an action to each template; a refusal is reported and the
     others still get theirs; exit 1 if any was refused."""
     try:
@@ -12273,17 +12274,31 @@ def _act(target, names, action, done):
             raise
         print(exc.message, file=sys.stderr)
         return CTL_REFUSED
-    return _each(target, templates, "POST", "/" + action, done)
+    return _each(target, templates, "POST", "/" + action, done, timeout)
 
 
-def _each(target, templates, method, suffix, done):
+def _each(target, templates, method, suffix, done, timeout=30.0):
     """``method /processes/NAME<suffix>`` for each template, saying
-    ``NAME: <done>``; a refusal is reported and the others still get
-    theirs; exit 1 if any was refused."""
+    ``NAME: <done>``; a refusal, or a reply that says ``"ok": false`` (a
+    rolling restart that failed), is reported and the others still get
+    theirs; exit 1 if any was refused.  ``timeout``: the longest silence
+    of the daemon while it answers."""
     status = CTL_OK
     for name in templates:
         try:
-            ctl_call(target, method, "/processes/" + _quote(name) + suffix)
+            reply = ctl_call(target, method, "/processes/" + _quote(name) + suffix,
+                             timeout=timeout)
+            try:
+                result = json.loads(reply.body.decode("utf-8"))
+            except ValueError:
+                result = None
+            if isinstance(result, dict) and result.get("ok") is False:
+                print("%s: %s failed: %s" % (name, "rolling restart" if "rolling" in result
+                                             else suffix.lstrip("/"),
+                                             result.get("reason") or result.get("result")),
+                      file=sys.stderr)
+                status = CTL_REFUSED
+                continue
             _out("%s: %s" % (name, done))
         except CtlExit as exc:
             if exc.status != CTL_REFUSED:
@@ -12302,7 +12317,9 @@ def ctl_cmd_stop(target, args):
 
 
 def ctl_cmd_restart(target, args):
-    return _act(target, args.names, "_restart", "restarted")
+    # a rolling restart answers as it goes and may take many minutes: wait
+    # for its end, whatever the silence between two of its steps
+    return _act(target, args.names, "_restart", "restarted", timeout=CTL_ROLLOUT_SILENCE)
 
 
 def ctl_cmd_scale(target, args):

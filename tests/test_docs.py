@@ -127,6 +127,33 @@ def test_readme_lists_every_page_of_docs():
         assert "docs/" + page.name in readme, "README.md does not link docs/%s" % page.name
 
 
+def ini_examples():
+    """(file, line number, line) of each line of the INI examples of the
+    docs: fenced blocks with a section header, and the example files."""
+    pages = [ROOT / "README.md", ROOT / "HACKING.md"] + sorted(DOCS.glob("*.md")) + \
+        sorted((ROOT / "examples").rglob("*.md"))
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for block in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S):
+            if re.search(r"^\[[a-z]+(:[^\]]+)?\]", block.group(1), re.M):
+                first = text.count("\n", 0, block.start(1)) + 1
+                for n, line in enumerate(block.group(1).split("\n")):
+                    yield page.name, first + n, line
+    for ini in sorted((ROOT / "examples").rglob("*.ini")):
+        for n, line in enumerate(ini.read_text(encoding="utf-8").split("\n"), 1):
+            yield ini.name, n, line
+
+
+def test_ini_examples_have_no_inline_comments():
+    # configparser reads "key = value ; note" as the value "value ; note":
+    # a copied example would then fail, or worse, mean something else
+    # (a log: pattern that never matches)
+    bad = ["%s:%d: %s" % (name, n, line.strip()) for name, n, line in ini_examples()
+           if "=" in line and not line.lstrip().startswith((";", "#"))
+           and re.search(r"\s[;#]\s", line.split("=", 1)[1])]
+    assert not bad, "comments on their own line:\n" + "\n".join(bad)
+
+
 # -- links ---------------------------------------------------------------------------------------
 
 def test_github_slug_rules():

@@ -11,10 +11,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import subprocess
 import threading
 import time
 
-from conftest import PY, EventWatcher, wait_for
+from conftest import GAFFERD, PY, EventWatcher, wait_for
 
 # A small HTTP server on the socket of the systemd protocol: it checks the
 # variables, answers with its pid, and on SIGTERM finishes the request in
@@ -244,3 +245,28 @@ def test_new_process_that_exits_stops_the_rollout_after_the_replaced_ones(gaffer
     after = os_pids(d)
     assert len(after) == 4 and len(after & before) == 2      # two replaced, two kept
     watcher.close()
+
+
+def test_ctl_restart_waits_for_the_rollout_and_reports_how_it_ended(gafferd, tmp_path):
+    # `ctl restart` of a `restart_mode = rolling` template returns when the
+    # rollout has ended; one that failed is exit 1 with the reason, not
+    # "restarted"
+    d, _ = start(gafferd, tmp_path, "restart_mode = rolling")
+    url = "http://127.0.0.1:%d" % d.port
+    before = os_pids(d)
+    done = ctl_run(["restart", "web"], url)
+    assert done.returncode == 0 and done.stdout == "web: restarted\n", done
+    assert not os_pids(d) & before and d.status("web")["ready"] == 4   # already replaced
+    open(os.path.join(str(tmp_path), "broken"), "w").close()
+    before = os_pids(d)
+    failed = ctl_run(["restart", "web"], url)
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert "web: rolling restart failed" in failed.stderr and "ready_timeout" in failed.stderr, \
+        failed.stderr
+    assert os_pids(d) == before                              # the old ones keep serving
+
+
+def ctl_run(args, url):
+    return subprocess.run([PY, GAFFERD, "ctl", "--url", url] + args, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
+                          universal_newlines=True)
