@@ -164,6 +164,7 @@ GIL_SWITCH_INTERVAL = 0.0005         # a starter thread holds the loop up at mos
 SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
 STARTER_THREADS = 4                  # threads that fork and wait for execs
 START_ORDER_WAIT = 0.05              # seconds a start back early waits for those before it
+ROLLOUT_HEARTBEAT = 15.0             # seconds between the blanks a rolling restart's reply sends
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
 SAMPLE_INTERVAL = 0.1                # stats feeds sample this often, as gaffer 0.4.4 did
@@ -9663,7 +9664,9 @@ class Api:
         the rollout goes: ``{"rolling": [names], "events": [...], "ok":
         true|false, "result": "done"|"failed", "reason": ...}``, sent to
         its end when the rollout ends (``wait=0``: 202 at once, the
-        events tell the rest).  409 while the template is being rolled."""
+        events tell the rest); while a step waits, a blank every
+        ROLLOUT_HEARTBEAT seconds shows the client the daemon is there.
+        409 while the template is being rolled."""
         text = req.query.get("rolling")
         rolling = None if text is None else text.strip().lower() in _TRUE
         wait = req.query.get("wait", "1").strip().lower() in _TRUE
@@ -9686,6 +9689,14 @@ class Api:
         def opener(sink):
             first = [True]
 
+            beat = [None]
+
+            def heartbeat():               # JSON allows blanks between tokens
+                beat[0] = None
+                if not sink.closed:
+                    sink.write(b" ")
+                    beat[0] = self.loop.call_later(ROLLOUT_HEARTBEAT, heartbeat)
+
             def watcher(event, payload):
                 if sink.closed:
                     return
@@ -9697,6 +9708,8 @@ class Api:
                 first[0] = False
 
             def finish(rollout):
+                if beat[0] is not None:
+                    beat[0].cancel()
                 tail = {"ok": rollout.outcome == "done", "result": rollout.outcome}
                 if rollout.reason:
                     tail["reason"] = rollout.reason
@@ -9705,6 +9718,7 @@ class Api:
             rolled = [n for n in members if (rolling if rolling is not None else
                                              m.templates[n].spec.restart_mode == "rolling")]
             sink.write(b'{"rolling": %s, "events": [' % json_dumps(rolled).strip())
+            beat[0] = self.loop.call_later(ROLLOUT_HEARTBEAT, heartbeat)
             start(watcher)
         return Feed("application/json; charset=UTF-8", opener)
 
@@ -11581,7 +11595,7 @@ class Console(EventApplication):
 # may wait on sockets and run a thread per followed feed.
 
 CTL_OK, CTL_REFUSED, CTL_USAGE, CTL_TIMEOUT, CTL_UNREACHABLE = 0, 1, 2, 3, 4
-CTL_ROLLOUT_SILENCE = 3600.0     # seconds `ctl restart` waits between two steps of a rollout
+CTL_ROLLOUT_SILENCE = 4 * ROLLOUT_HEARTBEAT   # seconds of silence `ctl restart` bears
 CTL_FEED_HEARTBEAT = 10          # seconds between keep-alives asked of a feed
 CTL_FEED_TIMEOUT = 45.0          # a feed silent this long is a dropped connection
 CTL_RETRY_MAX = 2.0              # longest pause between two reconnections
@@ -12317,8 +12331,8 @@ def ctl_cmd_stop(target, args):
 
 
 def ctl_cmd_restart(target, args):
-    # a rolling restart answers as it goes and may take many minutes: wait
-    # for its end, whatever the silence between two of its steps
+    # a rolling restart answers as it goes and may take many minutes: its
+    # reply sends a blank every ROLLOUT_HEARTBEAT seconds while a step waits
     return _act(target, args.names, "_restart", "restarted", timeout=CTL_ROLLOUT_SILENCE)
 
 

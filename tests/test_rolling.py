@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -270,3 +271,18 @@ def ctl_run(args, url):
     return subprocess.run([PY, GAFFERD, "ctl", "--url", url] + args, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=60,
                           universal_newlines=True)
+
+
+def test_a_long_step_keeps_the_reply_alive_with_blanks(gafferd, tmp_path):
+    # a step that waits longer than the heartbeat (15 s) sends blanks, so a
+    # client with an idle timeout (ctl's is 60 s) does not give up; the
+    # reply stays one JSON document
+    text = config(str(tmp_path)).replace("ready_timeout = 4", "ready_timeout = 17")
+    d = gafferd(text)
+    wait_for(lambda: d.status("web")["ready"] == 4, 20, message="4 ready servers")
+    open(os.path.join(str(tmp_path), "broken"), "w").close()
+    r = d.post("/processes/web/_restart?rolling=1", timeout=40)
+    assert r.status == 200
+    assert re.search(rb'"rollout\.start"\} +,', r.body), r.body   # a blank while it waited
+    reply = json.loads(r.body)
+    assert reply["ok"] is False and "ready_timeout" in reply["reason"], reply
