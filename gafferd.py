@@ -96,6 +96,7 @@ import argparse
 import base64
 import collections
 import configparser
+import contextlib
 import errno
 import fcntl
 import grp
@@ -164,6 +165,8 @@ GIL_SWITCH_INTERVAL = 0.0005         # a starter thread holds the loop up at mos
 SPAWN_IN_FLIGHT = 32                 # starts handed to the starter threads, not back yet
 STARTER_THREADS = 4                  # threads that fork and wait for execs
 START_ORDER_WAIT = 0.05              # seconds a start back early waits for those before it
+START_DEFER_LIMIT = 5.0              # seconds an unknown zombie waits for a start that is out
+SHUTDOWN_START_WAIT = 10.0           # seconds a shutdown waits for starts that are out
 ROLLOUT_HEARTBEAT = 15.0             # seconds between the blanks a rolling restart's reply sends
 SESSION_SCAN_DELAY = 0.25            # stopped sessions' leftovers: one /proc scan per this
 MAX_NUMPROCESSES = 10000             # per template
@@ -6926,6 +6929,13 @@ def _insert_by_id(running, by_id, proc):
         by_id.move_to_end(pid)
 
 
+# Starts that place fds on 3.. hold the low fd numbers during their fork;
+# they take turns, so that one start's release cannot hand a number to
+# another's subprocess error pipe.
+_LOW_FDS = threading.Lock()
+_NO_LOCK = contextlib.nullcontext()
+
+
 class _Start:
     """One child being started off the loop: what ``Spawner._prepare``
     decided (argv, Popen arguments, pipe ends), and what came back
@@ -6955,10 +6965,15 @@ class _Start:
         reading its error pipe, with the GIL released), then close the
         child's pipe ends."""
         held = []
+        lock = _LOW_FDS if self.hold_below else _NO_LOCK
         try:
-            if self.hold_below:
-                held = _hold_fd_numbers(self.hold_below)
-            self.popen = subprocess.Popen(self.argv, **self.kwargs)
+            with lock:                      # no other start frees a low number meanwhile
+                if self.hold_below:
+                    held = _hold_fd_numbers(self.hold_below)
+                self.popen = subprocess.Popen(self.argv, **self.kwargs)
+                for fd in held:
+                    close_quietly(fd)
+                held = []
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             why = self.controls.failure() if self.controls is not None else None
             self.error = why or "%s: %s" % (self.argv[0], getattr(exc, "strerror", None) or exc)
@@ -7029,7 +7044,23 @@ class _Starter:
             if more:
                 self._threads += 1
         if more:
-            threading.Thread(target=self._run, name="gafferd-starter", daemon=True).start()
+            try:
+                threading.Thread(target=self._run, name="gafferd-starter", daemon=True).start()
+            except RuntimeError as exc:     # RLIMIT_NPROC counts threads too
+                with self._cond:
+                    self._threads -= 1
+                    orphaned = not self._threads and self._jobs
+                    jobs = list(self._jobs) if orphaned else []
+                    if orphaned:
+                        self._jobs.clear()
+                for job in jobs:             # no thread at all: these fail now
+                    job.error = "cannot start a starter thread: %s" % exc
+                    if job.controls is not None:
+                        job.controls.close()
+                    job.done = True
+                    self._back.append(job)
+                if jobs:
+                    self.loop.call_soon(self._deliver)
 
     def _run(self):
         cond, jobs = self._cond, self._jobs
@@ -7127,7 +7158,7 @@ class Spawner:
         self._budget_end = 0.0
         self._in_flight = {}                           # Process -> _Start, until back
         self._submitted = 0                            # starts handed to the starter
-        self._unknown = {}                             # unwatched child pid -> _submitted then
+        self._unknown = {}                             # unwatched child pid -> (_submitted, time) then
         self._when_free = []
         self._fd_short = False                         # the last start lacked fds
         self._starter = _Starter(self.loop, self._land)
@@ -7241,8 +7272,10 @@ class Spawner:
                 env = child_environment(spec, self.manager.environ)
             except ValueError as exc:    # an env_file gone or broken since the config was read
                 raise SpawnError("env_file: %s" % exc) from None
-        else:
+        elif proc.template.spec is spec:
             env = dict(self._cache(proc.template).environment)
+        else:                              # an old process's check, after a reload
+            env = child_environment(spec, self.manager.environ)
         env.update(GAFFERD_NAME=proc.name, GAFFERD_ID=str(proc.id),
                    GAFFERD_SLOT=str(proc.slot.index if proc.slot else 0))
         return env
@@ -7310,6 +7343,10 @@ class Spawner:
             if spec.sockets:                 # first, on 3..: the systemd protocol's place
                 argv, executable, listen = socket_activation(self.manager.sockets, spec.sockets,
                                                              argv, executable, env)
+                # copies the start owns: a reload may close the held socket
+                # (and its number be reused) before the starter thread forks
+                listen = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in listen]
+                theirs.extend(listen)
                 custom = listen + custom
             if custom:
                 # close_fds stays on: the child gets 0-2, the sockets and
@@ -7319,6 +7356,11 @@ class Spawner:
                 kwargs["pass_fds"] = range(3, 3 + len(custom))
                 kwargs["preexec_fn"] = _chain_preexec(kwargs.get("preexec_fn"), custom)
                 start.hold_below = 3 + len(custom)
+        except SpawnError:
+            start.release(failed=True)
+            if controls is not None:
+                controls.close()
+            raise
         except (OSError, ValueError) as exc:
             start.release(failed=True)
             if controls is not None:
@@ -7348,6 +7390,9 @@ class Spawner:
         self._fd_short = start.fd_short
         if start.popen is None:
             start.release(failed=True)
+            proc.exit_status = 127          # never ran: no SIGKILL for it later
+            if proc.kill_handle is not None:
+                proc.kill_handle.cancel()
             self._failed(proc, start.error, asked=proc.requested)
             if m.stopping:
                 m.shutdown.child_exited()
@@ -7406,9 +7451,15 @@ class Spawner:
         watches.  A child of a start that is back is registered now
         (False: the caller looks up its watcher again).  True while it
         may still be the child of a start handed over before it was
-        first seen and not back yet; after that it is not ours."""
-        first = self._unknown.setdefault(pid, self._submitted)
+        first seen and not back yet, for at most START_DEFER_LIMIT seconds
+        (a start that hangs must not stop the reaping of every other
+        child); after that it is not ours."""
+        first, seen = self._unknown.setdefault(pid, (self._submitted, self.loop.time()))
         pending = any(not s.done and s.seq <= first for s in self._in_flight.values())
+        if pending and self.loop.time() - seen > START_DEFER_LIMIT:
+            log.warning("child %d is taken as not ours: a start older than it has been out "
+                        "over %gs (an exec that hangs?)", pid, START_DEFER_LIMIT)
+            pending = False
         start = self._starter.landed.get(pid)     # read after ``done``: see _Starter
         if start is not None:
             self._land(start)
@@ -7700,6 +7751,7 @@ class Shutdown:
         self._orphan_deadline = None
         self._to_stop = []                  # templates not stopped yet
         self._needed_by = {}                # template -> its dependents
+        self._starts_given_up = False       # starts still out no longer hold the shutdown up
 
     def begin(self, callback=None):
         """Graceful shutdown: templates, then applications.  A second call
@@ -7716,9 +7768,11 @@ class Shutdown:
             for proc in list(m._by_pid.values()) + m.spawner.in_flight:
                 proc.kill(signal.SIGKILL)
             self.kill_orphans(signal.SIGKILL)
+            self._give_up_starts()
             return
         m.stopping = True
         self._started = self.loop.time()
+        self.loop.call_later(SHUTDOWN_START_WAIT, self._give_up_starts)
         self.kill_orphans(signal.SIGTERM)       # adopted orphans: same grace as the rest
         self._to_stop = list(m.templates.values())
         self._needed_by = self._dependents_map()
@@ -7765,8 +7819,21 @@ class Shutdown:
                         out[t].append(d)
         return out
 
+    def _give_up_starts(self):
+        """Starts still out (an exec that hangs: a dead network mount, a
+        preexec step) no longer hold the shutdown up; their children, if
+        they ever exec, are not stopped."""
+        out = self.manager.spawner.in_flight
+        if out and not self._starts_given_up:
+            log.warning("shutdown: %d start(s) did not come back (%s); not waiting for them",
+                        len(out), ", ".join(sorted({p.name for p in out})))
+        self._starts_given_up = True
+        if self.manager.stopping and self._orphan_deadline is None:
+            self._check_stopped()
+
     def _check_stopped(self):
-        if self.manager._by_pid or self.manager.spawner.in_flight:
+        if self.manager._by_pid or (self.manager.spawner.in_flight and
+                                    not self._starts_given_up):
             return                  # (a start coming back during the stop calls child_exited)
         if self._orphan_deadline is None:
             # orphaned descendants adopted by us as subreaper had SIGTERM at

@@ -219,6 +219,29 @@ def test_a_shutdown_waits_for_a_start_in_flight_and_ends_its_child(tmp_path, gaf
     assert "adopted orphan pid" not in d.log()
 
 
+def test_a_start_that_never_comes_back_does_not_hold_the_shutdown_up(tmp_path, gafferd):
+    # an exec that hangs (a dead network mount, a preexec step that waits)
+    # must not keep the daemon from exiting: it waits 10 s, says so, exits
+    d, fifo = start_daemon(tmp_path, gafferd, """
+        [process:held]
+        cmd = sleep 1000
+        startsecs = 0
+
+        [process:other]
+        cmd = sleep 1000
+    """)
+    d.wait_running("other", 1)
+    other = d.os_pid(d.pids("other")[0])
+    wait_for(lambda: len(daemon_children(d)) == 2, message="the held child forked")
+    held = [p for p in daemon_children(d) if p != other][0]
+    try:
+        assert d.stop(timeout=30) == 0
+        assert "1 start(s) did not come back (held)" in d.log()
+        assert not pid_alive(other)               # the rest was stopped as always
+    finally:
+        os.kill(held, signal.SIGKILL)             # still blocked before its exec
+
+
 def test_children_started_together_get_only_their_own_fds(tmp_path, gafferd):
     d, fifo = start_daemon(tmp_path, gafferd, """
         [process:held]
