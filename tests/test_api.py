@@ -474,7 +474,7 @@ class TestTemplateActions:
         name = tpl(numprocesses=2)
         old_ids, old_pids = api.pids(name), os_pids(api, name)
         ok(api.post("/processes/%s/_restart" % name))
-        wait_for(lambda: len(api.pids(name)) == 2 and min(api.pids(name)) > max(old_ids),
+        wait_for(lambda: (lambda p: len(p) == 2 and min(p) > max(old_ids))(api.pids(name)),
                  message="new processes")
         wait_for(lambda: not any(pid_alive(p) for p in old_pids), message="old ones to exit")
 
@@ -555,7 +555,7 @@ class TestById:
         os_pid = api.os_pid(ids[0])
         ok(api.request("DELETE", "/processes/%d" % ids[0]))
         wait_for(lambda: not pid_alive(os_pid), message="process to die")
-        wait_for(lambda: len(api.pids(name)) == 2 and ids[0] not in api.pids(name),
+        wait_for(lambda: (lambda p: len(p) == 2 and ids[0] not in p)(api.pids(name)),
                  message="replacement")
         new = set(api.pids(name)) - set(ids)
         assert new and min(new) > max(ids)     # ids are never reused
@@ -568,7 +568,7 @@ class TestById:
         os_pid = api.os_pid(pid)
         ok(api.post("/processes/%d/_stop" % pid))
         wait_for(lambda: not pid_alive(os_pid), message="process to die")
-        wait_for(lambda: api.pids(name) and api.pids(name)[0] > pid, message="replacement")
+        wait_for(lambda: (lambda p: p and p[0] > pid)(api.pids(name)), message="replacement")
         check_error(api.post("/processes/%d/_stop" % pid), 404, "not_found")
 
     def test_signal_action(self, api, tpl):
@@ -779,7 +779,7 @@ class TestGroups:
         ids = {n: api.pids(n) for n in names}
         ok(api.post("/groups/%s/_restart" % group))
         for n in names:
-            wait_for(lambda: len(api.pids(n)) == 1 and api.pids(n)[0] > ids[n][0],
+            wait_for(lambda: (lambda p: len(p) == 1 and p[0] > ids[n][0])(api.pids(n)),
                      message="restart of " + n)
         ok(api.post("/groups/%s/_stop" % group))
         for n in names:

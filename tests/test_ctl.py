@@ -125,7 +125,7 @@ def test_start_stop_restart_scale_signal(gafferd, tmp_path):
     d.wait_running("web:api", 1)
     old = d.pids("ticker")
     assert ctl(["restart", "ticker"], url).stdout == "ticker: restarted\n"
-    wait_for(lambda: d.pids("ticker") and not set(d.pids("ticker")) & set(old),
+    wait_for(lambda: (lambda p: p and not set(p) & set(old))(d.pids("ticker")),
              message="new ticker processes")
     assert ctl(["scale", "web:api", "3"], url).stdout == "web:api: 3 process(es)\n"
     assert ctl(["scale", "web:api", "+2"], url).stdout == "web:api: 5 process(es)\n"
@@ -134,7 +134,7 @@ def test_start_stop_restart_scale_signal(gafferd, tmp_path):
     before = d.pids("web:api")
     r = ctl(["signal", "web:api", "KILL"], url)
     assert r.returncode == 0 and r.stdout == "web:api: sent SIGKILL\n", r
-    wait_for(lambda: d.pids("web:api") and d.pids("web:api") != before,
+    wait_for(lambda: (lambda p: p and p != before)(d.pids("web:api")),
              message="a killed process replaced")
     r = ctl(["stop", "all"], url)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 3

@@ -385,9 +385,13 @@ def test_start_stop_restart_of_plugin_applications(tmp_path, root, marker):
     os_pid = d.os_pid(d.pids("sleeper")[0])
     # spawn events reach plugin subscribers (possibly already sent before start)
     d.post("/processes/sleeper/_restart")
-    wait_for(lambda: d.pids("sleeper") and d.os_pid(d.pids("sleeper")[0]) != os_pid,
-             message="sleeper restarted")
-    new_pid = d.os_pid(d.pids("sleeper")[0])
+    seen = []                     # the OS pids of one /status reply per probe
+
+    def replaced():
+        seen.append([p["os_pid"] for p in d.status("sleeper")["processes"] if p["os_pid"]])
+        return seen[-1] and os_pid not in seen[-1]
+    wait_for(replaced, message="sleeper restarted")
+    (new_pid,) = seen[-1]
     wait_line(marker, "life spawn sleeper %d" % new_pid)
 
     d.signal(signal.SIGHUP)

@@ -258,7 +258,7 @@ def test_intentional_stops_do_not_count_as_flapping(daemon_factory, tmp_path, ch
             ospid = d.os_pid(pid)
             assert d.json("DELETE", "/processes/%d" % pid) == {"ok": True}
             wait_for(lambda: not pid_alive(ospid), message="stopped process to die")
-            wait_for(lambda: len(d.pids("calm")) == 1 and d.pids("calm")[0] > pid, 5,
+            wait_for(lambda: (lambda p: len(p) == 1 and p[0] > pid)(d.pids("calm")), 5,
                      message="replacement after stop-one")
         # scale up then down: the reaped exits must not count either
         assert d.json("POST", "/processes/calm/_add/2")["numprocesses"] == 3
@@ -558,7 +558,7 @@ def test_stop_one_gets_a_replacement_with_a_new_id(daemon_factory, tmp_path, chi
     a_os = d.os_pid(a)
     assert d.json("DELETE", "/processes/%d" % a) == {"ok": True}
     wait_for(lambda: not pid_alive(a_os), message="stopped process")
-    wait_for(lambda: len(d.pids("one")) == 2 and d.pids("one")[0] == b, message="replacement")
+    wait_for(lambda: (lambda p: len(p) == 2 and p[0] == b)(d.pids("one")), message="replacement")
     c = d.pids("one")[1]
     assert c > b
     assert d.request("HEAD", "/processes/%d" % a).status == 404
@@ -566,7 +566,7 @@ def test_stop_one_gets_a_replacement_with_a_new_id(daemon_factory, tmp_path, chi
     b_os = d.os_pid(b)
     assert d.json("POST", "/processes/%d/_stop" % b) == {"ok": True}
     wait_for(lambda: not pid_alive(b_os), message="second stopped process")
-    wait_for(lambda: len(d.pids("one")) == 2 and d.pids("one")[0] == c, message="replacement")
+    wait_for(lambda: (lambda p: len(p) == 2 and p[0] == c)(d.pids("one")), message="replacement")
     assert d.pids("one")[1] > c
     assert d.status("one")["max_processes"] == 2
     r = d.post("/processes/%d/_stop" % a)
