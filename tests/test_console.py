@@ -424,8 +424,8 @@ def test_console_lists_templates_and_stops_one(daemon_factory, tmp_path, browser
 
     # stop dummy with the page's own button; the API agrees, and so does the page
     assert page.js(click_js("stop", "dummy")) is True
-    wait_for(lambda: d.status("dummy")["state"] == "stopped"
-             and d.status("dummy")["running"] == 0,
+    wait_for(lambda: (lambda s: s["state"] == "stopped" and s["running"] == 0)(
+             d.status("dummy")),
              10.0, message="dummy to be stopped through the console's button")
     page.wait_js("%s === 'stopped'" % row_state("dummy"), message="the page to show dummy stopped")
     page.wait_js("%s === '0 / 1'" % cell_js("dummy", "running"))
@@ -486,7 +486,7 @@ def test_console_adds_a_template_and_shows_api_errors(daemon_factory, tmp_path, 
     page.wait_js("document.getElementById('dialog').open")
     page.js("document.getElementById('dialog-input').value = 'TERM';"
             "document.getElementById('dialog-ok').click()")
-    wait_for(lambda: d.status("dummy")["running"] == 1 and d.pids("dummy") != ids, 10.0,
+    wait_for(lambda: (lambda p: len(p) == 1 and p != ids)(d.pids("dummy")), 10.0,
              message="dummy's process to be replaced after the signal")
     new_id = d.pids("dummy")[0]
     page.wait_js("%s.includes('#%d')" % (cell_js("dummy", "procs"), new_id),

@@ -152,8 +152,8 @@ def test_a_one_shot_that_succeeds_completes_and_start_runs_it_again(daemon_facto
     first = d.status("task")["last_exit"]["id"]
     holds_for(lambda: d.proc.poll() is None, 0.3, message="gafferd still up")
     assert d.json("POST", "/processes/task/_start") == {"ok": True}
-    wait_for(lambda: d.status("task")["last_exit"]["id"] > first
-             and d.status("task")["state"] == "completed", message="ran again")
+    wait_for(lambda: (lambda s: s["last_exit"]["id"] > first and s["state"] == "completed")(
+             d.status("task")), message="ran again")
 
 
 def test_stop_signal_is_what_a_stop_sends(daemon_factory, tmp_path):

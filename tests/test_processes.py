@@ -623,7 +623,8 @@ def test_groups(daemon_factory, tmp_path, child):
     zz_os = os_pids(d, "zz:a") + os_pids(d, "zz:b")
     assert d.json("POST", "/groups/zz/_restart") == {"ok": True}
     wait_for(lambda: all_dead(zz_os), message="group restart reaps the old")
-    wait_for(lambda: len(d.pids("zz:a") + d.pids("zz:b")) == 2, message="new ones")
+    wait_for(lambda: (lambda p: len(p) == 2 and min(p) > max(ids))(
+             d.pids("zz:a") + d.pids("zz:b")), message="new ones")
     assert min(d.pids("zz:a") + d.pids("zz:b")) > max(ids)
 
     r = d.post("/groups/zz/_bogus")

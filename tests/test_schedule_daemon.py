@@ -38,13 +38,13 @@ def test_every_1s_runs_reports_pauses_and_runs_now(gafferd, tmp_path):
     assert started - 2 < sched["next_run"] <= started + 2
 
     # two runs, a second apart
-    first = wait_for(lambda: d.status("tick")["schedule"]["runs"] >= 1 and
-                     d.status("tick")["schedule"], 10, message="the first run")
+    first = wait_for(lambda: (lambda s: s["runs"] >= 1 and s)(d.status("tick")["schedule"]),
+                     10, message="the first run")
     assert first["last_exit"] == 0 and first["last_duration"] >= 0
     assert started - 1 < first["last_run"] < time.time()
     assert first["last_success"] >= first["last_run"]
-    second = wait_for(lambda: d.status("tick")["schedule"]["runs"] >= 2 and
-                      d.status("tick")["schedule"], 10, message="the second run")
+    second = wait_for(lambda: (lambda s: s["runs"] >= 2 and s)(d.status("tick")["schedule"]),
+                      10, message="the second run")
     assert 0.5 < second["last_run"] - first["last_run"] < 3
     assert second["next_run"] > second["last_run"]
     assert d.status("tick")["state"] in ("scheduled", "starting", "running")
@@ -61,8 +61,8 @@ def test_every_1s_runs_reports_pauses_and_runs_now(gafferd, tmp_path):
 
     # _stop pauses: no run for 2.5 s, no next_run
     d.json("POST", "/processes/tick/_stop")
-    paused = wait_for(lambda: not d.status("tick")["schedule"]["running"] and
-                      d.status("tick"), 10, message="the pause")
+    paused = wait_for(lambda: (lambda s: not s["schedule"]["running"] and s)(d.status("tick")),
+                      10, message="the pause")
     assert paused["schedule"]["paused"] and paused["schedule"]["next_run"] is None
     assert paused["state"] == "stopped"
     count = paused["schedule"]["runs"]
@@ -74,8 +74,8 @@ def test_every_1s_runs_reports_pauses_and_runs_now(gafferd, tmp_path):
     # _start runs it now (well before a second passes) and resumes the schedule
     asked = time.time()
     d.json("POST", "/processes/tick/_start")
-    after = wait_for(lambda: d.status("tick")["schedule"]["runs"] > count and
-                     d.status("tick")["schedule"], 10, message="the run _start asked for")
+    after = wait_for(lambda: (lambda s: s["runs"] > count and s)(d.status("tick")["schedule"]),
+                     10, message="the run _start asked for")
     assert asked - 0.1 <= after["last_run"] < asked + 0.9
     assert not after["paused"] and after["next_run"] is not None
     wait_for(lambda: d.status("tick")["schedule"]["runs"] > count + 1, 10,

@@ -385,7 +385,7 @@ class Samples:
 @pytest.mark.parametrize("feed", ["continuous", "eventsource"])
 def test_stats_feed_of_a_template_ends_when_its_processes_exit(gafferd, feed):
     d = gafferd(section("s", "sleep", "600", numprocesses="2"))
-    ids = wait_for(lambda: len(d.pids("s")) == 2 and d.pids("s"))
+    ids = wait_for(lambda: (lambda p: len(p) == 2 and p)(d.pids("s")))
     samples = Samples(d, "/stats/s", feed)
     try:
         t0 = time.monotonic()
@@ -404,7 +404,7 @@ def test_stats_feed_of_a_template_ends_when_its_processes_exit(gafferd, feed):
 @pytest.mark.parametrize("feed", ["continuous", "eventsource"])
 def test_stats_feed_of_one_process_ends_when_it_exits(gafferd, feed):
     d = gafferd(section("s", "sleep", "600", numprocesses="2"))
-    ids = wait_for(lambda: len(d.pids("s")) == 2 and d.pids("s"))
+    ids = wait_for(lambda: (lambda p: len(p) == 2 and p)(d.pids("s")))
     target = ids[1]
     # the name part is ignored for /stats/NAME/ID, as in gaffer 0.4.4
     samples = Samples(d, "/stats/whatever/%d" % target, feed)
