@@ -10,8 +10,11 @@ is reaped as ours (not as an orphan), a stop or a shutdown while a start
 is in flight ends the child, and children get no fd of the daemon.
 """
 
+import fcntl
 import os
 import signal
+import struct
+import termios
 import textwrap
 
 from conftest import EventWatcher, holds_for, pid_alive, wait_for
@@ -29,9 +32,12 @@ PLUGIN = textwrap.dedent('''
 
     FIFO = os.environ["HOLD_FIFO"]
 
-    def wait_fifo():
-        with open(FIFO, "rb") as f:
-            f.read(1)
+    def wait_fifo():                    # exactly one byte (no buffered read-ahead)
+        fd = os.open(FIFO, os.O_RDONLY)
+        try:
+            os.read(fd, 1)
+        finally:
+            os.close(fd)
 
     def ghost():
         if os.fork() == 0:
@@ -95,13 +101,17 @@ def start_daemon(tmp_path, gafferd, config):
 
 
 def release(fifo, count=1):
-    """Let ``count`` held children go (each reads one byte)."""
-    for _ in range(count):
-        fd = os.open(fifo, os.O_WRONLY)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
+    """Let ``count`` held children go (each reads one byte).  The FIFO is
+    opened read-write (no wait for a reader) and kept open until every
+    byte is taken: a child that opens it late still finds its byte, and
+    none sees an end of file for want of a writer."""
+    fd = os.open(fifo, os.O_RDWR)
+    try:
+        os.write(fd, b"x" * count)
+        wait_for(lambda: struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0] == 0,
+                 message="the held children to take their bytes")
+    finally:
+        os.close(fd)
 
 
 def daemon_children(d):
