@@ -227,6 +227,7 @@ def test_sockets_over_the_json_api(gafferd, tmp_path):
     assert d.json("GET", "/processes/x")["sockets"] == ["web"]
     wait_for(lambda: d.status("x")["running"] == 1, 10, message="x running")
     pid = d.status("x")["processes"][0]["os_pid"]
+    report(tmp, pid)              # /bin/sh sets LISTEN_PID, then execs the program
     env = environ(pid)
     assert env["LISTEN_PID"] == str(pid) and env["LISTEN_FDS"] == "1"
     assert env["LISTEN_FDNAMES"] == "web"
