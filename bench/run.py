@@ -1331,6 +1331,10 @@ def worker_streamclient(p):
 
 
 class _Dechunk:
+    """HTTP/1.1 chunked decoding, linear in what it is fed (one pass with
+    an index; slicing the buffer after each chunk was quadratic and made
+    S6's clients the bottleneck)."""
+
     def __init__(self):
         self.buf = b""
         self.left = 0
@@ -1338,32 +1342,33 @@ class _Dechunk:
         self.done = False
 
     def feed(self, data):
-        self.buf += data
-        out = []
+        buf = self.buf + data if self.buf else data
+        pos, out = 0, []
         while not self.done:
             if self.left:
-                take = self.buf[:self.left]
+                take = buf[pos:pos + self.left]
                 if not take:
                     break
                 out.append(take)
-                self.buf = self.buf[len(take):]
+                pos += len(take)
                 self.left -= len(take)
                 if not self.left:
                     self.crlf = True
                 continue
             if self.crlf:
-                if len(self.buf) < 2:
+                if len(buf) - pos < 2:
                     break
-                self.buf = self.buf[2:]
+                pos += 2
                 self.crlf = False
-            i = self.buf.find(b"\r\n")
+            i = buf.find(b"\r\n", pos)
             if i < 0:
                 break
-            size = int(self.buf[:i].split(b";")[0], 16)
-            self.buf = self.buf[i + 2:]
+            size = int(buf[pos:i].split(b";")[0], 16)
+            pos = i + 2
             if size == 0:
                 self.done = True
             self.left = size
+        self.buf = buf[pos:]
         return b"".join(out)
 
 
