@@ -5124,7 +5124,8 @@ class Template:
         out = {"active": bool(self.running), "running": len(self.running),
                "max_processes": self.numprocesses, "state": self.state,
                "ready": self.counts[RUNNING], "restarts": self.restarts,
-               "last_exit": self.last_exit, "waiting_for": list(self.waiting_for)}
+               "last_exit": dict(self.last_exit) if self.last_exit else None,
+               "waiting_for": list(self.waiting_for)}
         if self.sched is not None:
             out["schedule"] = self.sched.report(self.spec, loop)
         return out
@@ -9452,7 +9453,10 @@ class Api:
         runs on the loop's thread and never waits for the network or a
         child; a StaticFile is read by the server, not here.
       * Every change of state goes through the Manager's public methods
-        (§8); a handler keeps no state of its own between requests.
+        (§8); a handler keeps no state of its own between requests, but
+        for ``status_all``'s last body, sent again while the status it
+        was made from is equal to the new one (encoding it was a sixth
+        of a ``GET /status``'s Python).
       * A Feed's or an Upgrade's opener is called once, right after the
         head went out; everything it subscribes to is undone when the
         client goes (``open_feed``).
@@ -9467,6 +9471,7 @@ class Api:
         self.loop = manager.loop
         self.server = None
         self.routes = [(re.compile(pattern), methods) for pattern, methods in ROUTES]
+        self._status_body = (None, b"")         # (status dict, its JSON)
 
     # -- dispatch -------------------------------------------------------------------
     def match(self, path):
@@ -9563,8 +9568,12 @@ class Api:
         return json_reply(200, out)
 
     def status_all(self, req):
-        return json_reply(200, {name: t.summary(self.loop)
-                                for name, t in self.manager.templates.items()})
+        status = {name: t.summary(self.loop) for name, t in self.manager.templates.items()}
+        last, body = self._status_body
+        if status != last or list(status) != list(last):       # the order shows too
+            body = json_dumps(status)
+            self._status_body = (status, body)
+        return Reply(200, body, "application/json; charset=UTF-8")
 
     def reload(self, req):
         if self.reload_config is None:

@@ -382,3 +382,41 @@ def test_plugin_with_an_unsupported_api_is_refused_and_the_daemon_serves(tmp_pat
         assert d.get("/status").status == 200
     finally:
         d.close()
+
+
+class _Summary:
+    def __init__(self, summary):
+        self.value = summary
+
+    def summary(self, loop):
+        return dict(self.value)
+
+
+def test_status_body_is_sent_again_only_while_the_status_is_equal():
+    # GET /status keeps its last body and sends it again while the status
+    # it was made from is equal; any change, the order of the templates
+    # included, makes a new one
+    templates = {"a": _Summary({"state": "running", "running": 2}),
+                 "b": _Summary({"state": "stopped", "running": 0})}
+    manager = type("M", (), {"loop": None, "templates": templates})()
+    api = gafferd.Api(manager)
+    first = api.status_all(None)
+    assert first.status == 200 and first.content_type == "application/json; charset=UTF-8"
+    again = api.status_all(None)
+    assert again.body is first.body
+    templates["b"].value = {"state": "stopped", "running": 0, "restarts": 1}
+    changed = api.status_all(None).body
+    assert b'"restarts": 1' in changed and changed != first.body
+    templates["a"] = templates.pop("a")
+    assert list(gafferd.json.loads(api.status_all(None).body)) == ["b", "a"]
+
+
+def test_status_summary_copies_last_exit():
+    # the kept body is compared with a new summary: a shared last_exit dict
+    # changed in place would look equal and keep an old body
+    spec = gafferd.build_spec("t", "sleep 1", {}, base_dir="/")
+    t = gafferd.Template(spec, 0.0)
+    t.last_exit = {"exit_status": 1}
+    summary = t.summary(None)
+    assert summary["last_exit"] == {"exit_status": 1}
+    assert summary["last_exit"] is not t.last_exit
