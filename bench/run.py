@@ -1394,7 +1394,7 @@ def worker_watchclients(p):
     ready_sent = False
     deadline = time.monotonic() + p.get("max_time", 900)
     stop = False
-    drain_until = None              # after "stop": read on until 1 s without data
+    drain_until = None              # after "stop": read on until 1 s without data, 3 s at most
     while not stop and time.monotonic() < deadline:
         events = sel.select(0.2 if drain_until else 1.0)
         if drain_until is not None and time.monotonic() >= drain_until:
@@ -1405,7 +1405,7 @@ def worker_watchclients(p):
                 sys.stdin.readline()
                 sel.unregister(sys.stdin.fileno())
                 drain_until = time.monotonic() + 1.0
-                deadline = min(deadline, time.monotonic() + 60.0)
+                deadline = min(deadline, time.monotonic() + 3.0)    # the respawns go on
                 continue
             if drain_until is not None:
                 drain_until = time.monotonic() + 1.0
