@@ -274,6 +274,13 @@ class Daemon:
         return wait_for(lambda: self.status(name)["running"] == count, timeout,
                         message="%s to have %d running" % (name, count))
 
+    def wait_replacement(self, name, old_id, timeout=10.0):
+        """The internal id of the process that replaced ``old_id`` (ids only
+        grow). Waiting on ``running`` alone is not enough: a killed process
+        still counts until the daemon reaps it."""
+        return wait_for(lambda: (lambda p: p and p[0] > old_id and p[0])(self.pids(name)),
+                        timeout, message="a replacement for process %d of %s" % (old_id, name))
+
 
 @pytest.fixture
 def daemon_factory(tmp_path):

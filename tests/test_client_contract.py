@@ -176,11 +176,11 @@ class TestWireContract:
 
     def test_kill(self, daemon):
         name = make(daemon, start=True)
-        os_pid = daemon.os_pid(daemon.pids(name)[0])
+        old = daemon.pids(name)[0]
+        os_pid = daemon.os_pid(old)
         assert body_of(tornado(daemon, "POST", "/processes/%s/_signal/15" % name)) == {"ok": True}
         wait_for(lambda: not pid_alive(os_pid), message="SIGTERM by name")
-        daemon.wait_running(name, 1)
-        pid = daemon.pids(name)[0]
+        pid = daemon.wait_replacement(name, old)
         os_pid = daemon.os_pid(pid)
         assert body_of(tornado(daemon, "POST", "/processes/%d/_signal/15" % pid)) == {"ok": True}
         wait_for(lambda: not pid_alive(os_pid), message="SIGTERM by id")
@@ -390,13 +390,13 @@ class TestGafferctl:
 
     def test_kill(self, ctl, daemon):
         name = make(daemon, start=True)
-        os_pid = daemon.os_pid(daemon.pids(name)[0])
+        old = daemon.pids(name)[0]
+        os_pid = daemon.os_pid(old)
         assert ctl.run("kill", name, "CONT") == "ok"
         assert pid_alive(os_pid)
         assert ctl.run("kill", name, "TERM") == "ok"
         wait_for(lambda: not pid_alive(os_pid), message="SIGTERM by name")
-        daemon.wait_running(name, 1)
-        pid = daemon.pids(name)[0]
+        pid = daemon.wait_replacement(name, old)
         os_pid = daemon.os_pid(pid)
         assert ctl.run("kill", str(pid), "15") == "ok"
         wait_for(lambda: not pid_alive(os_pid), message="SIGTERM by id")

@@ -514,7 +514,9 @@ def test_update_replaces_the_definition(daemon_factory, tmp_path, child, method)
     assert d.json(method, "/processes/up", new_def) == {"ok": True}
     wait_for(lambda: not pid_alive(old), message="old process to stop")
     d.wait_running("up", 2)
-    for p in os_pids(d, "up"):
+    new = wait_for(lambda: (lambda p: len(p) == 2 and old not in p and p)(os_pids(d, "up")),
+                   message="two new processes")
+    for p in new:
         assert proc_cmdline(p)[-1] == "two"
     info = d.json("GET", "/processes/up")
     assert info["args"][-1] == "two" and info["numprocesses"] == 2
