@@ -517,9 +517,10 @@ class TestTemplateActions:
     def test_signal_is_delivered(self, api, tpl, sig):
         name = tpl()        # one process: two quick exits would count as flapping
         old = os_pids(api, name)
+        (old_id,) = api.pids(name)
         ok(api.post("/processes/%s/_signal/%s" % (name, sig)))
         wait_for(lambda: not any(pid_alive(p) for p in old), message="SIGTERM to kill them")
-        api.wait_running(name, 1)      # ...and it was replaced
+        api.wait_replacement(name, old_id)      # ...and it was replaced
 
     def test_harmless_signal(self, api, tpl):
         name = tpl()

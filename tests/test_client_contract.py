@@ -26,13 +26,13 @@ from conftest import ROOT, Daemon, RawClient, pid_alive, wait_for
 
 CONFIG = """\
 [process:dummy]
-cmd = sleep 300
+cmd = sleep 3600
 
 [process:grp:a]
-cmd = sleep 300
+cmd = sleep 3600
 
 [process:grp:b]
-cmd = sleep 300
+cmd = sleep 3600
 """
 
 _names = itertools.count(1)
@@ -135,7 +135,7 @@ class TestWireContract:
 
     def test_get_process(self, daemon):
         got = body_of(tornado(daemon, "GET", "/processes/dummy"))
-        assert got["name"] == "dummy" and got["cmd"] == "sleep 300"
+        assert got["name"] == "dummy" and got["cmd"] == "sleep 3600"
         assert error_of(tornado(daemon, "GET", "/processes/nosuch"), 404) == "not_found"
 
     def test_del_process(self, daemon):
@@ -160,12 +160,14 @@ class TestWireContract:
         name = make(daemon)
         for action in ("_start", "_stop", "_start", "_restart"):
             body_of(tornado(daemon, "GET", "/processes/" + name))
+            last = max([0] + daemon.pids(name))
             assert body_of(tornado(daemon, "POST", "/processes/%s/%s" % (name, action))) \
                 == {"ok": True}
             if action == "_stop":
                 daemon.wait_running(name, 0)
-            else:
-                daemon.wait_running(name, 1)
+            else:                   # a restart starts the new process first
+                wait_for(lambda: (lambda p: len(p) == 1 and p[0] > last)(daemon.pids(name)),
+                         message="one new process after " + action)
 
     def test_add_sub(self, daemon):
         name = make(daemon, start=True)
@@ -218,10 +220,12 @@ class TestWireContract:
         group = unique("g")
         names = [make(daemon, name="%s:%s" % (group, m)) for m in ("x", "y", "z")]
         for action, running in (("_start", 1), ("_restart", 1), ("_stop", 0)):
+            last = {n: max([0] + daemon.pids(n)) for n in names}
             assert body_of(tornado(daemon, "POST", "/groups/%s/%s" % (group, action))) \
                 == {"ok": True}
-            for n in names:
-                daemon.wait_running(n, running)
+            for n in names:             # each one new (a restart starts it first)
+                wait_for(lambda: (lambda p: len(p) == running and all(i > last[n] for i in p))(
+                    daemon.pids(n)), message="%s after %s" % (n, action))
         assert body_of(tornado(daemon, "DELETE", "/groups/" + group)) == {"ok": True}
         for n in names:
             assert tornado(daemon, "HEAD", "/processes/" + n).status == 404
@@ -356,7 +360,7 @@ class TestGafferctl:
         out = json.loads(ctl.run("get_process", "dummy"))
         if isinstance(out, str):            # gafferctl prints the JSON text as a JSON string
             out = json.loads(out)
-        assert out["name"] == "dummy" and out["cmd"] == "sleep 300"
+        assert out["name"] == "dummy" and out["cmd"] == "sleep 3600"
 
     def test_del_process(self, ctl, daemon):
         name = make(daemon, start=True)

@@ -186,34 +186,47 @@ def test_reload_dry_run_and_reload(gafferd, tmp_path):
     d.wait_running("late", 1)
 
 
+def until_ended(proc, act, message):
+    """Call ``act()`` every 0.3 s until ``proc`` ends.  An events client
+    prints only what happens once its feed is subscribed, which nothing
+    outside the daemon can see: so the action is repeated, not timed."""
+    def ended():
+        if proc.poll() is not None:
+            return True
+        act()
+        return False
+    wait_for(ended, timeout=30, interval=0.3, message=message)
+
+
 def test_events_lines_json_and_pattern(gafferd, tmp_path):
     d = make(gafferd, tmp_path)
     client = subprocess.Popen([PY, GAFFERD, "ctl", "--url", url_of(d), "events", "--json",
                                "-n", "2", "proc.web:api"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, universal_newlines=True)
-    # The feed is open once the daemon counts the client's connection;
-    # until then a stop could come too early, so retry until it is seen.
-    wait_for(lambda: "gafferd_http_connections 2" in d.get("/metrics").body.decode(),
-             message="the events client connected")
-    d.post("/processes/ticker/_stop")                  # another template: not shown
-    d.post("/processes/web:api/_stop")
-    out, err = client.communicate(timeout=20)
-    assert client.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    assert [e["event"] for e in events] == ["proc.web:api.stop", "proc.web:api.stop_pid"] or \
-        all(e["name"] == "web:api" for e in events), events
-    # the first client's connection lingers a moment after it exits: wait for
-    # it to go, so that the count below is the second client's
-    wait_for(lambda: "gafferd_http_connections 1" in d.get("/metrics").body.decode(),
-             message="the first events client gone")
-    client = subprocess.Popen([PY, GAFFERD, "ctl", "--url", url_of(d), "events", "-n", "1",
-                               "create"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True)
-    wait_for(lambda: "gafferd_http_connections 2" in d.get("/metrics").body.decode(),
-             message="the events client connected")
-    d.post("/processes", {"name": "fresh", "cmd": "sleep 3600"})
-    out, err = client.communicate(timeout=20)
-    assert re.fullmatch(r"\d\d:\d\d:\d\d create fresh\n", out), (out, err)
+    try:
+        d.post("/processes/ticker/_stop")              # another template: never shown
+        actions = iter(["_stop", "_start"] * 100)
+        until_ended(client, lambda: d.post("/processes/web:api/" + next(actions)),
+                    "the events client to print two events")
+        out, err = client.communicate(timeout=20)
+        assert client.returncode == 0, err
+        events = [json.loads(line) for line in out.splitlines()]
+        assert len(events) == 2, out
+        assert all(e["name"] == "web:api" and e["event"].startswith("proc.web:api.")
+                   for e in events), events
+        client = subprocess.Popen([PY, GAFFERD, "ctl", "--url", url_of(d), "events", "-n",
+                                   "1", "create"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True)
+        names = ("fresh%d" % i for i in range(100))
+        until_ended(client, lambda: d.post("/processes", {"name": next(names),
+                                                          "cmd": "sleep 3600"}),
+                    "the events client to print a create")
+        out, err = client.communicate(timeout=20)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d create fresh\d+\n", out), (out, err)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate(timeout=10)
 
 
 # -- connecting: unix socket, TLS and a token, -c FILE, the environment ------
@@ -328,17 +341,18 @@ def test_wait_running_ready_and_timeout(gafferd, tmp_path):
     url = url_of(d)
     r = ctl(["wait", "ticker", "web:"], url)
     assert r.returncode == 0, r
-    d.json("POST", "/processes", {"name": "slow", "cmd": "sleep 3600", "startsecs": 4})
-    # running at once, ready (started for startsecs) after 4 s
-    started = time.monotonic()
-    r = ctl(["wait", "--timeout", "20", "slow"], url)
+    # running at once, ready (started for startsecs) only after startsecs
+    d.json("POST", "/processes", {"name": "never", "cmd": "sleep 3600", "startsecs": 600})
+    r = ctl(["wait", "--timeout", "20", "never"], url)
     assert r.returncode == 0, r
-    r = ctl(["wait", "--ready", "--timeout", "0.5", "slow"], url)
-    assert r.returncode == 3 and "slow" in r.stderr, r
-    assert d.status("slow")["ready"] == 0
+    r = ctl(["wait", "--ready", "--timeout", "0.5", "never"], url)
+    assert r.returncode == 3 and "never" in r.stderr, r
+    assert d.status("never")["ready"] == 0
+    d.json("POST", "/processes", {"name": "slow", "cmd": "sleep 3600", "startsecs": 2})
+    started = time.monotonic()
     r = ctl(["wait", "--ready", "--timeout", "30", "slow", "ticker"], url)
     assert r.returncode == 0, r
-    assert d.status("slow")["ready"] == 1 and time.monotonic() - started >= 3.5
+    assert d.status("slow")["ready"] == 1 and time.monotonic() - started >= 1.5
     r = ctl(["wait", "nope"], url)
     assert r.returncode == 1 and "nope" in r.stderr
 
@@ -617,15 +631,27 @@ def test_piped_into_head_or_grep_q(gafferd, tmp_path):
     base = "%s %s ctl --url %s " % (PY, GAFFERD, url_of(d))
     for command in ("logs -n 1000 ticker 2>err | head -n 1",
                     "logs -f -n 1000 ticker 2>err | head -n 2",
-                    "status -p 2>err | grep -q ticker",
-                    "events 2>err | head -n 1 & sleep 0.5; "
-                    "curl -s -X POST %s/processes/web:api/_restart >/dev/null; wait"
-                    % url_of(d)):
+                    "status -p 2>err | grep -q ticker"):
         r = subprocess.run(base + command, shell=True, cwd=str(tmp_path), timeout=30,
                            stdout=subprocess.PIPE, universal_newlines=True,
                            executable="/bin/bash")
         assert r.returncode == 0, (command, r)
         assert (tmp_path / "err").read_text() == "", command
+    events = subprocess.Popen(base + "events 2>err | head -n 1", shell=True,
+                              cwd=str(tmp_path), stdout=subprocess.PIPE,
+                              universal_newlines=True, executable="/bin/bash",
+                              start_new_session=True)
+    try:
+        until_ended(events, lambda: d.post("/processes/web:api/_restart"),
+                    "`events | head -n 1` to end")
+        assert events.returncode == 0
+        assert events.stdout.read().strip()
+        assert (tmp_path / "err").read_text() == ""
+    finally:
+        if events.poll() is None:
+            os.killpg(events.pid, signal.SIGKILL)
+        events.wait(10)
+        events.stdout.close()
 
 
 # -- top ---------------------------------------------------------------------

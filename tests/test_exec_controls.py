@@ -381,7 +381,7 @@ def test_a_control_that_cannot_be_applied_fails_the_spawn_with_its_errno(tmp_pat
                                r' [1-9]', d.get("/metrics").body.decode(), re.M),
              10, message="a failed start counted")
     assert d.status("bad")["running"] == 0
-    assert d.status("good")["running"] == 1
+    d.wait_running("good", 1)
     assert proc_limits(d.pid)["Max open files"][0] != str(too_many)
 
 

@@ -65,6 +65,7 @@ def test_gafferd_variables_can_be_used_in_cmd_and_args(daemon_factory, tmp_path)
                                % (prog, out), numprocesses=2))
     wait_for(lambda: all(os.path.exists("%s.%d" % (out, n)) for n in (0, 1)), 10,
              message="both slots to write their argv")
+    d.wait_running("w", 2)
     ids = sorted(d.pids("w"))
     got = sorted(open("%s.%d" % (out, n)).read() for n in (0, 1))
     assert got == sorted("w:%d" % i for i in ids)

@@ -63,6 +63,7 @@ def test_crash_lines_say_what_died_how_and_what_happens_next(daemon_factory, tmp
     wait_for(lambda: re.search(r"seg\[\d+\] \(pid \d+, slot 0\) killed by SIGSEGV.* "
                                r"restarting in 2\.0s", d.log()), message="SIGSEGV line")
     wait_for(lambda: "three[" in d.log(), message="the line of 'three'")
+    wait_for(lambda: "ok[" in d.log(), message="the line of 'ok'")
     log = d.log()
     assert re.search(r"WARNING.*three\[\d+\] \(pid \d+, slot 0\) exit status 3 after 0\.\ds up; "
                      r"restarting in 0\.0s", log), log

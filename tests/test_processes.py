@@ -149,6 +149,9 @@ def test_processes_start_in_priority_order(daemon_factory, tmp_path, child):
               section("zero", child, tmp_path, priority=0))
     d = daemon_factory(config)
     wait_for(lambda: len(spawned(tmp_path)) == 4, message="4 children")
+    # a child can record itself before the daemon has taken its start in
+    for name in ("dflt1", "five", "dflt2", "zero"):
+        d.wait_running(name, 1)
     order = []
     for name in ("dflt1", "five", "dflt2", "zero"):
         (pid,) = d.pids(name)
@@ -405,7 +408,8 @@ def test_sigterm_to_daemon_leaves_nothing_behind(daemon_factory, tmp_path, child
               "[process:wrap]\ncmd = sleep 1000 & sleep 1001; wait\nshell = true\n")
     d = daemon_factory(config)
     wait_for(lambda: len(spawned(tmp_path)) == 4, message="python children ready")
-    d.wait_running("wrap", 1)
+    for name, count in (("many", 2), ("det", 1), ("stubborn", 1), ("wrap", 1)):
+        d.wait_running(name, count)
     leaders = []
     for name in ("many", "det", "stubborn", "wrap"):
         leaders += os_pids(d, name)
@@ -578,6 +582,7 @@ def test_stop_one_gets_a_replacement_with_a_new_id(daemon_factory, tmp_path, chi
 def test_signals_to_template_and_to_one_id(daemon_factory, tmp_path, child):
     d = daemon_factory(section("sig", child, tmp_path, "record-signals", numprocesses=2))
     wait_for(lambda: len(spawned(tmp_path)) == 2, message="handlers installed")
+    d.wait_running("sig", 2)
     first, second = d.pids("sig")
     p1, p2 = d.os_pid(first), d.os_pid(second)
 

@@ -75,6 +75,7 @@ time.sleep(1000)
     watcher = EventWatcher(d, "proc/svc")
     wait_for(lambda: d.status("svc")["processes"][0]["status_text"] == "warming up",
              message="STATUS= as status_text")
+    wait_for(lambda: d.status("plain")["ready"] == 1, message="plain ready once spawned")
     st = d.status("svc")
     assert st["state"] == "starting" and st["ready"] == 0
     r = d.get("/ready")

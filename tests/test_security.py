@@ -22,9 +22,10 @@ EVIL = "https://evil.example"
 @pytest.fixture(scope="module")
 def open_daemon(tmp_path_factory):
     """Default security settings (no token, no CORS), loopback bind."""
-    d = Daemon(tmp_path_factory.mktemp("sec"), "[process:victim]\ncmd = sleep 300\n")
+    d = Daemon(tmp_path_factory.mktemp("sec"), "[process:victim]\ncmd = sleep 3600\n")
     try:
         d.start()
+        d.wait_running("victim", 1)
         yield d
     finally:
         d.close()
@@ -83,7 +84,7 @@ class TestOrigin:
         body = b'{"cmd": "sleep 1"}' if method != "DELETE" else None
         r = call(d.port, method, "/processes/victim", [("Origin", EVIL)], body=body)
         error_code(r, 403)
-        assert d.json("GET", "/processes/victim")["cmd"] == "sleep 300"
+        assert d.json("GET", "/processes/victim")["cmd"] == "sleep 3600"
 
     def test_safe_methods_are_allowed(self, open_daemon):
         d = open_daemon

@@ -62,8 +62,9 @@ def test_ready_status_and_stopping_in_order(gafferd, tmp_path):
         msg = fields(ready)
         assert msg["MAINPID"] == str(d.pid)
         assert msg["STATUS"].startswith("1 template(s)"), msg
-        # READY came after the endpoint listened and the template was launched.
-        assert d.status("sleeper")["running"] == 1
+        # READY came after the endpoint listened and the template was launched
+        # (its process is running once its start, on a starter thread, is back).
+        d.wait_running("sleeper", 1)
         assert "ready (pid" in d.log()
         # The program did not inherit systemd's variables.
         env = wait_for(lambda: (tmp_path / "env.txt").exists() and
