@@ -149,11 +149,9 @@ def test_processes_start_in_priority_order(daemon_factory, tmp_path, child):
               section("zero", child, tmp_path, priority=0))
     d = daemon_factory(config)
     wait_for(lambda: len(spawned(tmp_path)) == 4, message="4 children")
-    # a child can record itself before the daemon has taken its start in
-    for name in ("dflt1", "five", "dflt2", "zero"):
-        d.wait_running(name, 1)
     order = []
     for name in ("dflt1", "five", "dflt2", "zero"):
+        d.wait_running(name, 1)     # a child can record itself before its start is taken in
         (pid,) = d.pids(name)
         order.append((pid, name))
         # the child that recorded itself is the one the daemon reports
